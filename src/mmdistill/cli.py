@@ -1,0 +1,167 @@
+"""`mmdistill` command line: one thin command per verb; the work happens in mmdistill.api."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill, evaluate and report multimodal models.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in data and record checks.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run an API call; expected failures become one clear line and exit 2, never a traceback."""
+    from .config import RecipeError
+    from .data.images import ImageError
+    from .data.records import RecordError
+    from .engine.loop import TrainingError
+    from .models.contrastive import PairingError
+    from .recipes.contrastive import RunDirError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RunDirError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="Output folder."),
+    n: int = typer.Option(2000, "--n", help="Number of images (split train/val/test 80/10/10)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the output is a pure function of it)."),
+    size: int = typer.Option(64, "--size", help="Image side in pixels."),
+):
+    """Generate the ShapesWorld data set: pair, chat and rerank records plus zero-shot tasks."""
+    from . import api
+
+    summary = _guard(api.synth, out, n=n, seed=seed, size=size)
+    typer.echo(f"wrote ShapesWorld to {out}: " + ", ".join(f"{k}={v}" for k, v in summary.get("counts", summary).items() if not isinstance(v, dict)))
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="JSONL file of records."),
+    kind: Optional[str] = typer.Option(None, help="pair | rerank | chat (default: detect from the fields)."),
+    decode_images: bool = typer.Option(True, help="Decode every image to catch corrupt ones."),
+):
+    """Report every bad line as file:line: field: problem; exit 1 when there is any."""
+    from . import api
+
+    errors = _guard(api.check_data, file, kind, decode_images=decode_images)
+    for e in errors:
+        typer.echo(str(e))
+    if errors:
+        typer.echo(f"{file}: {len(errors)} bad record(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{file}: ok")
+
+
+def _train(recipe: Path, overrides: List[str], resume: bool, overwrite: bool, require_teacher: bool):
+    from . import api
+
+    if resume and overwrite:
+        _fail("--resume and --overwrite exclude each other")
+    summary = _guard(api.train, recipe, overrides, resume=resume, overwrite=overwrite, require_teacher=require_teacher)
+    ev = summary.get("eval")
+    if ev:
+        m = ev["metrics"]
+        typer.echo("eval: " + " ".join(f"{k}={v:.2f}" for k, v in m.items()))
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (no teacher section)."),
+    overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever output_dir holds."),
+):
+    """Plain training (teachers, no-KD baselines)."""
+    _train(recipe, overrides or [], resume, overwrite, require_teacher=False)
+
+
+@app.command()
+def distill(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with a teacher section."),
+    overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. loss.terms.fd.weight=10"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever output_dir holds."),
+):
+    """Distill the teacher into the student."""
+    _train(recipe, overrides or [], resume, overwrite, require_teacher=True)
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
+    data: Path = typer.Option(..., "--data", help="Pair JSONL (the first --max-items pairs form the gallery)."),
+    zeroshot: Optional[Path] = typer.Option(None, "--zeroshot", help="zeroshot_<split>.json for zero-shot accuracy."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (default: RUN/eval.json for a run folder)."),
+    max_items: int = typer.Option(1000, "--max-items", help="Gallery size."),
+    role: str = typer.Option("student", help="teacher | student | baseline (for reports)."),
+):
+    """Evaluate a dual encoder: R@1/5/10 both ways, zero-shot accuracy, size, latency."""
+    from . import api
+
+    model_dir = model / "model" if (model / "model").is_dir() else model
+    if out is None and model_dir != model:
+        out = model / "eval.json"
+    name = model.name if model_dir != model else None
+    res = _guard(api.evaluate, model_dir, data, zeroshot=zeroshot, out=out, name=name, role=role, max_items=max_items)
+    typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res["metrics"].items()))
+
+
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="Run folders that hold eval.json (the teacher first or marked role=teacher)."),
+    out: Path = typer.Option(Path("report"), "--out", help="Output folder for report.md, report.json, loss_curves.png."),
+    baseline: Optional[str] = typer.Option(None, help="Name of the no-KD baseline run."),
+    title: str = typer.Option("mmdistill report", help="Report title."),
+):
+    """Compare runs: Markdown + JSON report and loss curves."""
+    from . import api
+
+    res = _guard(api.report, runs, out, title=title, baseline=baseline)
+    _print_report(res, out)
+
+
+def _print_report(res, out: Path) -> None:
+    md = Path(out) / "report.md"
+    if md.is_file():
+        typer.echo(md.read_text())
+    typer.echo(f"report written to {out}")
+
+
+@app.command()
+def demo(
+    family: str = typer.Option("contrastive", help="Model family (contrastive for now)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
+    n: int = typer.Option(6000, "--n", help="ShapesWorld images to generate."),
+    quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
+    seed: int = typer.Option(0, help="Seed for data and training."),
+):
+    """ShapesWorld end to end: teacher, student without and with distillation, one report."""
+    from . import api
+
+    if family != "contrastive":
+        _fail(f"--family {family}: only 'contrastive' is available in this version")
+    res = _guard(api.demo, out, n=n, quick=quick, seed=seed)
+    _print_report(res, out / "report")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

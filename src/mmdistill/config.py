@@ -1,0 +1,207 @@
+"""Typed recipes: YAML in, validated pydantic objects out.
+
+Every field has help text (``description``); unknown keys are errors, and a
+``key=value`` override on the command line goes through the same validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    train: Path = Field(description="JSONL file of training records (pair records for the contrastive family).")
+    val: Path | None = Field(None, description="JSONL file evaluated at the end of training (and by `mmdistill eval`).")
+    zeroshot: Path | None = Field(None, description="zeroshot_<split>.json of ShapesWorld-style zero-shot tasks, evaluated with `val`.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop at the first one, or skip them and report how many and why.")
+    max_records: int | None = Field(None, ge=1, description="Use only the first N valid training records (quick runs).")
+
+
+class TeacherConfig(Strict):
+    model: str = Field(description="Hugging Face model id or local folder of the teacher.")
+    trust_remote_code: bool = Field(False, description="Allow the model's own code from the hub (off by default).")
+    cache: bool = Field(
+        False,
+        description="Compute the teacher's signals for every training record once before training instead of live each step "
+        "(same result, since training applies no augmentation; much cheaper when the teacher is big).",
+    )
+
+
+class StudentConfig(Strict):
+    init: Literal["tiny", "scratch", "inherit", "pretrained"] = Field(
+        "scratch",
+        description=(
+            "tiny: a tiny model of the real architecture with a tokenizer trained on the data; "
+            "scratch: the config of `model` (default: the teacher) with `overrides`, randomly initialised; "
+            "inherit: shrink the teacher by keeping `layers` (and optionally narrower widths from `overrides`), copying its weights; "
+            "pretrained: load `model` as it is."
+        ),
+    )
+    model: str | None = Field(None, description="Model id or folder the student starts from (scratch/pretrained); default the teacher.")
+    preset: str = Field("clip-student", description="Tiny preset name when init=tiny (see models/contrastive.py TINY_PRESETS).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Config overrides as dotted keys, e.g. {'vision_config.hidden_size': 64, 'text_config.num_hidden_layers': 2}.",
+    )
+    layers: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="init=inherit: teacher layer indices to keep per tower, e.g. {'vision': [0, 3], 'text': [0, 3]}.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.init == "inherit" and not self.layers and not self.overrides:
+            raise ValueError("init=inherit needs `layers` (teacher layers to keep) or narrower `overrides`")
+        if self.init == "pretrained" and not self.model:
+            raise ValueError("init=pretrained needs `model`")
+        return self
+
+
+class LossTerm(Strict):
+    weight: float = Field(1.0, description="Weight of this term in the total loss.")
+    schedule: dict[str, Any] | None = Field(None, description="Weight schedule, e.g. {kind: linear, start: 1.0, end: 0.0}.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Term options, e.g. {temperature: {kind: cosine, start: 8, end: 2}}.")
+
+
+class LossConfig(Strict):
+    terms: dict[str, LossTerm] = Field(
+        default_factory=lambda: {"clip": LossTerm()},
+        description="Named loss terms (contrastive: clip, sim_kd, crd, fd, icl, affinity) with weights, schedules and options.",
+    )
+
+
+class TrainConfig(Strict):
+    max_steps: int = Field(500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Global batch per optimizer micro-step, over all processes (must divide by the process count).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to biases, norms, embeddings' logit scale).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this value (None: no clipping).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 AMP on GPUs that support it, fp32 on CPU.")
+    save_every: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Write metrics.jsonl / TensorBoard every N steps.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+
+class EvalConfig(Strict):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="Recall@k cut-offs.")
+    max_items: int | None = Field(1000, ge=1, description="Gallery size: first N validation pairs.")
+    latency: bool = Field(True, description="Measure latency at batch 1 and 32.")
+
+
+class Recipe(Strict):
+    family: Literal["contrastive"] = Field("contrastive", description="Model family.")
+    output_dir: Path = Field(description="Run directory: checkpoints, logs, the final model, eval.json.")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    name: str | None = Field(None, description="Name used in reports (default: the output folder's name).")
+    role: Literal["teacher", "student", "baseline"] | None = Field(None, description="Role in reports (default from teacher presence).")
+    data: DataConfig
+    teacher: TeacherConfig | None = Field(None, description="Absent: plain training (teachers, baselines).")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.teacher is None:
+            if self.student.init in ("scratch", "inherit") and not self.student.model:
+                if self.student.init == "inherit":
+                    raise ValueError("student.init=inherit needs a teacher")
+                raise ValueError("student.init=scratch without a teacher needs student.model (or use init=tiny)")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the run's result (not where it is written)."""
+        d = self.model_dump(mode="json")
+        d.pop("output_dir", None)
+        d.pop("name", None)
+        d.pop("role", None)
+        d.pop("eval", None)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`a.b=3 c=[1,2]` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RecipeError(f"override {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe dict; relative data paths are taken relative to `base_dir` when they exist there."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(source, e)) from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return recipe_from_dict(data, source=str(path))

@@ -1,0 +1,259 @@
+"""The training loop: one loop for every family, on Accelerate (1 CPU process ... many GPUs).
+
+The caller hands over a trainable ``nn.Module`` whose ``forward(batch_indices, progress)``
+returns a dict of named loss parts plus ``loss`` (the module holds the student, the loss
+projectors and a reference to the frozen teacher). The loop owns everything else:
+AdamW, warm-up + cosine, gradient accumulation, clipping, AMP on GPU / fp32 on CPU,
+seeding, a deterministic data order, atomic checkpoints and exact resume,
+``metrics.jsonl`` + TensorBoard logs, a progress bar, and a stop on NaN/inf.
+
+Data order: each epoch is a permutation of the dataset drawn from (seed, epoch); global
+micro-batch ``i`` is a fixed slice of it, and process ``r`` of ``P`` takes the r-th
+contiguous part. So the data a step sees depends only on the step, not on the process
+count or on whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad batch size, ...); the message is one line."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from 0 to 1 over `warmup` steps, then cosine to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(n_items: int, global_batch: int, micro_step: int, seed: int) -> list[int]:
+    """Indices of global micro-batch `micro_step` (drop-last epochs, a fresh permutation per epoch)."""
+    per_epoch = n_items // global_batch
+    if per_epoch == 0:
+        raise TrainingError(f"dataset has {n_items} records, fewer than one batch of {global_batch}")
+    epoch, pos = divmod(micro_step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_items, generator=g)
+    return perm[pos * global_batch : (pos + 1) * global_batch].tolist()
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for biases, norms, embeddings' scales and 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "logit_scale" in name or "logit_bias" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last: dict[str, float]
+    resumed_from: int | None
+    seconds: float
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "fp32" or (precision == "auto" and not torch.cuda.is_available()):
+        return "no"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if not torch.cuda.is_available():
+        raise TrainingError(f"train.precision={precision} needs a GPU; on the CPU train in fp32 (precision: fp32 or auto)")
+    return precision
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard on the main process."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # drop lines logged after the checkpoint we resume from, so the log has each step once
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard missing: jsonl still works
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_loop(
+    module: nn.Module,
+    *,
+    n_items: int,
+    cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+    fingerprint: str,
+    resume: bool = False,
+    accelerator=None,
+    on_end: Callable[[nn.Module], None] | None = None,
+    quiet: bool = False,
+) -> LoopResult:
+    """Train `module` (forward(indices, progress) -> {"loss": ..., parts...}) for cfg.max_steps steps."""
+    from accelerate import Accelerator
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise TrainingError(f"train.batch_size={cfg.batch_size} does not divide by {world} processes")
+    local = cfg.batch_size // world
+    seed_everything(seed)
+
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr
+
+    ckpt_dir = out_dir / "checkpoints"
+    start_step, resumed_from = 0, None
+    if resume:
+        ckpts = list_checkpoints(ckpt_dir)
+        if ckpts:
+            state = load_checkpoint(ckpts[-1], module, optimizer)
+            if state.get("fingerprint") != fingerprint:
+                raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
+            start_step = resumed_from = int(state["step"])
+    model, optimizer = accelerator.prepare(module, optimizer)
+
+    logger = _Logger(out_dir, resumed_from, accelerator.is_main_process)
+    is_tty = sys.stdout.isatty() and not quiet
+    progress_bar = None
+    if accelerator.is_main_process and is_tty:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress_bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")
+        )
+        task = progress_bar.add_task("train", total=cfg.max_steps, completed=start_step, info="")
+        progress_bar.start()
+
+    t0 = time.perf_counter()
+    last: dict[str, float] = {}
+    window_t, window_samples = time.perf_counter(), 0
+    model.train()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr_mult = warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_mult
+            progress = step / max(1, cfg.max_steps - 1)
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(n_items, cfg.batch_size, step * cfg.grad_accum + micro, seed)
+                mine = idx[rank * local : (rank + 1) * local]
+                sync = micro == cfg.grad_accum - 1
+                # gradients are all-reduced only on the last micro-batch of a step
+                with accelerator.no_sync(model) if (not sync and world > 1) else _null():
+                    with accelerator.autocast():
+                        parts = model(mine, progress)
+                    for name, value in parts.items():
+                        v = float(value.detach())
+                        if not math.isfinite(v):
+                            raise TrainingError(f"step {step}: loss part {name!r} is {v}; lower train.lr or check the data")
+                        sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
+                    accelerator.backward(parts["loss"] / cfg.grad_accum)
+            if cfg.max_grad_norm is not None:
+                gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                sums["grad_norm"] = float(gnorm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_samples += cfg.batch_size * cfg.grad_accum
+            last = sums
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                sps = window_samples / max(now - window_t, 1e-9)
+                window_t, window_samples = now, 0
+                logger.log(done, {**sums, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": sps})
+                info = " ".join(f"{k}={v:.4g}" for k, v in sums.items() if k != "grad_norm") + f" {sps:.0f} samples/s"
+                if progress_bar is None and accelerator.is_main_process and not quiet:
+                    print(f"step {done}/{cfg.max_steps} {info}", flush=True)
+                elif progress_bar is not None:
+                    progress_bar.update(task, info=info)
+            if progress_bar is not None:
+                progress_bar.update(task, completed=done)
+            if done % cfg.save_every == 0 or done == cfg.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        ckpt_dir,
+                        done,
+                        accelerator.unwrap_model(model),
+                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                        {"fingerprint": fingerprint, "world_size": world},
+                        keep_last=cfg.keep_last,
+                    )
+                accelerator.wait_for_everyone()
+    finally:
+        if progress_bar is not None:
+            progress_bar.stop()
+        logger.close()
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    if on_end is not None and accelerator.is_main_process:
+        on_end(unwrapped)
+    accelerator.wait_for_everyone()
+    return LoopResult(step=cfg.max_steps, last=last, resumed_from=resumed_from, seconds=time.perf_counter() - t0)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

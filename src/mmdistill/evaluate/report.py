@@ -1,0 +1,396 @@
+"""Reports: how much of the teacher a student keeps, at what size and speed.
+
+A report compares runs (teacher, distilled students, a no-KD baseline, ...). Each run is a
+dict::
+
+    {"name": "student-kd", "role": "teacher" | "student" | "baseline",
+     "run_dir": path or None, "metrics": {name: value}, "params": int,
+     "size_bytes": int, "latency_ms": {"bs1": ms, "bs32": ms}}
+
+Only ``name`` and ``metrics`` are required. Metric names come from the runs, so any model
+family plugs in; every metric is read as higher-is-better. ``write_report`` writes
+``report.json``, ``report.md`` and, when training logs exist, ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from mmdistill.evaluate.bench import human_bytes
+
+__all__ = ["build_report", "load_run_summary", "plot_loss_curves", "render_markdown", "render_table", "write_report"]
+
+EVAL_FILE = "eval.json"
+LOG_FILE = "metrics.jsonl"
+# Numeric keys of a metrics.jsonl line that are not loss parts. Keys ending in "_s"
+# (seconds, per-second throughput) are skipped too.
+NOT_LOSS_PARTS = {"step", "loss", "lr", "epoch", "grad_norm"}
+# Dashed line styles that tell the parts of one run apart (the run's colour is shared).
+PART_STYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
+
+
+# ----------------------------------------------------------------------------- runs in
+
+
+def load_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``run_dir/eval.json`` (written by the evaluator) into a run dict for a report.
+
+    ``name`` defaults to the folder name and ``role`` to ``"student"`` when the file has
+    none; ``run_dir`` is set to the folder, so its ``metrics.jsonl`` can be plotted.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {EVAL_FILE} in this folder; evaluate the run first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'metrics' object")
+    return {
+        "name": data.get("name") or run_dir.name,
+        "role": data.get("role") or "student",
+        "run_dir": str(run_dir),
+        "metrics": data["metrics"],
+        "params": data.get("params"),
+        "size_bytes": data.get("size_bytes"),
+        "latency_ms": data.get("latency_ms") or {},
+    }
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate run dicts and return copies with every field present."""
+    if not runs:
+        raise ValueError("a report needs at least one run")
+    cleaned, seen = [], set()
+    for i, run in enumerate(runs):
+        name = run.get("name") if isinstance(run, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"run {i}: needs a non-empty string 'name'")
+        if name in seen:
+            raise ValueError(f"run {name!r}: two runs share this name; names must be unique")
+        seen.add(name)
+        metrics = run.get("metrics")
+        if not isinstance(metrics, dict):
+            raise ValueError(f"run {name!r}: 'metrics' must be a dict of metric name -> number")
+        for key, value in metrics.items():
+            if not _is_number(value):
+                raise ValueError(f"run {name!r}: metric {key!r} is {value!r}, expected a number")
+        latency = run.get("latency_ms") or {}
+        if not isinstance(latency, dict) or not all(_is_number(v) for v in latency.values()):
+            raise ValueError(f"run {name!r}: 'latency_ms' must be a dict like {{'bs1': ms, 'bs32': ms}}")
+        for key in ("params", "size_bytes"):
+            if run.get(key) is not None and not _is_number(run[key]):
+                raise ValueError(f"run {name!r}: {key!r} is {run[key]!r}, expected a number")
+        run_dir = run.get("run_dir")
+        cleaned.append(
+            {
+                "name": name,
+                "role": run.get("role") or "student",
+                "run_dir": None if run_dir is None else str(run_dir),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "params": run.get("params"),
+                "size_bytes": run.get("size_bytes"),
+                "latency_ms": {k: float(v) for k, v in latency.items()},
+            }
+        )
+    return cleaned
+
+
+def _pick(runs: list[dict[str, Any]], key: str, what: str) -> dict[str, Any]:
+    """The run named ``key``, else the single run whose role is ``key``."""
+    for run in runs:
+        if run["name"] == key:
+            return run
+    by_role = [run for run in runs if run["role"] == key]
+    if len(by_role) == 1:
+        return by_role[0]
+    names = ", ".join(run["name"] for run in runs)
+    if by_role:
+        raise ValueError(f"{what} {key!r}: several runs have role {key!r}; name one of: {names}")
+    raise ValueError(f"{what} {key!r}: no run has this name or role (runs: {names})")
+
+
+def _ordered_union(dicts: list[dict[str, Any]]) -> list[str]:
+    """Keys of all dicts, in order of first appearance (a stable column order)."""
+    return list(dict.fromkeys(key for d in dicts for key in d))
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(
+    runs: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    baseline: str | None = None,
+    reference: str = "teacher",
+    headline: str = "mean_R@1",
+) -> dict[str, Any]:
+    """Compute the content of ``report.json`` without writing anything.
+
+    ``reference`` and ``baseline`` name a run, or a role held by exactly one run; with
+    ``baseline=None`` the single run with role ``"baseline"`` (if any) is the baseline.
+
+    Every run other than the reference gains:
+      - ``retention``: {metric: run value ÷ reference value}, for metrics where the
+        reference value is > 0;
+      - ``speedup``: {latency key: reference ms ÷ run ms} for keys both runs have;
+      - ``size_ratio``: run params ÷ reference params (None when either is unknown).
+    """
+    runs = _clean_runs(runs)
+    ref = _pick(runs, reference, "reference")
+    if baseline is not None:
+        base = _pick(runs, baseline, "baseline")
+    else:
+        baselines = [run for run in runs if run["role"] == "baseline"]
+        base = baselines[0] if len(baselines) == 1 else None
+
+    for run in runs:
+        if run is ref:
+            continue
+        run["retention"] = {
+            k: v / ref["metrics"][k] for k, v in run["metrics"].items() if ref["metrics"].get(k, 0.0) > 0
+        }
+        run["speedup"] = {
+            k: ref["latency_ms"][k] / v for k, v in run["latency_ms"].items() if k in ref["latency_ms"] and v > 0
+        }
+        run["size_ratio"] = run["params"] / ref["params"] if run["params"] and ref["params"] else None
+
+    report = {
+        "title": title,
+        "reference": ref["name"],
+        "baseline": base["name"] if base else None,
+        "headline": headline,
+        "metric_names": _ordered_union([run["metrics"] for run in runs]),
+        "latency_keys": _ordered_union([run["latency_ms"] for run in runs]),
+        "runs": runs,
+    }
+    report["summary"] = _summary_lines(report)
+    return report
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    """One sentence per compared run: headline retention, gap to the baseline, size and speed."""
+    runs = {run["name"]: run for run in report["runs"]}
+    ref, headline = runs[report["reference"]], report["headline"]
+    base = runs.get(report["baseline"]) if report["baseline"] else None
+    ref_label = "the teacher" if ref["role"] == "teacher" else ref["name"]
+    base_label = "the baseline" if base and base["role"] == "baseline" else (base["name"] if base else "")
+
+    lines = []
+    for run in report["runs"]:
+        if run is ref or run is base or headline not in run.get("retention", {}):
+            continue
+        line = f"{run['name']} keeps {run['retention'][headline] * 100:.1f}% of {ref_label}'s {headline}"
+        if base is not None and headline in base["metrics"]:
+            gap = run["metrics"][headline] - base["metrics"][headline]
+            verb = "beats" if gap >= 0 else "trails"
+            line += f" and {verb} {base_label} by {abs(gap):.2f} points"
+        line += "."
+        extras = []
+        if run["size_ratio"] is not None:
+            extras.append(f"has {run['size_ratio'] * 100:.1f}% of {ref_label}'s parameters")
+        if run["speedup"]:
+            key, value = next(iter(run["speedup"].items()))
+            extras.append(f"runs {value:.2f}× as fast at {key}")
+        if extras:
+            line += " It " + " and ".join(extras) + "."
+        lines.append(line)
+    return lines
+
+
+def _count(n: int | float | None) -> str:
+    if n is None:
+        return "—"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _table_cells(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) shared by the Markdown and the rich table."""
+    keys, headline = report["latency_keys"], report["headline"]
+    slash = " / ".join(keys)
+    header = ["run", "role", "params", "size on disk", *report["metric_names"]]
+    header += [f"latency ms ({slash})" if keys else "latency ms", f"retention ({headline})"]
+    header += [f"speed-up ({slash})" if keys else "speed-up"]
+
+    rows = []
+    for run in report["runs"]:
+        is_ref = run["name"] == report["reference"]
+        retention = 1.0 if is_ref and headline in run["metrics"] else run.get("retention", {}).get(headline)
+        speedup = [1.0 if is_ref else run["speedup"].get(k) for k in keys]
+        rows.append(
+            [
+                run["name"],
+                run["role"],
+                _count(run["params"]),
+                "—" if run["size_bytes"] is None else human_bytes(run["size_bytes"]),
+                *[_num(run["metrics"].get(m)) for m in report["metric_names"]],
+                " / ".join(_num(run["latency_ms"].get(k)) for k in keys) or "—",
+                _num(None if retention is None else retention * 100, "{:.1f}%"),
+                " / ".join(_num(s, "{:.2f}×") for s in speedup) or "—",
+            ]
+        )
+    return header, rows
+
+
+def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None) -> str:
+    """The ``report.md`` text for a report dict from ``build_report``."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    header, rows = _table_cells(report)
+    parts = [f"# {report['title']}", "", line(header), line(["---"] * len(header)), *map(line, rows), ""]
+    parts += [
+        f"Reference: `{report['reference']}`. Retention = run metric ÷ reference metric; "
+        f"speed-up = reference latency ÷ run latency.",
+        "",
+    ]
+    if report["summary"]:
+        parts += [*report["summary"], ""]
+    if loss_curves:
+        parts += [f"![loss curves]({loss_curves})", ""]
+    return "\n".join(parts)
+
+
+def render_table(
+    runs: Sequence[dict[str, Any]],
+    *,
+    title: str | None = None,
+    baseline: str | None = None,
+    reference: str = "teacher",
+    headline: str = "mean_R@1",
+) -> Table:
+    """The report table as a ``rich.table.Table`` (what the CLI prints)."""
+    header, rows = _table_cells(
+        build_report(runs, title=title or "", baseline=baseline, reference=reference, headline=headline)
+    )
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# ----------------------------------------------------------------------------- loss curves
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """Training lines (those with a numeric ``step`` and ``loss``) of a metrics.jsonl file.
+
+    A line that is not valid JSON (e.g. the last line of a killed run) is skipped with a
+    warning naming the file and line.
+    """
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{lineno}: not valid JSON, skipped", stacklevel=3)
+                continue
+            if isinstance(record, dict) and _is_number(record.get("step")) and _is_number(record.get("loss")):
+                records.append(record)
+    return records
+
+
+def plot_loss_curves(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> bool:
+    """Plot loss vs step (solid) and loss parts (dashed/dotted) for runs whose ``run_dir`` has a metrics.jsonl.
+
+    Loss parts are the other numeric keys of a training line, except ``NOT_LOSS_PARTS``
+    and keys ending in ``_s``. Runs without logs are skipped. Returns whether a PNG was
+    written (False when no run has a log).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    logs = []
+    for run in runs:
+        log = Path(run["run_dir"]) / LOG_FILE if run.get("run_dir") else None
+        if log is not None and log.is_file():
+            records = _read_log(log)
+            if records:
+                logs.append((run["name"], records))
+    if not logs:
+        return False
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)  # explicit Agg canvas: no pyplot, no global backend change
+    ax = fig.add_subplot()
+    for i, (name, records) in enumerate(logs):
+        color = f"C{i % 10}"
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{name}: loss")
+        parts = [
+            k
+            for k in _ordered_union(records)
+            if k not in NOT_LOSS_PARTS and not k.endswith("_s") and any(_is_number(r.get(k)) for r in records)
+        ]
+        for j, part in enumerate(parts):
+            points = [(r["step"], r[part]) for r in records if _is_number(r.get(part))]
+            style = PART_STYLES[j % len(PART_STYLES)]
+            ax.plot(*zip(*points), color=color, linestyle=style, alpha=0.7, label=f"{name}: {part}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    runs: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str,
+    baseline: str | None = None,
+    reference: str = "teacher",
+    headline: str = "mean_R@1",
+) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and (when logs exist) ``loss_curves.png`` to ``out_dir``.
+
+    See ``build_report`` for how retention, speed-up and size ratio are computed and how
+    ``reference`` / ``baseline`` are found. Returns the report dict written to report.json.
+    """
+    report = build_report(runs, title=title, baseline=baseline, reference=reference, headline=headline)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    png = out_dir / "loss_curves.png"
+    report["loss_curves"] = png.name if plot_loss_curves(report["runs"], png) else None
+    _write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
+    _write_text(out_dir / "report.md", render_markdown(report, loss_curves=report["loss_curves"]))
+    return report

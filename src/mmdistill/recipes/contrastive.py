@@ -1,0 +1,263 @@
+"""The contrastive recipe: plain training (teachers, baselines) and distillation of dual encoders.
+
+Reads top to bottom: load records -> build teacher and student -> each model's own
+processor encodes every record once -> the step module (student forward, frozen teacher
+forward, gather across processes, composite loss) -> the engine loop -> save the student
+as a plain Hugging Face folder -> evaluate -> eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from ..data.records import RecordError, read_records
+from ..data.images import ImageError
+from ..engine.loop import TrainingError, seed_everything, train_loop
+from ..losses.composite import build_contrastive_loss
+from ..models import contrastive as cm
+from ..signals import Signals
+
+
+class RunDirError(ValueError):
+    """The output folder holds another run (refuse unless --resume or --overwrite)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print):
+    """Records and decoded images of a pair file; bad records fail or are skipped and counted."""
+    records, errors = read_records(path, "pair", on_error=on_error)
+    images, kept = [], []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        try:
+            images.append(rec.load_image())
+            kept.append(rec)
+        except ImageError as e:
+            err = RecordError(str(path), rec.line, "image", str(e))
+            if on_error == "fail":
+                raise err from None
+            errors.append(err)
+    if errors:
+        reasons: dict[str, int] = {}
+        for e in errors:
+            reasons[e.field] = reasons.get(e.field, 0) + 1
+        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
+    if not kept:
+        raise RecordError(str(path), 0, "file", "no usable records")
+    return kept, images, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# the step module
+
+
+def _gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Concatenate a per-process batch across processes (rank order), keeping autograd when asked."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x), 0)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+def _gather_signals(sig: Signals, with_grad: bool) -> Signals:
+    sig.image_embeds = _gather(sig.image_embeds, with_grad)
+    sig.text_embeds = _gather(sig.text_embeds, with_grad)
+    sig.features = {k: _gather(v, with_grad) for k, v in sig.features.items()}
+    return sig
+
+
+class ContrastiveStep(nn.Module):
+    """forward(indices, progress) -> {"loss", parts...} for a dual-encoder student.
+
+    The teacher is held outside the module tree: it is not trained, not saved in
+    checkpoints, not wrapped by DDP, and `.train()` on this module never reaches it.
+    Each process encodes its slice of the global batch; embeddings are gathered (with
+    gradients for the student) so in-batch negatives span the whole global batch and
+    P processes compute the same loss as one process with the same global batch.
+    """
+
+    def __init__(self, student, loss, s_data: cm.Encoded, teacher=None, t_data: cm.Encoded | None = None, t_cache: Signals | None = None):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.s_data = s_data
+        self.t_data = t_data
+        self.t_cache = t_cache
+        object.__setattr__(self, "_teacher", teacher)
+        self.needs_features = any(getattr(t, "needs_features", False) for t in loss.terms.values()) if hasattr(loss, "terms") else False
+
+    def teacher_signals(self, indices: list[int], device) -> Signals | None:
+        if self._teacher is None and self.t_cache is None:
+            return None
+        if self.t_cache is not None:
+            idx = torch.tensor(indices)
+            sig = Signals(
+                image_embeds=self.t_cache.image_embeds[idx].to(device),
+                text_embeds=self.t_cache.text_embeds[idx].to(device),
+                logit_scale=self.t_cache.logit_scale.to(device),
+                features={k: v[idx].to(device) for k, v in self.t_cache.features.items()},
+            )
+        else:
+            batch = {k: v.to(device) for k, v in self.t_data.batch(indices).items()}
+            with torch.no_grad():
+                sig = cm.encode(self._teacher, batch, features=self.needs_features).detach()
+        return _gather_signals(sig, with_grad=False)
+
+    def forward(self, indices: list[int], progress: float) -> dict[str, torch.Tensor]:
+        device = next(self.student.parameters()).device
+        batch = {k: v.to(device) for k, v in self.s_data.batch(indices).items()}
+        s = _gather_signals(cm.encode(self.student, batch, features=self.needs_features), with_grad=True)
+        t = self.teacher_signals(indices, device)
+        return self.loss(s, t, batch, progress)
+
+
+@torch.no_grad()
+def precompute_teacher(teacher, t_data: cm.Encoded, features: bool, batch_size: int = 256) -> Signals:
+    """Teacher signals for every record, once (valid because training applies no augmentation)."""
+    parts: list[Signals] = []
+    for i in range(0, len(t_data), batch_size):
+        parts.append(cm.encode(teacher, t_data.batch(list(range(i, min(i + batch_size, len(t_data))))), features=features))
+    feats = {k: torch.cat([p.features[k] for p in parts]) for k in parts[0].features}
+    return Signals(
+        image_embeds=torch.cat([p.image_embeds for p in parts]),
+        text_embeds=torch.cat([p.text_embeds for p in parts]),
+        logit_scale=parts[0].logit_scale,
+        features=feats,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory
+
+
+def prepare_run_dir(out: Path, fingerprint: str, recipe_json: dict, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a folder holding another run needs --resume (same recipe) or --overwrite."""
+    meta = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not meta.exists():
+            raise RunDirError(f"{out}: folder is not empty and holds no mmdistill run; choose another output_dir or pass --overwrite")
+        else:
+            old = json.loads(meta.read_text()).get("fingerprint")
+            if old != fingerprint:
+                raise RunDirError(f"{out}: holds a different run (recipe {old} != {fingerprint}); pass --overwrite to replace it")
+            if not resume:
+                raise RunDirError(f"{out}: holds this run already; pass --resume to continue it or --overwrite to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "recipe": recipe_json}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# building models
+
+
+def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
+    s = recipe.student
+    if s.init == "tiny":
+        return cm.build_tiny_clip(None, texts, preset=s.preset, seed=recipe.seed, overrides=s.overrides or None)
+    if s.init == "pretrained":
+        return cm.load_model(s.model)
+    if s.model:
+        base, proc = cm.load_model(s.model)
+    else:
+        base, proc = teacher, teacher_proc
+    if s.init == "scratch":
+        return cm.scratch_student(base.config, s.overrides, seed=recipe.seed), proc
+    return cm.inherit_student(base, s.layers, s.overrides), proc
+
+
+def _freeze(model) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    from ..engine.loop import _mixed_precision
+
+    out = Path(recipe.output_dir)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.train.precision), cpu=not torch.cuda.is_available())
+    fp = recipe.fingerprint()
+    if accelerator.is_main_process:
+        prepare_run_dir(out, fp, recipe.model_dump(mode="json"), resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    seed_everything(recipe.seed)
+
+    records, images, errors = load_pairs(recipe.data.train, recipe.data.on_error, recipe.data.max_records, log=log)
+    texts = [r.text for r in records]
+    log(f"train: {len(records)} pairs from {recipe.data.train}" + (f" ({len(errors)} skipped)" if errors else ""))
+
+    teacher = teacher_proc = None
+    if recipe.teacher is not None:
+        teacher, teacher_proc = cm.load_model(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
+        _freeze(teacher)
+    student, s_proc = build_student(recipe, teacher, teacher_proc, texts)
+    student.train()
+
+    terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
+    loss = build_contrastive_loss(terms, cm.embed_dim(student), cm.embed_dim(teacher) if teacher is not None else None)
+    if teacher is None and any(name != "clip" for name in terms):
+        raise TrainingError(f"loss terms {sorted(set(terms) - {'clip'})} need a teacher; add `teacher:` to the recipe")
+
+    s_data = cm.preprocess_pairs(s_proc, images, texts)
+    t_data = cm.preprocess_pairs(teacher_proc, images, texts) if teacher is not None else None
+    step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
+    if teacher is not None and recipe.teacher.cache:
+        step.t_cache = precompute_teacher(teacher, t_data, step.needs_features)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    def save_final(unwrapped: ContrastiveStep) -> None:
+        final = out / "model"
+        unwrapped.student.save_pretrained(final)
+        s_proc.save_pretrained(final)
+        if len(unwrapped.loss.state_dict()):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.loss.state_dict().items()}, str(out / "loss_modules.safetensors"))
+
+    result = train_loop(step, n_items=len(s_data), cfg=recipe.train, out_dir=out, seed=recipe.seed, fingerprint=fp, resume=resume, accelerator=accelerator, on_end=save_final)
+    summary: dict[str, Any] = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    if accelerator.is_main_process:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if evaluate_after and recipe.data.val is not None:
+            from ..evaluate.contrastive import evaluate_folder
+
+            role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+            summary["eval"] = evaluate_folder(
+                out / "model",
+                recipe.data.val,
+                zeroshot=recipe.data.zeroshot,
+                out_path=out / "eval.json",
+                name=recipe.name or out.name,
+                role=role,
+                max_items=recipe.eval.max_items,
+                ks=recipe.eval.ks,
+                latency=recipe.eval.latency,
+            )
+    return summary

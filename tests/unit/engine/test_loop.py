@@ -1,0 +1,104 @@
+"""The engine loop: exact resume, NaN stop, checkpoint pruning, data order, accumulation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mmdistill.config import TrainConfig
+from mmdistill.engine.checkpoint import list_checkpoints
+from mmdistill.engine.loop import TrainingError, batch_indices, train_loop, warmup_cosine
+
+
+class Toy(nn.Module):
+    """A 2-layer regression on fixed data; forward(indices, progress) -> loss parts."""
+
+    def __init__(self, crash_at: int | None = None, nan_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1))
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(64, 8, generator=g)
+        self.y = self.x.sum(1, keepdim=True).sin()
+        self.calls = 0
+        self.crash_at, self.nan_at = crash_at, nan_at
+
+    def forward(self, idx, progress):
+        self.calls += 1
+        if self.crash_at is not None and self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        pred = self.net(self.x[idx])
+        mse = ((pred - self.y[idx]) ** 2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            mse = mse * float("nan")
+        return {"loss": mse + 0.0 * progress, "mse": mse}
+
+
+def cfg(**kw):
+    base = dict(max_steps=10, batch_size=8, lr=1e-2, warmup_steps=2, save_every=4, keep_last=2, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(tmp, module, resume=False, **kw):
+    return train_loop(module, n_items=64, cfg=cfg(**kw), out_dir=tmp, seed=3, fingerprint="abc", resume=resume, quiet=True)
+
+
+def test_resume_is_exact(tmp_path):
+    a = Toy()
+    run(tmp_path / "a", a, grad_accum=2)
+    b = Toy(crash_at=13)  # dies during step 7 (2 micro-batches a step), after the step-4 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", b, grad_accum=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000004"]
+    res = run(tmp_path / "b", Toy(), resume=True, grad_accum=2)
+    assert res.resumed_from == 4
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step-000010" / "trainable.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoints" / "step-000010" / "trainable.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the log holds each step once after the resume
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_training_reduces_loss_and_keeps_last_n(tmp_path):
+    m = Toy()
+    run(tmp_path, m, max_steps=40, save_every=5, keep_last=2)
+    logs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["mse"] < logs[0]["mse"]
+    assert {"loss", "mse", "lr", "samples_per_s", "grad_norm"} <= logs[0].keys()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000035", "step-000040"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_nan_stops_with_step_and_part(tmp_path):
+    with pytest.raises(TrainingError, match=r"step 2: loss part 'loss' is nan"):
+        run(tmp_path, Toy(nan_at=3))
+
+
+def test_resume_refuses_other_recipe(tmp_path):
+    run(tmp_path, Toy(), max_steps=4)
+    with pytest.raises(TrainingError, match="different recipe"):
+        train_loop(Toy(), n_items=64, cfg=cfg(max_steps=8), out_dir=tmp_path, seed=3, fingerprint="other", resume=True, quiet=True)
+
+
+def test_batch_order_is_a_function_of_step():
+    a = batch_indices(50, 8, 3, seed=1)
+    assert a == batch_indices(50, 8, 3, seed=1)
+    assert len(a) == 8
+    epoch = [i for s in range(6) for i in batch_indices(50, 8, s, seed=1)]
+    assert len(set(epoch)) == 48  # one epoch covers distinct items (drop-last)
+    assert batch_indices(50, 8, 6, seed=1) != batch_indices(50, 8, 0, seed=1)  # new permutation next epoch
+    with pytest.raises(TrainingError, match="fewer than one batch"):
+        batch_indices(5, 8, 0, seed=1)
+
+
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] >= 0.1 - 1e-9
