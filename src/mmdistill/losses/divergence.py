@@ -316,7 +316,9 @@ def forward_kl(
     student_logits, teacher_logits: [*L, V]; mask: [*L] or None. Returns [] (mean / sum) or [*L] (none).
     See the module docstring for temperature, scale_t2, chunk_size, num_items and reduction.
     """
-    return _dense(_forward_kl, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction)
+    return _dense(
+        _forward_kl, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction
+    )
 
 
 def reverse_kl(
@@ -334,7 +336,9 @@ def reverse_kl(
 
     Shapes and options as ``forward_kl``.
     """
-    return _dense(_reverse_kl, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction)
+    return _dense(
+        _reverse_kl, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction
+    )
 
 
 def generalized_jsd(
@@ -415,7 +419,9 @@ def tvd(
     reduction: str = "mean",
 ) -> Tensor:
     """Total variation distance ``½ Σ_v |p_t − p_s|`` (in [0, 1]). Shapes and options as ``forward_kl``."""
-    return _dense(_tvd, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction)
+    return _dense(
+        _tvd, student_logits, teacher_logits, mask, temperature, scale_t2, chunk_size, num_items, reduction
+    )
 
 
 # ---------------------------------------------------------------------------------------------

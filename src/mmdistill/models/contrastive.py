@@ -34,7 +34,7 @@ class PairingError(ValueError):
     """A teacher and student that cannot be paired as asked."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 48):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 64):
     """A small lower-cased BPE tokenizer trained locally (no hub), CLIP-style BOS/EOS framing."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -274,7 +274,10 @@ class Encoded:
     attention_mask: Tensor
 
     def batch(self, idx: Tensor | list[int]) -> dict[str, Tensor]:
-        return {"pixel_values": self.pixel_values[idx], "input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+        """Rows `idx`, text trimmed to the longest in this batch (causal text towers ignore the padding)."""
+        mask = self.attention_mask[idx]
+        n = int(mask.sum(1).max())
+        return {"pixel_values": self.pixel_values[idx], "input_ids": self.input_ids[idx][:, :n], "attention_mask": mask[:, :n]}
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -290,7 +293,9 @@ def preprocess_images(processor, images: list, chunk: int = 512) -> Tensor:
 def preprocess_texts(processor, texts: list[str]) -> dict[str, Tensor]:
     tok = processor.tokenizer
     max_len = min(int(tok.model_max_length), 77) if tok.model_max_length < 10_000 else 77
-    enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    # SigLIP was trained on max-length padding; causal CLIP text towers are indifferent, so pad to the longest
+    padding = "max_length" if "siglip" in type(tok).__name__.lower() else "longest"
+    enc = tok(texts, padding=padding, truncation=True, max_length=max_len, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

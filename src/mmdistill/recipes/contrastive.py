@@ -102,7 +102,7 @@ class ContrastiveStep(nn.Module):
         self.t_data = t_data
         self.t_cache = t_cache
         object.__setattr__(self, "_teacher", teacher)
-        self.needs_features = any(getattr(t, "needs_features", False) for t in loss.terms.values()) if hasattr(loss, "terms") else False
+        self.needs_features = any(getattr(t, "needs_features", False) for t in loss.term_modules.values())
 
     def teacher_signals(self, indices: list[int], device) -> Signals | None:
         if self._teacher is None and self.t_cache is None:
