@@ -112,7 +112,7 @@ def _finished(recipe: Recipe) -> bool:
     return (out / "eval.json").is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
 
 
-def demo(out: str | Path = "runs/demo", *, n: int = 6000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
+def demo(out: str | Path = "runs/demo", *, n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
     """ShapesWorld end to end: data, teacher, student without and with KD, one report."""
     out = Path(out)
     data = out / "data"

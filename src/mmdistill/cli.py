@@ -29,7 +29,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RunDirError, FileNotFoundError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RunDirError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -146,7 +146,7 @@ def _print_report(res, out: Path) -> None:
 def demo(
     family: str = typer.Option("contrastive", help="Model family (contrastive for now)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
-    n: int = typer.Option(6000, "--n", help="ShapesWorld images to generate."),
+    n: int = typer.Option(10000, "--n", help="ShapesWorld images to generate."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
 ):
@@ -160,6 +160,9 @@ def demo(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars from every from_pretrained: noise in a run's log
     app()
 
 

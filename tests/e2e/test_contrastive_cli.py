@@ -129,15 +129,16 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
     p = mmd("train", tmp_path / "missing.yaml", check=False)
     assert p.returncode == 2 and "recipe file not found" in p.stderr
     # a student wider than its teacher where inheritance is asked
-    tiny = recipe(tmp_path, "t", train={"max_steps": 1, "batch_size": 8, "warmup_steps": 0})
+    data = {"train": str(world / "data/pairs_train.jsonl"), "val": None, "zeroshot": None}
+    tiny = recipe(tmp_path, "t", data=data, train={"max_steps": 1, "batch_size": 8, "warmup_steps": 0})
     mmd("train", tiny)
-    wide = recipe(tmp_path, "w", teacher={"model": str(tmp_path / "t/model")}, student={"init": "inherit", "layers": {"vision": [0]}, "overrides": {"vision_config.hidden_size": 4096}})
+    wide = recipe(tmp_path, "w", data=data, teacher={"model": str(tmp_path / "t/model")}, student={"init": "inherit", "layers": {"vision": [0]}, "overrides": {"vision_config.hidden_size": 4096}})
     p = mmd("distill", wide, check=False)
     assert p.returncode == 2 and "larger than the teacher" in p.stderr
     # a non-empty folder that is not a run
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied/notes.txt").write_text("mine")
-    occ = recipe(tmp_path, "occupied")
+    occ = recipe(tmp_path, "occupied", data=data)
     p = mmd("train", occ, check=False)
     assert p.returncode == 2 and "holds no mmdistill run" in p.stderr
     assert (tmp_path / "occupied/notes.txt").read_text() == "mine"

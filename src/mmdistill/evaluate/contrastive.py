@@ -38,9 +38,12 @@ def zero_shot(model, processor, zeroshot_path: Path, max_items: int | None = Non
         if not items:
             continue
         classes = t["classes"]
-        prompts = [t["template"].format(label=c) for c in classes]
+        # prompt ensemble when the task lists several templates: mean of the normalised prompt embeddings
+        templates = t.get("templates") or [t["template"]]
+        prompts = [tpl.format(label=c) for c in classes for tpl in templates]
         enc = cm.preprocess_texts(processor, prompts)
-        class_emb = cm.encode_texts(model, enc["input_ids"], enc["attention_mask"])
+        emb = torch.nn.functional.normalize(cm.encode_texts(model, enc["input_ids"], enc["attention_mask"]), dim=-1)
+        class_emb = emb.view(len(classes), len(templates), -1).mean(1)  # [C, D]
         images = [load_image(it["image"], base) for it in items]
         img_emb = torch.cat([cm.encode_images(model, cm.preprocess_images(processor, images[i : i + 256])) for i in range(0, len(images), 256)])
         labels = torch.tensor([classes.index(it["label"]) for it in items])

@@ -22,8 +22,8 @@ from ..signals import Signals
 
 # Tiny presets: CLIPModel configs small enough for a CPU, big enough to learn ShapesWorld.
 TINY_PRESETS: dict[str, dict[str, Any]] = {
-    "clip-teacher": dict(hidden=192, layers=4, heads=4, mlp=768, proj=128),
-    "clip-student": dict(hidden=96, layers=3, heads=4, mlp=384, proj=96),
+    "clip-teacher": dict(hidden=128, layers=3, heads=4, mlp=512, proj=128),
+    "clip-student": dict(hidden=64, layers=2, heads=4, mlp=256, proj=64),
     "clip-nano": dict(hidden=32, layers=1, heads=2, mlp=64, proj=32),
 }
 

@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmark scripts: the machine, the demo recipes, mean ± std."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from mmdistill import api
+from mmdistill.config import Recipe, recipe_from_dict
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
+    data = out / "data"
+    if not (data / "summary.json").is_file():
+        api.synth(data, n=n, seed=seed)
+    return data
+
+
+def variant(recipe: Recipe, name: str, **changes) -> Recipe:
+    """A copy of a recipe with another output folder and dotted-key changes (validated)."""
+    d = recipe.model_dump(mode="json")
+    d["output_dir"] = str(Path(recipe.output_dir).parent / name)
+    d["name"] = name
+    for key, value in changes.items():
+        cur = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+    return recipe_from_dict(d, source=name)
+
+
+def mean_std(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def write(out: Path, name: str, payload: dict, markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
