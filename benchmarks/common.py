@@ -42,6 +42,15 @@ def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
     return data
 
 
+def bench_recipes(out: Path, teacher_steps: int, student_steps: int, seed: int = 0) -> dict[str, Recipe]:
+    """The shipped demo recipes with the benchmark's training budgets (same for baseline and KD student)."""
+    rs = api.demo_recipes(out, seed=seed)
+    rs["teacher"] = variant(rs["teacher"], "teacher", **{"train.max_steps": teacher_steps, "train.save_every": 500})
+    for k in ("student-base", "student-kd"):
+        rs[k] = variant(rs[k], k, **{"train.max_steps": student_steps, "train.save_every": 400})
+    return rs
+
+
 def variant(recipe: Recipe, name: str, **changes) -> Recipe:
     """A copy of a recipe with another output folder and dotted-key changes (validated)."""
     d = recipe.model_dump(mode="json")

@@ -10,10 +10,11 @@ Writes benchmarks/results/contrastive_ablation.{json,md}.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from common import ensure_data, git_rev, machine, variant, write
+from common import bench_recipes, ensure_data, git_rev, machine, variant, write
 
 from mmdistill import api
 from mmdistill.recipes import contrastive
@@ -37,11 +38,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only the variants whose label contains one of these strings")
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
+    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     ensure_data(args.out, args.n)
-    recipes = api.demo_recipes(args.out, seed=args.seed)
+    recipes = bench_recipes(args.out, args.teacher_steps, args.student_steps, seed=args.seed)
     if not api._finished(recipes["teacher"]):
         contrastive.run(recipes["teacher"], overwrite=True)
     teacher = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]
@@ -60,7 +63,7 @@ def main() -> None:
     md = [
         f"### Contrastive KD loss ablation (ShapesWorld, gallery {ev['gallery']}, seed {args.seed}, {kd.train.max_steps} steps × batch {kd.train.batch_size})",
         "",
-        f"Command: `python benchmarks/contrastive_ablation.py --out {args.out}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
         "",
         f"Teacher mean R@1: {t_val:.2f}. Every row trains the same student from the same initialisation with the CLIP loss plus the listed term(s).",
         "",

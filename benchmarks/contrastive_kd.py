@@ -10,11 +10,11 @@ student recipes (same steps, same data, same architecture) with that seed. Galle
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 from pathlib import Path
 
-from common import ensure_data, git_rev, machine, mean_std, variant, write
+from common import bench_recipes, ensure_data, git_rev, machine, mean_std, variant, write
 
 from mmdistill import api
 from mmdistill.recipes import contrastive
@@ -25,11 +25,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--n", type=int, default=10000, help="ShapesWorld images (test split = 10%%)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
+    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     ensure_data(args.out, args.n)
-    recipes = api.demo_recipes(args.out)
+    recipes = bench_recipes(args.out, args.teacher_steps, args.student_steps)
     t0 = time.time()
     teacher = recipes["teacher"]
     if not api._finished(teacher):
@@ -53,7 +55,7 @@ def main() -> None:
     md = [
         f"### Contrastive KD on ShapesWorld (gallery {rows[0]['kd']['gallery']} test pairs, seeds {args.seeds})",
         "",
-        f"Command: `python benchmarks/contrastive_kd.py --out {args.out} --seeds {' '.join(map(str, args.seeds))}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
         "",
         "| model | params | i2t R@1 | t2i R@1 | mean R@1 | mean R@5 | zero-shot mean |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -78,7 +80,6 @@ def main() -> None:
     ]
     payload = {"teacher": t_eval, "rows": rows, "retention": retention, "gap": gap, "param_ratio": ratio, "machine": machine(), "commit": git_rev()}
     write(args.results, "contrastive_kd", payload, "\n".join(md))
-    del statistics
 
 
 if __name__ == "__main__":

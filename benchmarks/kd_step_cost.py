@@ -9,12 +9,13 @@ Writes benchmarks/results/kd_step_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import ensure_data, git_rev, machine, write
+from common import bench_recipes, ensure_data, git_rev, machine, write
 
 from mmdistill import api
 from mmdistill.losses.composite import build_contrastive_loss
@@ -29,11 +30,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
+    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     ensure_data(args.out, args.n)
-    recipes = api.demo_recipes(args.out)
+    recipes = bench_recipes(args.out, args.teacher_steps, args.student_steps)
     if not api._finished(recipes["teacher"]):
         contrastive.run(recipes["teacher"], overwrite=True)
     kd = recipes["student-kd"]
@@ -75,7 +78,7 @@ def main() -> None:
     md = [
         f"### Cost of a KD step (contrastive, batch {args.batch}, student {sum(p.numel() for p in steps['plain'].student.parameters()) / 1e6:.2f}M, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params)",
         "",
-        f"Command: `python benchmarks/kd_step_cost.py --out {args.out}` — machine: {machine()} — commit {git_rev()}",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()}",
         "",
         "| step | median ms | × plain step |",
         "| --- | --- | --- |",

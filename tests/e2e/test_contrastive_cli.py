@@ -144,6 +144,20 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
     assert (tmp_path / "occupied/notes.txt").read_text() == "mine"
 
 
+def test_skip_mode_trains_on_good_records_and_reports_the_rest(world, tmp_path):
+    lines = (world / "data/pairs_train.jsonl").read_text().splitlines()
+    (tmp_path / "images").symlink_to(world / "data/images")
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text("\n".join(lines[:40] + ["{oops", '{"image": "images/none.png", "text": "x"}', '{"text": "no image"}']) + "\n")
+    r = recipe(tmp_path, "skip", data={"train": str(bad), "val": None, "zeroshot": None, "on_error": "skip"}, train={"max_steps": 2, "batch_size": 8, "warmup_steps": 0})
+    p = mmd("train", r)
+    assert "skipped 3 bad records" in p.stdout, p.stdout
+    assert json.loads((tmp_path / "skip/train_summary.json").read_text())["skipped_records"] == 3
+    r = recipe(tmp_path, "fail", data={"train": str(bad), "val": None, "zeroshot": None}, train={"max_steps": 2, "batch_size": 8, "warmup_steps": 0})
+    p = mmd("train", r, check=False)
+    assert p.returncode == 2 and f"{bad}:41: json:" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_demo_quick(tmp_path):
     p = mmd("demo", "--out", tmp_path / "demo", "--n", 200, "--quick")
     assert "student-kd" in p.stdout and "retention" in p.stdout.lower()

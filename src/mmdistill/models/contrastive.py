@@ -157,7 +157,8 @@ def embed_dim(model) -> int:
 
 
 def logit_scale(model) -> Tensor:
-    return model.logit_scale.exp()
+    """The exp'ed similarity scale as a 0-d tensor (CLIP stores it as [], SigLIP as [1])."""
+    return model.logit_scale.exp().reshape(())
 
 
 def encode(model, batch: dict[str, Tensor], *, features: bool = False) -> Signals:

@@ -87,3 +87,22 @@ def test_scratch_student_is_smaller_and_overrides_are_checked(teacher):
 def test_load_model_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         cm.load_model(str(tmp_path / "nope"))
+
+
+def test_siglip_goes_through_the_same_adapter():
+    """Any dual encoder with get_image_features / get_text_features: a tiny random SiglipModel."""
+    from transformers import SiglipConfig, SiglipModel
+
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    cfg = SiglipConfig(text_config=dict(tower, vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0), vision_config=dict(tower, image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = SiglipModel(cfg).eval()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    with torch.no_grad():
+        sig = cm.encode(model, batch, features=True)
+    assert sig.image_embeds.shape == (2, 32) and sig.text_embeds.shape == (2, 32)
+    assert sig.logit_scale.ndim == 0 and float(sig.logit_scale) > 0
+    assert cm.embed_dim(model) == 32
+    small = cm.inherit_student(model, {"vision": [1], "text": [0]})
+    assert small.config.vision_config.num_hidden_layers == 1
+    assert torch.equal(small.state_dict()["vision_model.encoder.layers.0.mlp.fc1.weight"], model.state_dict()["vision_model.encoder.layers.1.mlp.fc1.weight"])
