@@ -136,6 +136,8 @@ class Recipe(Strict):
         d.pop("name", None)
         d.pop("role", None)
         d.pop("eval", None)
+        for key in ("save_every", "keep_last", "log_every", "threads"):  # how often, not what
+            d["train"].pop(key, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -157,7 +159,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise RecipeError(f"override {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise RecipeError(f"override {pair!r}: the value is not valid YAML") from None
+        # below these keys the rest is itself a dotted key (model config paths), not nesting
+        for flat in ("student.overrides.", "student.layers."):
+            if key.startswith(flat):
+                out.setdefault("student", {}).setdefault(flat.split(".")[1], {})[key[len(flat):]] = value
+                break
+        else:
+            _set_dotted(out, key, value)
     return out
 
 

@@ -135,12 +135,20 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
     wide = recipe(tmp_path, "w", data=data, teacher={"model": str(tmp_path / "t/model")}, student={"init": "inherit", "layers": {"vision": [0]}, "overrides": {"vision_config.hidden_size": 4096}})
     p = mmd("distill", wide, check=False)
     assert p.returncode == 2 and "larger than the teacher" in p.stderr
+    # a bad loss term or model override is a one-line recipe error, and the failed start does not lock the folder
+    narrow = "student.overrides.vision_config.hidden_size=32"
+    p = mmd("distill", wide, "student.init=scratch", narrow, "loss.terms.simkd.weight=1", check=False)
+    assert p.returncode == 2 and "simkd" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = mmd("distill", wide, "student.init=scratch", "student.overrides.vision_config.hiden_size=8", check=False)
+    assert p.returncode == 2 and "hiden_size" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    mmd("distill", wide, "student.init=scratch", narrow, "student.overrides.vision_config.num_hidden_layers=1", "train.max_steps=1")
     # a non-empty folder that is not a run
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied/notes.txt").write_text("mine")
     occ = recipe(tmp_path, "occupied", data=data)
-    p = mmd("train", occ, check=False)
-    assert p.returncode == 2 and "holds no mmdistill run" in p.stderr
+    for extra in ([], ["--overwrite"]):  # never cleared, not even with --overwrite
+        p = mmd("train", occ, *extra, check=False)
+        assert p.returncode == 2 and "holds no mmdistill run" in p.stderr
     assert (tmp_path / "occupied/notes.txt").read_text() == "mine"
 
 

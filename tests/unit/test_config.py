@@ -65,3 +65,13 @@ def test_inherit_needs_a_teacher(tmp_path):
     p.write_text("output_dir: x\ndata: {train: a.jsonl}\nstudent: {init: inherit, layers: {vision: [0]}}\n")
     with pytest.raises(RecipeError, match="inherit needs a teacher"):
         load_recipe(p)
+
+
+def test_model_config_overrides_stay_dotted(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("output_dir: x\ndata: {train: a.jsonl}\nstudent: {init: tiny}\n")
+    r = load_recipe(p, ["student.overrides.vision_config.hidden_size=32", "student.layers.vision=[0, 2]"])
+    assert r.student.overrides == {"vision_config.hidden_size": 32}
+    assert r.student.layers == {"vision": [0, 2]}
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(p, ["train.lr=["])

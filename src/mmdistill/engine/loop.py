@@ -104,7 +104,13 @@ class _Logger:
             return
         if resume_step is not None and self.path.exists():
             # drop lines logged after the checkpoint we resume from, so the log has each step once
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except ValueError:  # a line cut short when the run was killed
+                    continue
             self.path.write_text("".join(l + "\n" for l in keep))
         elif self.path.exists():
             self.path.unlink()
@@ -164,9 +170,10 @@ def train_loop(
     if resume:
         ckpts = list_checkpoints(ckpt_dir)
         if ckpts:
-            state = load_checkpoint(ckpts[-1], module, optimizer)
-            if state.get("fingerprint") != fingerprint:
+            saved = json.loads((ckpts[-1] / "state.json").read_text()).get("fingerprint")
+            if saved != fingerprint:
                 raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
+            state = load_checkpoint(ckpts[-1], module, optimizer)
             start_step = resumed_from = int(state["step"])
     model, optimizer = accelerator.prepare(module, optimizer)
 

@@ -91,10 +91,11 @@ def evaluate_folder(
     records, images, _ = load_pairs(Path(val_path), on_error, max_items, log=lambda *_: None)
     texts = [r.text for r in records]
     img_emb, txt_emb = embed_pairs(model, processor, images, texts)
-    # identical captions describe the same scene: a hit on any of them counts (see evaluate/retrieval.py)
-    groups: dict[str, int] = {}
-    ids = torch.tensor([groups.setdefault(t.strip().lower(), len(groups)) for t in texts])
-    metrics = retrieval_metrics(img_emb, txt_emb, ks=tuple(ks), image_ids=ids, text_ids=ids)
+    # a pair shares its truth with every pair of the same image file or the same caption (identical
+    # captions describe the same scene; COCO-style files list one image with several captions)
+    image_ids = [r.image for r in records]
+    text_ids = [t.strip().lower() for t in texts]
+    metrics = retrieval_metrics(img_emb, txt_emb, ks=tuple(ks), image_ids=image_ids, text_ids=text_ids)
     if zeroshot:
         metrics.update(zero_shot(model, processor, Path(zeroshot)))
     result: dict[str, Any] = {

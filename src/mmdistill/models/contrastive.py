@@ -134,7 +134,7 @@ def load_model(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing folder / hub id, or a config transformers can't map
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {first}") from None
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Recipe
+from ..config import Recipe, RecipeError
 from ..data.records import RecordError, read_records
 from ..data.images import ImageError
-from ..engine.loop import TrainingError, seed_everything, train_loop
+from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
@@ -132,9 +132,11 @@ class ContrastiveStep(nn.Module):
 @torch.no_grad()
 def precompute_teacher(teacher, t_data: cm.Encoded, features: bool, batch_size: int = 256) -> Signals:
     """Teacher signals for every record, once (valid because training applies no augmentation)."""
+    device = next(teacher.parameters()).device
     parts: list[Signals] = []
     for i in range(0, len(t_data), batch_size):
-        parts.append(cm.encode(teacher, t_data.batch(list(range(i, min(i + batch_size, len(t_data))))), features=features))
+        batch = {k: v.to(device) for k, v in t_data.batch(list(range(i, min(i + batch_size, len(t_data))))).items()}
+        parts.append(cm.encode(teacher, batch, features=features).to("cpu"))  # the cache lives on the CPU
     feats = {k: torch.cat([p.features[k] for p in parts]) for k in parts[0].features}
     return Signals(
         image_embeds=torch.cat([p.image_embeds for p in parts]),
@@ -148,20 +150,38 @@ def precompute_teacher(teacher, t_data: cm.Encoded, features: bool, batch_size: 
 # run directory
 
 
-def prepare_run_dir(out: Path, fingerprint: str, recipe_json: dict, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a folder holding another run needs --resume (same recipe) or --overwrite."""
+def check_run_dir(out: Path, fingerprint: str, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix runs (read-only, safe on every process). Returns True when `out` must be cleared first.
+
+    A folder that holds another run needs --overwrite; the same run needs --resume or --overwrite;
+    a folder with other files is never touched. A run that failed before its first checkpoint
+    (run.json and no checkpoint) counts as empty, so fixing the recipe and re-running just works.
+    """
+    from ..engine.checkpoint import list_checkpoints
+
+    if not out.exists() or not any(out.iterdir()):
+        return False
     meta = out / "run.json"
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not meta.exists():
-            raise RunDirError(f"{out}: folder is not empty and holds no mmdistill run; choose another output_dir or pass --overwrite")
-        else:
-            old = json.loads(meta.read_text()).get("fingerprint")
-            if old != fingerprint:
-                raise RunDirError(f"{out}: holds a different run (recipe {old} != {fingerprint}); pass --overwrite to replace it")
-            if not resume:
-                raise RunDirError(f"{out}: holds this run already; pass --resume to continue it or --overwrite to start over")
+    if not meta.is_file():
+        raise RunDirError(f"{out}: folder is not empty and holds no mmdistill run; choose another output_dir")
+    started = bool(list_checkpoints(out / "checkpoints")) or (out / "model").is_dir()
+    if overwrite or not started:
+        return True
+    try:
+        old = json.loads(meta.read_text()).get("fingerprint")
+    except ValueError:
+        old = None
+    if old != fingerprint:
+        raise RunDirError(f"{out}: holds a different run (recipe {old} != {fingerprint}); pass --overwrite to replace it")
+    if not resume:
+        raise RunDirError(f"{out}: holds this run already; pass --resume to continue it or --overwrite to start over")
+    return False
+
+
+def write_run_dir(out: Path, fingerprint: str, recipe_json: dict, clear: bool) -> None:
+    """Main process only: clear a previous run (only a folder that holds run.json) and record this one."""
+    if clear and (out / "run.json").is_file():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "recipe": recipe_json}, indent=2))
 
@@ -200,12 +220,18 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
 
     from ..engine.loop import _mixed_precision
 
+    from accelerate import DistributedDataParallelKwargs
+
     out = Path(recipe.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.train.precision), cpu=not torch.cuda.is_available())
+    # find_unused_parameters: a student parameter the chosen loss never reads (SigLIP's logit_bias, the
+    # logit scale under fd alone) must not stall DDP's gradient reduction
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(recipe.train.precision),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     fp = recipe.fingerprint()
-    if accelerator.is_main_process:
-        prepare_run_dir(out, fp, recipe.model_dump(mode="json"), resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
+    clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)  # every process raises the same error
     seed_everything(recipe.seed)
 
     records, images, errors = load_pairs(recipe.data.train, recipe.data.on_error, recipe.data.max_records, log=log)
@@ -216,21 +242,29 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     if recipe.teacher is not None:
         teacher, teacher_proc = cm.load_model(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
         _freeze(teacher)
-    student, s_proc = build_student(recipe, teacher, teacher_proc, texts)
-    student.train()
-
+        teacher.to(accelerator.device)
     terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
-    loss = build_contrastive_loss(terms, cm.embed_dim(student), cm.embed_dim(teacher) if teacher is not None else None)
     if teacher is None and any(name != "clip" for name in terms):
-        raise TrainingError(f"loss terms {sorted(set(terms) - {'clip'})} need a teacher; add `teacher:` to the recipe")
+        raise RecipeError(f"loss terms {sorted(set(terms) - {'clip'})} need a teacher; add `teacher:` to the recipe")
+    try:  # student overrides, presets and loss terms are checked here: a bad one is a recipe error
+        student, s_proc = build_student(recipe, teacher, teacher_proc, texts)
+        loss = build_contrastive_loss(terms, cm.embed_dim(student), cm.embed_dim(teacher) if teacher is not None else None)
+    except cm.PairingError:
+        raise
+    except ValueError as e:
+        raise RecipeError(f"{recipe.output_dir}: {e}") from None
+    student.train()
 
     s_data = cm.preprocess_pairs(s_proc, images, texts)
     t_data = cm.preprocess_pairs(teacher_proc, images, texts) if teacher is not None else None
     step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
     if teacher is not None and recipe.teacher.cache:
         step.t_cache = precompute_teacher(teacher, t_data, step.needs_features)
-    if teacher is not None:
-        teacher.to(accelerator.device)
+
+    # everything is built and checked: only now does the run folder change
+    if accelerator.is_main_process:
+        write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)
+    accelerator.wait_for_everyone()
 
     def save_final(unwrapped: ContrastiveStep) -> None:
         final = out / "model"
