@@ -1,0 +1,45 @@
+"""Assemble BENCHMARKS.md from the fragments the benchmark scripts wrote in benchmarks/results/.
+
+    python benchmarks/render.py
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+ORDER = ["contrastive_kd", "contrastive_ablation", "kd_step_cost", "synth_speed"]
+
+INTRO = """# Benchmarks
+
+Every figure below comes from a script in `benchmarks/`, run on purpose (never in CI), on the
+machine named under each table; re-run the command shown to reproduce it. Each script writes
+`benchmarks/results/<name>.{md,json}`; `python benchmarks/render.py` assembles this page.
+Ratios (retention, speed-up, step cost) are measured side by side in one run.
+
+Setting shared by the contrastive tables: ShapesWorld generated with seed 0 and 10,000 images
+(8,000 train pairs, 1,000 test pairs = the retrieval gallery), 64 px. Teacher: the shipped
+`configs/contrastive/shapesworld-teacher.yaml` (CLIPModel, 3+3 layers, width 128) trained for
+2,000 steps × 128. Students: CLIPModel with 2+2 layers, width 64 (20% of the teacher's parameters),
+1,200 steps × 128, AdamW 1e-3, warm-up 50 + cosine; the no-KD baseline
+(`shapesworld-student-baseline.yaml`) and the KD student (`shapesworld-student-kd.yaml`: CLIP loss +
+similarity KD + FD × 100, teacher signals cached once) differ only in the loss. The demo
+(`mmdistill demo`) uses the same recipes with shorter budgets (teacher 550, students 600 steps) to
+stay under 10 minutes, so its figures are lower than these.
+"""
+
+
+def main() -> None:
+    parts = [INTRO]
+    for name in ORDER:
+        f = RESULTS / f"{name}.md"
+        if f.is_file():
+            parts.append(f.read_text().strip() + "\n")
+    notes = RESULTS / "NOTES.md"
+    if notes.is_file():
+        parts.append(notes.read_text().strip() + "\n")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
