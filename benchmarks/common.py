@@ -42,6 +42,15 @@ def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
     return data
 
 
+def add_common_args(ap) -> None:
+    """The options every contrastive benchmark shares: where, how much data, which budgets, where results go."""
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--n", type=int, default=10000, help="ShapesWorld images (test split = 10%%)")
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
+    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+
+
 def bench_recipes(out: Path, teacher_steps: int, student_steps: int, seed: int = 0) -> dict[str, Recipe]:
     """The shipped demo recipes with the benchmark's training budgets (same for baseline and KD student)."""
     rs = api.demo_recipes(out, seed=seed)

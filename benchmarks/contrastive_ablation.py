@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import bench_recipes, ensure_data, git_rev, machine, variant, write
+from common import add_common_args, bench_recipes, ensure_data, git_rev, machine, variant, write
 
 from mmdistill import api
 from mmdistill.recipes import contrastive
@@ -34,18 +34,14 @@ VARIANTS: dict[str, dict] = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
-    ap.add_argument("--n", type=int, default=10000)
+    add_common_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only the variants whose label contains one of these strings")
-    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
-    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
-    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     ensure_data(args.out, args.n)
     recipes = bench_recipes(args.out, args.teacher_steps, args.student_steps, seed=args.seed)
-    if not api._finished(recipes["teacher"]):
+    if not api.is_finished(recipes["teacher"]):
         contrastive.run(recipes["teacher"], overwrite=True)
     teacher = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]
     kd = recipes["student-kd"]

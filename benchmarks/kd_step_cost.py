@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bench_recipes, ensure_data, git_rev, machine, write
+from common import add_common_args, bench_recipes, ensure_data, git_rev, machine, write
 
 from mmdistill import api
 from mmdistill.losses.composite import build_contrastive_loss
@@ -25,13 +25,9 @@ from mmdistill.recipes.contrastive import ContrastiveStep, build_student, load_p
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
-    ap.add_argument("--n", type=int, default=10000)
+    add_common_args(ap)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--teacher-steps", type=int, default=2000, help="teacher budget (the demo uses fewer)")
-    ap.add_argument("--student-steps", type=int, default=1200, help="budget of every student (baseline and KD alike)")
-    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     ensure_data(args.out, args.n)
@@ -40,7 +36,7 @@ def main() -> None:
     records, images, _ = load_pairs(kd.data.train, "fail", 2048)
     texts = [r.text for r in records]
     teacher_dir = Path(kd.teacher.model)
-    trained = api._finished(recipes["teacher"])
+    trained = api.is_finished(recipes["teacher"])
     if not trained:
         # step time does not depend on the weights: the teacher's architecture, randomly initialised, will do
         teacher_dir = args.out / "teacher-architecture"

@@ -106,7 +106,8 @@ def demo_recipes(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, 
     return recipes
 
 
-def _finished(recipe: Recipe) -> bool:
+def is_finished(recipe: Recipe) -> bool:
+    """True when the recipe's output folder holds this very run, trained and evaluated."""
     out = Path(recipe.output_dir)
     meta = out / "run.json"
     return (out / "eval.json").is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
@@ -121,7 +122,7 @@ def demo(out: str | Path = "runs/demo", *, n: int = 10000, quick: bool = False, 
         synth(data, n=n, seed=seed)
     recipes = demo_recipes(out, quick=quick, seed=seed)
     for name, recipe in recipes.items():
-        if name == "teacher" and _finished(recipe):
+        if name == "teacher" and is_finished(recipe):
             log(f"teacher: reusing the trained teacher in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
