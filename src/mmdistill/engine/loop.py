@@ -117,7 +117,9 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step drops events logged after the checkpoint we resume from, as for metrics.jsonl
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         except Exception:  # tensorboard missing: jsonl still works
             self.tb = None
 
@@ -175,6 +177,8 @@ def train_loop(
                 raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
             state = load_checkpoint(ckpts[-1], module, optimizer)
             start_step = resumed_from = int(state["step"])
+            if state.get("scaler") and accelerator.scaler is not None:  # fp16 loss scale, for an exact resume
+                accelerator.scaler.load_state_dict(state["scaler"])
     model, optimizer = accelerator.prepare(module, optimizer)
 
     logger = _Logger(out_dir, resumed_from, accelerator.is_main_process)
@@ -242,7 +246,11 @@ def train_loop(
                         done,
                         accelerator.unwrap_model(model),
                         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                        {"fingerprint": fingerprint, "world_size": world},
+                        {
+                            "fingerprint": fingerprint,
+                            "world_size": world,
+                            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                        },
                         keep_last=cfg.keep_last,
                     )
                 accelerator.wait_for_everyone()

@@ -63,6 +63,12 @@ def test_resume_is_exact(tmp_path):
     # the log holds each step once after the resume
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
+    # and so do the TensorBoard events (steps 5-7 were logged twice: before the crash and after the resume)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/mse")] == list(range(1, 11))
 
 
 def test_training_reduces_loss_and_keeps_last_n(tmp_path):
