@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .schedules import warmup_cosine
 
 
 class TrainingError(RuntimeError):
@@ -40,15 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up from 0 to 1 over `warmup` steps, then cosine to `min_ratio`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    progress = min(max(progress, 0.0), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def batch_indices(n_items: int, global_batch: int, micro_step: int, seed: int) -> list[int]:

@@ -10,7 +10,7 @@ Two kinds of schedule live here:
       {"kind": "cosine", "start": a, "end": b}    v(p) = b + (a - b) * (1 + cos(pi * p)) / 2
 
   Progress outside [0, 1] is clamped.
-- ``warmup_cosine_lambda(warmup_steps, total_steps, min_ratio)``: a learning-rate multiplier
+- ``warmup_cosine(step, warmup, total, min_ratio)``: the training loop's learning-rate multiplier
   for ``torch.optim.lr_scheduler.LambdaLR`` (linear warm-up from 0, then cosine to ``min_ratio``).
 """
 
@@ -97,27 +97,12 @@ def make_schedule(spec: float | int | dict[str, Any] | Schedule) -> Schedule:
     return Schedule(kind, _number(spec, "start"), _number(spec, "end"))
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Learning-rate multiplier for ``LambdaLR``: linear warm-up from 0, then cosine decay.
-
-    ``f(step) = step / warmup_steps`` for ``step < warmup_steps`` (as in transformers'
-    ``get_cosine_schedule_with_warmup``), then
-    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * q)) / 2`` with
-    ``q = (step - warmup_steps) / (total_steps - warmup_steps)`` clamped to [0, 1],
-    so steps past ``total_steps`` stay at ``min_ratio``.
-    """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        q = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        q = min(max(q, 0.0), 1.0)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
-
-    return lr_lambda
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warm-up to 1 over `warmup`
+    steps — ``(step + 1) / warmup``, so the first step already moves — then cosine decay to
+    `min_ratio` at `total`; steps past `total` stay at `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    q = (step - warmup) / max(1, total - warmup)
+    q = min(max(q, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))

@@ -9,7 +9,8 @@ from torch import nn
 
 from mmdistill.config import TrainConfig
 from mmdistill.engine.checkpoint import list_checkpoints
-from mmdistill.engine.loop import TrainingError, batch_indices, train_loop, warmup_cosine
+from mmdistill.engine.loop import TrainingError, batch_indices, train_loop
+from mmdistill.engine.schedules import warmup_cosine
 
 
 class Toy(nn.Module):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmdistill.engine.schedules import Schedule, make_schedule, warmup_cosine_lambda
+from mmdistill.engine.schedules import Schedule, make_schedule, warmup_cosine
 
 
 def test_constant_linear_cosine_values():
@@ -40,30 +40,12 @@ def test_bad_specs(spec, match):
         make_schedule(spec)
 
 
-def test_warmup_cosine_lambda():
-    f = warmup_cosine_lambda(10, 110, min_ratio=0.1)
-    assert f(0) == 0.0 and f(5) == pytest.approx(0.5)
-    assert f(10) == pytest.approx(1.0)
+def test_warmup_cosine():
+    f = lambda step: warmup_cosine(step, 10, 110, 0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5)  # (step + 1) / warmup: step 0 already moves
+    assert f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
-    assert warmup_cosine_lambda(0, 10)(0) == pytest.approx(1.0)
-
-
-def test_warmup_cosine_lambda_with_lambda_lr():
-    p = torch.nn.Parameter(torch.zeros(()))
-    opt = torch.optim.SGD([p], lr=2.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_lambda(2, 4))
-    lrs = []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0])
-
-
-@pytest.mark.parametrize("args", [(5, 0), (-1, 10), (11, 10), (1, 10, 1.5)])
-def test_warmup_cosine_lambda_bad_args(args):
-    with pytest.raises(ValueError):
-        warmup_cosine_lambda(*args)
+    assert warmup_cosine(0, 0, 10) == pytest.approx(1.0)
