@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from mmdistill.engine.schedules import Schedule, make_schedule, warmup_cosine
 
