@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from common import add_common_args, bench_recipes, ensure_data, git_rev, machine, mean_std, variant, write
 

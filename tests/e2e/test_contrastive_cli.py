@@ -87,7 +87,7 @@ def test_train_distill_resume_eval_report(world):
     p = mmd("distill", kd, "train.max_stepz=3", check=False)
     assert p.returncode == 2 and "train.max_stepz: unknown key" in p.stderr and "Traceback" not in p.stderr
 
-    full = mmd("distill", kd)
+    mmd("distill", kd)
     w_full = load_file(str(world / "kd/checkpoints/step-000008/trainable.safetensors"))
     # the same run again is refused without --resume / --overwrite
     p = mmd("distill", kd, check=False)
@@ -97,7 +97,7 @@ def test_train_distill_resume_eval_report(world):
     assert p.returncode == 2 and "different run" in p.stderr
     # interrupted run: delete the last checkpoint, resume from step 4, same final weights
     shutil.rmtree(world / "kd/checkpoints/step-000008")
-    resumed = mmd("distill", kd, "--resume")
+    mmd("distill", kd, "--resume")
     w_res = load_file(str(world / "kd/checkpoints/step-000008/trainable.safetensors"))
     for k in w_full:
         assert torch.allclose(w_full[k], w_res[k], atol=1e-6), k
@@ -113,7 +113,7 @@ def test_train_distill_resume_eval_report(world):
     assert any(k.startswith("zeroshot_") for k in ev["metrics"])
     assert ev["params"] > 0 and ev["size_bytes"] > 0 and ev["latency_ms"]["bs1"] > 0
 
-    rep = mmd("report", tdir, world / "base", world / "kd", "--out", world / "report")
+    mmd("report", tdir, world / "base", world / "kd", "--out", world / "report")
     js = json.loads((world / "report/report.json").read_text())
     assert {r["name"] for r in js["runs"]} == {"teacher", "base", "kd"}
     assert (world / "report/report.md").read_text().count("|") > 10

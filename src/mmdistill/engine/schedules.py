@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 
