@@ -39,7 +39,7 @@ def main() -> None:
         f"- Mean R@1: teacher {teacher['metrics']['mean_R@1']:.2f}, student alone {base['metrics']['mean_R@1']:.2f}, "
         f"student distilled {kd['metrics']['mean_R@1']:.2f} = {100 * kd['retention']['mean_R@1']:.1f}% of the teacher, "
         f"{kd['metrics']['mean_R@1'] - base['metrics']['mean_R@1']:+.2f} points over the student alone "
-        f"(gallery {runs['teacher'].get('gallery', 1000)} test pairs; shorter budgets than the benchmark above).",
+        f"(gallery {json.loads((args.out / 'teacher' / 'eval.json').read_text())['gallery']} test pairs; shorter budgets than the benchmark above).",
         "",
     ])
     write(args.results, "demo", {"seconds": seconds, "report": rep, "machine": machine(), "commit": git_rev()}, md)
