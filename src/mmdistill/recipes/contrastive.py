@@ -84,6 +84,11 @@ def _gather_signals(sig: Signals, with_grad: bool) -> Signals:
     return sig
 
 
+def needs_features(loss) -> bool:
+    """Whether any term of the composite loss reads tower features (not only embeddings)."""
+    return any(getattr(t, "needs_features", False) for t in loss.term_modules.values())
+
+
 class ContrastiveStep(nn.Module):
     """forward(indices, progress) -> {"loss", parts...} for a dual-encoder student.
 
@@ -102,7 +107,7 @@ class ContrastiveStep(nn.Module):
         self.t_data = t_data
         self.t_cache = t_cache
         object.__setattr__(self, "_teacher", teacher)
-        self.needs_features = any(getattr(t, "needs_features", False) for t in loss.term_modules.values())
+        self.needs_features = needs_features(loss)
 
     def teacher_signals(self, indices: list[int], device) -> Signals | None:
         if self._teacher is None and self.t_cache is None:
@@ -257,9 +262,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
 
     s_data = cm.preprocess_pairs(s_proc, images, texts)
     t_data = cm.preprocess_pairs(teacher_proc, images, texts) if teacher is not None else None
-    step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
     if teacher is not None and recipe.teacher.cache:
-        step.t_cache = precompute_teacher(teacher, t_data, step.needs_features)
+        # the cache replaces the live teacher: neither it nor its inputs are kept for training
+        t_cache = precompute_teacher(teacher, t_data, needs_features(loss))
+        teacher = t_data = None
+        step = ContrastiveStep(student, loss, s_data, t_cache=t_cache)
+    else:
+        step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
 
     # everything is built and checked: only now does the run folder change
     if accelerator.is_main_process:
