@@ -88,7 +88,10 @@ def train_qwen_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_lengt
     import json
 
     model = json.loads(state)["model"]
-    vocab = {k: v for k, v in model["vocab"].items() if k not in QWEN_SPECIAL_TOKENS}
+    # specials are re-added after the BPE vocabulary, so renumber the rest contiguously from 0
+    # (otherwise the added special tokens would reuse ids of ordinary tokens)
+    kept = sorted((v, k) for k, v in model["vocab"].items() if k not in QWEN_SPECIAL_TOKENS)
+    vocab = {k: i for i, (_, k) in enumerate(kept)}
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,

@@ -1,0 +1,248 @@
+"""Rerankers (cross-encoders): generative yes/no rerankers and sequence-classification heads.
+
+Two kinds, one interface (``Reranker``):
+
+- **yes/no** (Qwen3-Reranker, Qwen3-VL-Reranker, any causal LM / image-text-to-text model read as
+  a binary judge). The pair is written in their prompt format: a system prompt, the user turn
+  ``<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {document}``, then the assistant prefix
+  (with an empty think block for the text model, plain for the VL model). Left padding; the
+  score is ``logit("yes") − logit("no")`` at the last position, so ``P(yes) = sigmoid(score)``
+  (the 2-way softmax of the two logits). Images go where they appear (query and/or document).
+- **seq_cls** (``AutoModelForSequenceClassification``): score = the single logit (or logit[1] −
+  logit[0] for two labels). Text only.
+
+``Reranker.signals(pairs grouped by query)`` returns ``Signals(scores [B, K], mask [B, K],
+features={"last_token": [B, K, D]})`` — the currency the ranking losses read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.records import RecordError, RerankItem, RerankRecord
+from ..signals import Signals
+
+SYSTEM_PROMPT = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    'Note that the answer can only be "yes" or "no".'
+)
+TEXT_ASSISTANT_PREFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3-Reranker (text)
+VL_ASSISTANT_PREFIX = "<|im_start|>assistant\n"  # Qwen3-VL-Reranker
+
+
+class RerankerError(ValueError):
+    """A reranker that cannot be used as asked (one line, naming the model and what is wrong)."""
+
+
+def single_token_id(tokenizer, word: str, where: str) -> int:
+    """The id of `word` as ONE token, or a clear error (a yes/no reranker reads exactly these logits)."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise RerankerError(f"{where}: tokenizer: {word!r} is not a single token (it splits into {pieces}); a yes/no reranker needs one token each for 'yes' and 'no'")
+    return ids[0]
+
+
+@dataclass
+class Pair:
+    instruction: str
+    query: RerankItem
+    document: RerankItem
+
+
+class ImageCache:
+    """Decoded images by (base folder, reference); ShapesWorld-sized sets fit in memory."""
+
+    def __init__(self, max_items: int = 50_000):
+        self.max_items = max_items
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, record: RerankRecord, ref: str):
+        key = (str(record.base_dir), ref)
+        img = self._items.get(key)
+        if img is None:
+            img = record.open_image(ref)
+            self._items[key] = img
+            if len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return img
+
+
+class Reranker:
+    """A loaded reranker (model + processor/tokenizer) that scores (instruction, query, document) pairs."""
+
+    def __init__(self, model, processor, *, kind: str, name: str = "<model>", max_length: int = 512):
+        self.model = model
+        self.processor = processor
+        self.kind = kind
+        self.name = name
+        self.max_length = max_length
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"
+        self.has_vision = hasattr(processor, "image_processor")
+        self.images = ImageCache()
+        vocab = self.tokenizer.get_vocab()
+        self.chat_format = "<|im_start|>" in vocab
+        if kind == "yesno":
+            self.yes_id = single_token_id(self.tokenizer, "yes", name)
+            self.no_id = single_token_id(self.tokenizer, "no", name)
+        if self.has_vision:
+            image_token = getattr(processor, "image_token", "<|image_pad|>")
+            framed = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
+            self.image_span = f"<|vision_start|>{image_token}<|vision_end|>" if framed else image_token
+
+    # ------------------------------------------------------------------ formatting
+    def _item_text(self, item: RerankItem, record: RerankRecord, images: list, field: str, path: str) -> str:
+        parts = []
+        if item.image is not None:
+            if not self.has_vision:
+                raise RecordError(path, record.line, f"{field}.image", f"model {self.name} reads text only (no image processor); this record has an image")
+            images.append(self.images.get(record, item.image))
+            parts.append(self.image_span)
+        if item.text is not None:
+            parts.append(item.text)
+        return "".join(parts)
+
+    def format_pair(self, record: RerankRecord, doc_index: int, images: list, path: str = "<data>") -> str:
+        """The full prompt of one (instruction, query, document) pair; appends its images to `images`."""
+        query = self._item_text(record.query, record, images, "query", path)
+        doc = self._item_text(record.documents[doc_index], record, images, f"documents.{doc_index}", path)
+        body = f"<Instruct>: {record.instruction}\n<Query>: {query}\n<Document>: {doc}"
+        if not self.chat_format:  # e.g. a BERT-style cross-encoder: plain text
+            return body
+        prefix = VL_ASSISTANT_PREFIX if self.has_vision else TEXT_ASSISTANT_PREFIX
+        return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n{prefix}"
+
+    def encode(self, records: Sequence[RerankRecord], path: str = "<data>") -> tuple[dict[str, Tensor], Tensor]:
+        """Tokenised pairs of every (record, document), flattened query-major, plus mask [B, K]."""
+        texts, images = [], []
+        k_max = max(len(r.documents) for r in records)
+        mask = torch.zeros(len(records), k_max, dtype=torch.bool)
+        for b, rec in enumerate(records):
+            for k in range(k_max):
+                d = min(k, len(rec.documents) - 1)  # pad a short group by repeating its last document (masked out)
+                texts.append(self.format_pair(rec, d, images, path))
+                mask[b, k] = k < len(rec.documents)
+        kwargs = dict(padding=True, return_tensors="pt")
+        if self.has_vision:
+            batch = self.processor(text=texts, images=images or None, **kwargs)
+        else:
+            batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
+        if batch["input_ids"].shape[1] > self.max_length:
+            raise RecordError(path, records[0].line, "documents", f"a pair is {batch['input_ids'].shape[1]} tokens, over max_length {self.max_length}")
+        return dict(batch), mask
+
+    # ------------------------------------------------------------------ scoring
+    def forward(self, batch: dict[str, Tensor], *, features: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Scores [N] (and last-token hidden states [N, D] when asked) for a flattened batch of pairs."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if self.kind == "seq_cls":
+            out = self.model(**batch, output_hidden_states=features)
+            logits = out.logits.float()
+            score = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
+            hidden = None
+            if features:  # the head reads the last non-pad token; with left padding that is the last position
+                hidden = out.hidden_states[-1][:, -1]
+            return score, hidden
+        out = self.model(**batch, logits_to_keep=1, output_hidden_states=features)
+        last = out.logits[:, -1].float()  # [N, V]
+        score = last[:, self.yes_id] - last[:, self.no_id]
+        hidden = out.hidden_states[-1][:, -1] if features else None
+        return score, hidden
+
+    def signals(self, records: Sequence[RerankRecord], *, features: bool = False, path: str = "<data>") -> Signals:
+        batch, mask = self.encode(records, path)
+        score, hidden = self.forward(batch, features=features)
+        b, k = mask.shape
+        sig = Signals(scores=score.view(b, k), mask=mask.to(score.device))
+        if hidden is not None:
+            sig.features["last_token"] = hidden.view(b, k, -1)
+        return sig
+
+    @torch.no_grad()
+    def score_records(self, records: Sequence[RerankRecord], *, batch_pairs: int = 128, path: str = "<data>") -> list[list[float]]:
+        """Scores of every document of every record (lists of per-query lengths), in batches of ~batch_pairs pairs."""
+        out: list[list[float]] = []
+        i = 0
+        while i < len(records):
+            group, n = [], 0
+            while i < len(records) and (not group or n + len(records[i].documents) <= batch_pairs):
+                group.append(records[i])
+                n += len(records[i].documents)
+                i += 1
+            sig = self.signals(group, path=path)
+            for b, rec in enumerate(group):
+                out.append(sig.scores[b, : len(rec.documents)].tolist())
+        return out
+
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", cfg)
+        return int(cfg.hidden_size)
+
+    def save(self, out_dir: str | Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
+
+
+def detect_kind(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    return "seq_cls" if any("SequenceClassification" in a for a in archs) else "yesno"
+
+
+def load_reranker(name_or_path: str, *, kind: str = "auto", trust_remote_code: bool = False, max_length: int = 512) -> Reranker:
+    """Load a reranker by hub id or folder through the real `from_pretrained` path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if kind == "auto":
+            kind = detect_kind(config)
+        if kind == "seq_cls":
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        elif hasattr(config, "vision_config"):
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"cannot load reranker {name_or_path!r}: {first}") from None
+    if kind not in ("yesno", "seq_cls"):
+        raise RerankerError(f"{name_or_path}: unknown reranker kind {kind!r}; choose auto, yesno or seq_cls")
+    return Reranker(model, processor, kind=kind, name=str(name_or_path), max_length=max_length)
+
+
+def build_tiny_reranker(out_dir: str | Path | None, texts, *, kind: str = "yesno", preset: str = "vlm-student", seed: int = 0, tokenizer=None, image_size: int = 64) -> Reranker:
+    """A tiny Qwen3-VL read as a yes/no reranker, or a tiny Qwen3 sequence classifier (`kind="seq_cls"`)."""
+    from .tiny import build_tiny_seq_cls, build_tiny_vlm
+
+    if kind == "seq_cls":
+        model, proc = build_tiny_seq_cls(out_dir, texts, preset=preset, seed=seed, tokenizer=tokenizer)
+    elif kind == "yesno":
+        model, proc = build_tiny_vlm(out_dir, texts, kind="qwen3_vl", preset=preset, seed=seed, tokenizer=tokenizer, image_size=image_size)
+    else:
+        raise RerankerError(f"unknown tiny reranker kind {kind!r}; choose yesno or seq_cls")
+    return Reranker(model, proc, kind=kind, name=str(out_dir or f"tiny-{kind}"))
+
+
+def record_texts(records: Sequence[RerankRecord]) -> list[str]:
+    """All text of rerank records (instructions, queries, documents) for training a tokenizer."""
+    out = []
+    for r in records:
+        out.append(r.instruction)
+        for item in [r.query, *r.documents]:
+            if item.text:
+                out.append(item.text)
+    return out
