@@ -24,7 +24,7 @@ def _guard(fn, *args, **kwargs):
     from .data.records import RecordError
     from .engine.loop import TrainingError
     from .models.contrastive import PairingError
-    from .recipes.contrastive import RunDirError
+    from .recipes.common import RunDirError
 
     try:
         return fn(*args, **kwargs)

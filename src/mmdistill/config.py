@@ -24,11 +24,19 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    train: Path = Field(description="JSONL file of training records (pair records for the contrastive family).")
+    train: Path = Field(description="JSONL file of training records: pair records (contrastive), rerank records (reranker), chat records (generative).")
     val: Path | None = Field(None, description="JSONL file evaluated at the end of training (and by `mmdistill eval`).")
     zeroshot: Path | None = Field(None, description="zeroshot_<split>.json of ShapesWorld-style zero-shot tasks, evaluated with `val`.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop at the first one, or skip them and report how many and why.")
     max_records: int | None = Field(None, ge=1, description="Use only the first N valid training records (quick runs).")
+    max_length: int = Field(512, ge=8, description="Longest tokenised input (a reranker pair, a chat turn); a longer one is an error naming the record.")
+    response_field: Literal["response", "teacher_response"] = Field(
+        "response", description="Generative: which field of a chat record is the target text (teacher_response = black-box / sequence-level KD)."
+    )
+    curriculum: dict[str, float] | None = Field(
+        None,
+        description="Generative: difficulty curriculum, tag -> training progress at which records with that tag join, e.g. {easy: 0, medium: 0.3, hard: 0.5}; untagged records join at 0.",
+    )
 
 
 class TeacherConfig(Strict):
@@ -52,7 +60,13 @@ class StudentConfig(Strict):
         ),
     )
     model: str | None = Field(None, description="Model id or folder the student starts from (scratch/pretrained); default the teacher.")
-    preset: str = Field("clip-student", description="Tiny preset name when init=tiny (see models/contrastive.py TINY_PRESETS).")
+    preset: str | None = Field(
+        None,
+        description="Tiny preset when init=tiny: contrastive clip-teacher | clip-student | clip-nano (default clip-student); "
+        "reranker / generative vlm-teacher | vlm-student | vlm-nano (default vlm-student).",
+    )
+    head: Literal["yesno", "seq_cls"] = Field("yesno", description="Reranker, init=tiny: a yes/no reranker (tiny Qwen3-VL) or a sequence-classification head (tiny Qwen3, text only).")
+    arch: Literal["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_omni_thinker"] = Field("qwen3_vl", description="Generative, init=tiny: which architecture to build.")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Config overrides as dotted keys, e.g. {'vision_config.hidden_size': 64, 'text_config.num_hidden_layers': 2}.",
@@ -80,7 +94,8 @@ class LossTerm(Strict):
 class LossConfig(Strict):
     terms: dict[str, LossTerm] = Field(
         default_factory=lambda: {"clip": LossTerm()},
-        description="Named loss terms (contrastive: clip, sim_kd, crd, fd, icl, affinity) with weights, schedules and options.",
+        description="Named loss terms with weights, schedules and options. contrastive: clip, sim_kd, crd, fd, icl, affinity; "
+        "reranker: bce, ce, pointwise, margin_mse, listwise_kl, feature; generative: sft, kd, vision, text.",
     )
 
 
@@ -103,12 +118,15 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="Recall@k cut-offs.")
-    max_items: int | None = Field(1000, ge=1, description="Gallery size: first N validation pairs.")
-    latency: bool = Field(True, description="Measure latency at batch 1 and 32.")
+    max_items: int | None = Field(1000, ge=1, description="Evaluate the first N validation records (contrastive: the gallery size; reranker: queries; generative: prompts).")
+    latency: bool = Field(True, description="Measure latency (contrastive: batch 1 and 32; reranker: one query with `candidates` documents; generative: per sample).")
+    reference: str | None = Field(None, description="Model folder that agreement metrics compare with (reranker top-3 overlap / Kendall tau, generative answer agreement); default: the recipe's teacher.")
+    candidates: int = Field(20, ge=1, description="Reranker latency: documents per query.")
+    max_new_tokens: int = Field(48, ge=1, description="Generative: longest generated answer.")
 
 
 class Recipe(Strict):
-    family: Literal["contrastive"] = Field("contrastive", description="Model family.")
+    family: Literal["contrastive", "reranker", "generative"] = Field("contrastive", description="Model family.")
     output_dir: Path = Field(description="Run directory: checkpoints, logs, the final model, eval.json.")
     seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
     name: str | None = Field(None, description="Name used in reports (default: the output folder's name).")

@@ -9,7 +9,6 @@ as a plain Hugging Face folder -> evaluate -> eval.json.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-
-
-class RunDirError(ValueError):
-    """The output folder holds another run (refuse unless --resume or --overwrite)."""
+from .common import RunDirError, check_run_dir, freeze as _freeze, write_run_dir  # noqa: F401 (RunDirError re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,53 +148,13 @@ def precompute_teacher(teacher, t_data: cm.Encoded, features: bool, batch_size: 
 
 
 # ---------------------------------------------------------------------------------------------
-# run directory
-
-
-def check_run_dir(out: Path, fingerprint: str, *, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix runs (read-only, safe on every process). Returns True when `out` must be cleared first.
-
-    A folder that holds another run needs --overwrite; the same run needs --resume or --overwrite;
-    a folder with other files is never touched. A run that failed before its first checkpoint
-    (run.json and no checkpoint) counts as empty, so fixing the recipe and re-running just works.
-    """
-    from ..engine.checkpoint import list_checkpoints
-
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    meta = out / "run.json"
-    if not meta.is_file():
-        raise RunDirError(f"{out}: folder is not empty and holds no mmdistill run; choose another output_dir")
-    started = bool(list_checkpoints(out / "checkpoints")) or (out / "model").is_dir()
-    if overwrite or not started:
-        return True
-    try:
-        old = json.loads(meta.read_text()).get("fingerprint")
-    except ValueError:
-        old = None
-    if old != fingerprint:
-        raise RunDirError(f"{out}: holds a different run (recipe {old} != {fingerprint}); pass --overwrite to replace it")
-    if not resume:
-        raise RunDirError(f"{out}: holds this run already; pass --resume to continue it or --overwrite to start over")
-    return False
-
-
-def write_run_dir(out: Path, fingerprint: str, recipe_json: dict, clear: bool) -> None:
-    """Main process only: clear a previous run (only a folder that holds run.json) and record this one."""
-    if clear and (out / "run.json").is_file():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "recipe": recipe_json}, indent=2))
-
-
-# ---------------------------------------------------------------------------------------------
 # building models
 
 
 def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
     s = recipe.student
     if s.init == "tiny":
-        return cm.build_tiny_clip(None, texts, preset=s.preset, seed=recipe.seed, overrides=s.overrides or None)
+        return cm.build_tiny_clip(None, texts, preset=s.preset or "clip-student", seed=recipe.seed, overrides=s.overrides or None)
     if s.init == "pretrained":
         return cm.load_model(s.model)
     if s.model:
@@ -208,12 +164,6 @@ def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
     if s.init == "scratch":
         return cm.scratch_student(base.config, s.overrides, seed=recipe.seed), proc
     return cm.inherit_student(base, s.layers, s.overrides), proc
-
-
-def _freeze(model) -> None:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------

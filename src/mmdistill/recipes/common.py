@@ -1,0 +1,55 @@
+"""Pieces every recipe shares: the run folder contract and freezing a teacher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+class RunDirError(ValueError):
+    """The output folder holds another run (refuse unless --resume or --overwrite)."""
+
+
+def check_run_dir(out: Path, fingerprint: str, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix runs (read-only, safe on every process). Returns True when `out` must be cleared first.
+
+    A folder that holds another run needs --overwrite; the same run needs --resume or --overwrite;
+    a folder with other files is never touched. A run that failed before its first checkpoint
+    (run.json and no checkpoint) counts as empty, so fixing the recipe and re-running just works.
+    """
+    from ..engine.checkpoint import list_checkpoints
+
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    meta = out / "run.json"
+    if not meta.is_file():
+        raise RunDirError(f"{out}: folder is not empty and holds no mmdistill run; choose another output_dir")
+    started = bool(list_checkpoints(out / "checkpoints")) or (out / "model").is_dir()
+    if overwrite or not started:
+        return True
+    try:
+        old = json.loads(meta.read_text()).get("fingerprint")
+    except ValueError:
+        old = None
+    if old != fingerprint:
+        raise RunDirError(f"{out}: holds a different run (recipe {old} != {fingerprint}); pass --overwrite to replace it")
+    if not resume:
+        raise RunDirError(f"{out}: holds this run already; pass --resume to continue it or --overwrite to start over")
+    return False
+
+
+def write_run_dir(out: Path, fingerprint: str, recipe_json: dict, clear: bool) -> None:
+    """Main process only: clear a previous run (only a folder that holds run.json) and record this one."""
+    if clear and (out / "run.json").is_file():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": fingerprint, "recipe": recipe_json}, indent=2))
+
+
+
+def freeze(model) -> None:
+    """Eval mode, no gradients: the frozen-teacher contract."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
