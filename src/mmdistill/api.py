@@ -50,28 +50,75 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, re
         raise RecipeError("distill needs a `teacher:` section in the recipe (use `mmdistill train` for plain training)")
     if require_teacher is False and recipe.teacher is not None:
         raise RecipeError("train is plain training; this recipe has a `teacher:` section, use `mmdistill distill`")
+    return _recipe_module(recipe.family).run(recipe, resume=resume, overwrite=overwrite, log=log)
+
+
+def _recipe_module(family: str):
+    if family == "reranker":
+        from .recipes import reranker
+
+        return reranker
+    if family == "generative":
+        from .recipes import generative
+
+        return generative
     from .recipes import contrastive
 
-    return contrastive.run(recipe, resume=resume, overwrite=overwrite, log=log)
+    return contrastive
 
 
-def evaluate(model_dir: str | Path, data: str | Path, *, zeroshot: str | Path | None = None, out: str | Path | None = None, name: str | None = None, role: str = "student", max_items: int | None = 1000, latency: bool = True) -> dict[str, Any]:
+HEADLINES = {"contrastive": "mean_R@1", "reranker": "ndcg@10", "generative": "vqa_accuracy"}
+
+
+def detect_family(data: str | Path) -> str:
+    """The family a data file is for, from its first record's kind (pair / rerank / chat)."""
+    from .data.records import RecordError, detect_kind
+
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    raise RecordError(str(path), lineno, "line", "not valid JSON") from None
+                kind = detect_kind(obj) if isinstance(obj, dict) else None
+                return {"pair": "contrastive", "rerank": "reranker", "chat": "generative"}.get(kind, "contrastive")
+    raise RecordError(str(path), 0, "file", "no records (the file is empty)")
+
+
+def evaluate(model_dir: str | Path, data: str | Path, *, zeroshot: str | Path | None = None, out: str | Path | None = None, name: str | None = None, role: str = "student", max_items: int | None = 1000, latency: bool = True, reference: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """Evaluate a model folder on a data file; the family follows from the file's records."""
+    family = detect_family(data)
+    if family == "reranker":
+        from .evaluate.reranker import evaluate_folder as rerank_eval
+
+        return rerank_eval(model_dir, data, out_path=out, name=name, role=role, max_items=max_items, latency=latency, reference=reference, **options)
+    if family == "generative":
+        from .evaluate.generative import evaluate_folder as gen_eval
+
+        return gen_eval(model_dir, data, out_path=out, name=name, role=role, max_items=max_items, latency=latency, reference=reference, **options)
     from .evaluate.contrastive import evaluate_folder
 
     return evaluate_folder(model_dir, data, zeroshot=zeroshot, out_path=out, name=name, role=role, max_items=max_items, latency=latency)
 
 
-def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdistill report", baseline: str | None = None) -> dict[str, Any]:
+def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdistill report", baseline: str | None = None, headline: str | None = None) -> dict[str, Any]:
     from .evaluate.report import load_run_summary, write_report
 
-    runs = []
+    runs, families = [], set()
     for d in run_dirs:
         summary = load_run_summary(d)
         summary.setdefault("run_dir", str(d))
         runs.append(summary)
+        families.add(json.loads((Path(d) / "eval.json").read_text()).get("family", "contrastive"))
+    if headline is None:
+        headline = HEADLINES[families.pop()] if len(families) == 1 else "mean_R@1"
     if baseline is None:
         baseline = next((r["name"] for r in runs if r.get("role") == "baseline"), None)
-    return write_report(runs, out, title=title, baseline=baseline)
+    return write_report(runs, out, title=title, baseline=baseline, headline=headline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,29 +126,58 @@ def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdisti
 
 
 DEMO_RECIPES = {
-    "teacher": "contrastive/shapesworld-teacher.yaml",
-    "student-base": "contrastive/shapesworld-student-baseline.yaml",
-    "student-kd": "contrastive/shapesworld-student-kd.yaml",
+    "contrastive": {
+        "teacher": "contrastive/shapesworld-teacher.yaml",
+        "student-base": "contrastive/shapesworld-student-baseline.yaml",
+        "student-kd": "contrastive/shapesworld-student-kd.yaml",
+    },
+    "reranker": {
+        "teacher": "reranker/shapesworld-teacher.yaml",
+        "student-base": "reranker/shapesworld-student-baseline.yaml",
+        "student-kd": "reranker/shapesworld-student-kd.yaml",
+    },
+    "generative": {
+        "teacher": "generative/shapesworld-teacher.yaml",
+        "student-base": "generative/shapesworld-student-baseline.yaml",
+        "student-kd": "generative/shapesworld-student-kd.yaml",
+    },
+}
+DEMO_FILES = {  # family -> (train file, evaluation file) of a ShapesWorld folder
+    "contrastive": ("pairs_train.jsonl", "pairs_test.jsonl"),
+    "reranker": ("rerank_train.jsonl", "rerank_test.jsonl"),
+    "generative": ("chat_train.jsonl", "chat_test.jsonl"),
+}
+DEMO_TITLES = {
+    "contrastive": "mmdistill demo: ShapesWorld CLIP distillation",
+    "reranker": "mmdistill demo: ShapesWorld reranker distillation",
+    "generative": "mmdistill demo: ShapesWorld VLM distillation",
 }
 
 
-def demo_recipes(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Recipe]:
-    """The three shipped ShapesWorld recipes, pointed at `out` (quick: a few steps, for tests)."""
+def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0) -> dict[str, Recipe]:
+    """The three shipped ShapesWorld recipes of `family`, pointed at `out` (quick: a few steps, for tests)."""
+    if family not in DEMO_RECIPES:
+        raise RecipeError(f"unknown family {family!r}; choose one of {', '.join(DEMO_RECIPES)}")
     data = out / "data"
+    train_file, eval_file = DEMO_FILES[family]
     recipes = {}
-    for name, rel in DEMO_RECIPES.items():
+    for name, rel in DEMO_RECIPES[family].items():
         d = load_recipe(shipped_config(rel)).model_dump(mode="json")
         d["output_dir"] = str(out / name)
         d["seed"] = seed
-        d["data"].update(train=str(data / "pairs_train.jsonl"), val=str(data / "pairs_test.jsonl"), zeroshot=str(data / "zeroshot_test.json"))
+        d["data"].update(train=str(data / train_file), val=str(data / eval_file))
+        if family == "contrastive":
+            d["data"]["zeroshot"] = str(data / "zeroshot_test.json")
         if d.get("teacher"):
             d["teacher"]["model"] = str(out / "teacher" / "model")
         if d["student"].get("model") and name != "teacher":
             d["student"]["model"] = str(out / "teacher" / "model")
+        if name != "teacher" and family != "contrastive":
+            d["eval"]["reference"] = str(out / "teacher" / "model")  # agreement with the teacher, for the baseline too
         if quick:
-            d["train"].update(max_steps=6, batch_size=16, warmup_steps=1, save_every=3, log_every=2)
-            d["data"]["max_records"] = 128
-            d["eval"].update(max_items=64)
+            d["train"].update(max_steps=6, batch_size=16 if family == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
+            d["data"]["max_records"] = 128 if family == "contrastive" else 32
+            d["eval"].update(max_items=64 if family == "contrastive" else 16)
         recipes[name] = recipe_from_dict(d, source=rel)
     return recipes
 
@@ -113,20 +189,18 @@ def is_finished(recipe: Recipe) -> bool:
     return (out / "eval.json").is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
 
 
-def demo(out: str | Path = "runs/demo", *, n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
+def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
     """ShapesWorld end to end: data, teacher, student without and with KD, one report."""
     out = Path(out)
     data = out / "data"
+    recipes = demo_recipes(out, family=family, quick=quick, seed=seed)
     if not (data / "summary.json").is_file():
         log(f"generating ShapesWorld ({n} images) in {data}")
         synth(data, n=n, seed=seed)
-    recipes = demo_recipes(out, quick=quick, seed=seed)
     for name, recipe in recipes.items():
         if name == "teacher" and is_finished(recipe):
             log(f"teacher: reusing the trained teacher in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
-        from .recipes import contrastive
-
-        contrastive.run(recipe, overwrite=True, log=log)
-    return report([recipes[k].output_dir for k in recipes], out / "report", title="mmdistill demo: ShapesWorld CLIP distillation")
+        _recipe_module(family).run(recipe, overwrite=True, log=log)
+    return report([recipes[k].output_dir for k in recipes], out / "report", title=DEMO_TITLES[family])

@@ -24,11 +24,12 @@ def _guard(fn, *args, **kwargs):
     from .data.records import RecordError
     from .engine.loop import TrainingError
     from .models.contrastive import PairingError
+    from .models.reranker import RerankerError
     from .recipes.common import RunDirError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, RunDirError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -103,20 +104,21 @@ def distill(
 @app.command("eval")
 def eval_(
     model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
-    data: Path = typer.Option(..., "--data", help="Pair JSONL (the first --max-items pairs form the gallery)."),
-    zeroshot: Optional[Path] = typer.Option(None, "--zeroshot", help="zeroshot_<split>.json for zero-shot accuracy."),
+    data: Path = typer.Option(..., "--data", help="JSONL to evaluate on; its records pick the family: pair (retrieval), rerank (ranking), chat (VQA / captions)."),
+    zeroshot: Optional[Path] = typer.Option(None, "--zeroshot", help="Contrastive: zeroshot_<split>.json for zero-shot accuracy."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reranker / generative: a teacher folder to measure agreement with."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (default: RUN/eval.json for a run folder)."),
-    max_items: int = typer.Option(1000, "--max-items", help="Gallery size."),
+    max_items: int = typer.Option(1000, "--max-items", help="Records evaluated (contrastive: the gallery size)."),
     role: str = typer.Option("student", help="teacher | student | baseline (for reports)."),
 ):
-    """Evaluate a dual encoder: R@1/5/10 both ways, zero-shot accuracy, size, latency."""
+    """Evaluate a model folder: retrieval R@k, ranking NDCG/MRR/MAP, or VQA/CIDEr/BLEU/ROUGE, plus size and latency."""
     from . import api
 
     model_dir = model / "model" if (model / "model").is_dir() else model
     if out is None and model_dir != model:
         out = model / "eval.json"
     name = model.name if model_dir != model else None
-    res = _guard(api.evaluate, model_dir, data, zeroshot=zeroshot, out=out, name=name, role=role, max_items=max_items)
+    res = _guard(api.evaluate, model_dir, data, zeroshot=zeroshot, out=out, name=name, role=role, max_items=max_items, reference=reference)
     typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res["metrics"].items()))
 
 
@@ -143,7 +145,7 @@ def _print_report(res, out: Path) -> None:
 
 @app.command()
 def demo(
-    family: str = typer.Option("contrastive", help="Model family (contrastive for now)."),
+    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
     n: int = typer.Option(10000, "--n", help="ShapesWorld images to generate."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
@@ -152,9 +154,7 @@ def demo(
     """ShapesWorld end to end: teacher, student without and with distillation, one report."""
     from . import api
 
-    if family != "contrastive":
-        _fail(f"--family {family}: only 'contrastive' is available in this version")
-    res = _guard(api.demo, out, n=n, quick=quick, seed=seed)
+    res = _guard(api.demo, out, family=family, n=n, quick=quick, seed=seed)
     _print_report(res, out / "report")
 
 

@@ -101,6 +101,7 @@ def evaluate_folder(
     result: dict[str, Any] = {
         "name": name or Path(model_dir).parent.name,
         "role": role,
+        "family": "contrastive",
         "model_dir": str(model_dir),
         "gallery": len(texts),
         "metrics": metrics,

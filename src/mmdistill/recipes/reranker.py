@@ -1,0 +1,248 @@
+"""The reranker recipe: plain training (teachers, baselines) and distillation of cross-encoder rerankers.
+
+Reads top to bottom: load rerank records (every image decoded once, bad records fail or are
+skipped) -> build teacher and student rerankers -> the step module (student scores and last-token
+features for B queries x K documents, the frozen teacher's from a cache or live, the composite
+ranking loss) -> the engine loop -> save the student as a plain Hugging Face folder -> evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import Recipe, RecipeError
+from ..data.images import ImageError
+from ..data.records import RecordError, RerankRecord, read_records
+from ..engine.loop import seed_everything, train_loop
+from ..models import reranker as rm
+from ..signals import Signals
+from .common import check_run_dir, freeze, write_run_dir
+
+TEACHER_TERMS = ("pointwise", "margin_mse", "listwise_kl", "feature")
+
+
+def load_rerank(path: Path, on_error: str, max_records: int | None, cache: rm.ImageCache, log=print) -> tuple[list[RerankRecord], list[RecordError]]:
+    """Rerank records with every image decoded into `cache`; bad records fail or are skipped and counted."""
+    records, errors = read_records(path, "rerank", on_error=on_error)
+    kept: list[RerankRecord] = []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        try:
+            for _, ref in rec.image_refs():
+                cache.get(rec, ref)
+            kept.append(rec)
+        except ImageError as e:
+            field = next((f for f, ref in rec.image_refs() if ref in str(e)), "image")
+            err = RecordError(str(path), rec.line, field, str(e))
+            if on_error == "fail":
+                raise err from None
+            errors.append(err)
+    if errors:
+        reasons: dict[str, int] = {}
+        for e in errors:
+            reasons[e.field.split(".")[0]] = reasons.get(e.field.split(".")[0], 0) + 1
+        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
+    if not kept:
+        raise RecordError(str(path), 0, "file", "no usable records")
+    return kept, errors
+
+
+def labels_tensor(records: Sequence[RerankRecord], k_max: int) -> torch.Tensor | None:
+    """Graded labels [B, K] (0 where padded), or None when any record has none."""
+    if any(r.labels is None for r in records):
+        return None
+    out = torch.zeros(len(records), k_max)
+    for b, r in enumerate(records):
+        out[b, : len(r.labels)] = torch.tensor(r.labels, dtype=torch.float32)
+    return out
+
+
+class RerankStep(nn.Module):
+    """forward(indices, progress) -> {"loss", parts...} for a reranker student.
+
+    The student's model is a submodule (trained, wrapped by DDP); the teacher is held outside
+    the module tree (never trained, saved or wrapped). Teacher signals come from a cache
+    computed once before training (no augmentation, so it is the same) or live each step.
+    """
+
+    def __init__(self, student: rm.Reranker, loss, records, path: str, teacher: rm.Reranker | None = None, t_cache: Signals | None = None, features: bool = False):
+        super().__init__()
+        self.model = student.model
+        self.loss = loss
+        self.records = records
+        self.path = path
+        self.features = features
+        self.t_cache = t_cache
+        object.__setattr__(self, "_student", student)
+        object.__setattr__(self, "_teacher", teacher)
+
+    def teacher_signals(self, indices: list[int], k_max: int, device) -> Signals | None:
+        if self.t_cache is not None:
+            idx = torch.tensor(indices)
+            sig = Signals(scores=self.t_cache.scores[idx, :k_max].to(device), mask=self.t_cache.mask[idx, :k_max].to(device))
+            if "last_token" in self.t_cache.features:
+                sig.features["last_token"] = self.t_cache.features["last_token"][idx, :k_max].to(device)
+            return sig
+        if self._teacher is None:
+            return None
+        with torch.no_grad():
+            return self._teacher.signals([self.records[i] for i in indices], features=self.features, path=self.path).detach()
+
+    def forward(self, indices: list[int], progress: float) -> dict[str, torch.Tensor]:
+        recs = [self.records[i] for i in indices]
+        s = self._student.signals(recs, features=self.features, path=self.path)
+        k_max = s.scores.shape[1]
+        t = self.teacher_signals(indices, k_max, s.scores.device)
+        batch: dict[str, Any] = {"mask": s.mask}
+        labels = labels_tensor(recs, k_max)
+        if labels is not None:
+            batch["labels"] = labels.to(s.scores.device)
+        return self.loss(s, t, batch, progress)
+
+
+@torch.no_grad()
+def precompute_teacher(teacher: rm.Reranker, records, features: bool, path: str, queries_per_batch: int = 16, log=print) -> Signals:
+    """Teacher scores [N, K] (and last-token features [N, K, D]) for every record, once, on the CPU."""
+    k_max = max(len(r.documents) for r in records)
+    scores = torch.zeros(len(records), k_max)
+    mask = torch.zeros(len(records), k_max, dtype=torch.bool)
+    feats = None
+    for i in range(0, len(records), queries_per_batch):
+        group = records[i : i + queries_per_batch]
+        sig = teacher.signals(group, features=features, path=path)
+        k = sig.scores.shape[1]
+        scores[i : i + len(group), :k] = sig.scores.float().cpu()
+        mask[i : i + len(group), :k] = sig.mask.cpu()
+        if features:
+            h = sig.features["last_token"].float().cpu()
+            if feats is None:
+                feats = torch.zeros(len(records), k_max, h.shape[-1])
+            feats[i : i + len(group), :k] = h
+    out = Signals(scores=scores, mask=mask)
+    if feats is not None:
+        out.features["last_token"] = feats
+    return out
+
+
+def build_student(recipe: Recipe, teacher: rm.Reranker | None, texts: list[str]) -> rm.Reranker:
+    s = recipe.student
+    if s.init == "tiny":
+        tok = teacher.tokenizer if teacher is not None and teacher.chat_format and teacher.has_vision == (s.head == "yesno") else None
+        rr = rm.build_tiny_reranker(None, texts, kind=s.head, preset=s.preset or "vlm-student", seed=recipe.seed, tokenizer=tok)
+        if s.overrides:
+            from ..models.contrastive import apply_overrides
+
+            rr = _from_config(apply_overrides(rr.model.config, s.overrides), rr, recipe.seed)
+        return rr
+    if s.init == "pretrained":
+        return rm.load_reranker(s.model, max_length=recipe.data.max_length)
+    base = rm.load_reranker(s.model, max_length=recipe.data.max_length) if s.model else teacher
+    if s.init == "scratch":
+        from ..models.contrastive import apply_overrides
+
+        return _from_config(apply_overrides(base.model.config, s.overrides), base, recipe.seed)
+    # inherit: keep chosen layers of the teacher (yes/no VLM rerankers share the generative adapter's surgery)
+    from ..models.generative import inherit_student
+
+    model = inherit_student(base.model, s.layers, s.overrides or None)
+    return rm.Reranker(model, base.processor, kind=base.kind, name="student", max_length=recipe.data.max_length)
+
+
+def _from_config(config, like: rm.Reranker, seed: int) -> rm.Reranker:
+    """A randomly initialised model of `like`'s class from `config` (scratch students)."""
+    torch.manual_seed(seed)
+    model = type(like.model)(config)
+    return rm.Reranker(model, like.processor, kind=like.kind, name="student", max_length=like.max_length)
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from ..engine.loop import _mixed_precision
+    from ..losses.ranking import build_ranking_loss
+
+    out = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(recipe.train.precision),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    fp = recipe.fingerprint()
+    clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
+    seed_everything(recipe.seed)
+
+    cache = rm.ImageCache()
+    records, errors = load_rerank(recipe.data.train, recipe.data.on_error, recipe.data.max_records, cache, log=log)
+    path = str(recipe.data.train)
+    log(f"train: {len(records)} queries from {path}" + (f" ({len(errors)} skipped)" if errors else ""))
+
+    terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
+    if recipe.teacher is None and set(terms) & set(TEACHER_TERMS):
+        raise RecipeError(f"loss terms {sorted(set(terms) & set(TEACHER_TERMS))} need a teacher; add `teacher:` to the recipe")
+    teacher = None
+    if recipe.teacher is not None:
+        teacher = rm.load_reranker(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code, max_length=recipe.data.max_length)
+        freeze(teacher.model)
+        teacher.model.to(accelerator.device)
+        teacher.images = cache
+    try:
+        texts = rm.record_texts(records) + [rm.SYSTEM_PROMPT, "<Instruct>: <Query>: <Document>: yes no"]
+        student = build_student(recipe, teacher, texts)
+        student.max_length = recipe.data.max_length
+        student.images = cache
+        loss = build_ranking_loss(terms, student.hidden_size(), teacher.hidden_size() if teacher is not None else None)
+    except (rm.RerankerError, FileNotFoundError):
+        raise
+    except ValueError as e:
+        raise RecipeError(f"{recipe.output_dir}: {e}") from None
+    student.model.train()
+    features = any(getattr(t, "needs_features", False) or type(t).__name__ == "RankFeatureTerm" for t in loss.term_modules.values()) or any(n == "feature" for n in terms)
+
+    t_cache = None
+    if teacher is not None and recipe.teacher.cache:
+        log(f"teacher: scoring {len(records)} training queries once (cache)")
+        t_cache = precompute_teacher(teacher, records, features, path)
+        teacher = None
+    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features)
+
+    if accelerator.is_main_process:
+        write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)
+    accelerator.wait_for_everyone()
+
+    def save_final(unwrapped: RerankStep) -> None:
+        student.model = unwrapped.model
+        student.save(out / "model")
+        if len(unwrapped.loss.state_dict()):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.loss.state_dict().items()}, str(out / "loss_modules.safetensors"))
+
+    result = train_loop(step, n_items=len(records), cfg=recipe.train, out_dir=out, seed=recipe.seed, fingerprint=fp, resume=resume, accelerator=accelerator, on_end=save_final)
+    summary: dict[str, Any] = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    if accelerator.is_main_process:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if evaluate_after and recipe.data.val is not None:
+            from ..evaluate.reranker import evaluate_folder
+
+            role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+            reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
+            summary["eval"] = evaluate_folder(
+                out / "model",
+                recipe.data.val,
+                out_path=out / "eval.json",
+                name=recipe.name or out.name,
+                role=role,
+                max_items=recipe.eval.max_items,
+                ks=recipe.eval.ks,
+                latency=recipe.eval.latency,
+                candidates=recipe.eval.candidates,
+                reference=reference,
+                max_length=recipe.data.max_length,
+            )
+    return summary
