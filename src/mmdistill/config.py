@@ -50,13 +50,14 @@ class TeacherConfig(Strict):
 
 
 class StudentConfig(Strict):
-    init: Literal["tiny", "scratch", "inherit", "pretrained"] = Field(
+    init: Literal["tiny", "scratch", "inherit", "pretrained", "compose"] = Field(
         "scratch",
         description=(
             "tiny: a tiny model of the real architecture with a tokenizer trained on the data; "
             "scratch: the config of `model` (default: the teacher) with `overrides`, randomly initialised; "
             "inherit: shrink the teacher by keeping `layers` (and optionally narrower widths from `overrides`), copying its weights; "
-            "pretrained: load `model` as it is."
+            "pretrained: load `model` as it is; "
+            "compose (generative): a LLaVA-style model from `parts` (a vision tower, a language model) and a new MLP projector."
         ),
     )
     model: str | None = Field(None, description="Model id or folder the student starts from (scratch/pretrained); default the teacher.")
@@ -66,6 +67,15 @@ class StudentConfig(Strict):
         "reranker / generative vlm-teacher | vlm-student | vlm-nano (default vlm-student).",
     )
     head: Literal["yesno", "seq_cls"] = Field("yesno", description="Reranker, init=tiny: a yes/no reranker (tiny Qwen3-VL) or a sequence-classification head (tiny Qwen3, text only).")
+    parts: dict[str, str] = Field(
+        default_factory=dict,
+        description="init=compose: {vision: folder of a SigLIP/CLIP (vision) model, language: folder of a causal LM}.",
+    )
+    trainable: Literal["all", "projector", "no_vision"] = Field(
+        "all",
+        description="Which student parameters train: all; projector only (the align stage of a composed student); everything but the vision tower.",
+    )
+    image_size: int | None = Field(None, ge=32, description="init=tiny, generative / reranker: the side (pixels, a multiple of 32) the processor resizes images to; default 64 (4 image tokens).")
     arch: Literal["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_omni_thinker"] = Field("qwen3_vl", description="Generative, init=tiny: which architecture to build.")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
@@ -83,6 +93,14 @@ class StudentConfig(Strict):
         if self.init == "pretrained" and not self.model:
             raise ValueError("init=pretrained needs `model`")
         return self
+
+
+class LoraSettingsConfig(Strict):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Linear module names that get adapters; a name the model lacks is an error.")
+    language_only: bool = Field(True, description="Adapt the language model only, not the vision tower.")
 
 
 class LossTerm(Strict):
@@ -134,6 +152,7 @@ class Recipe(Strict):
     data: DataConfig
     teacher: TeacherConfig | None = Field(None, description="Absent: plain training (teachers, baselines).")
     student: StudentConfig = Field(default_factory=StudentConfig)
+    lora: LoraSettingsConfig | None = Field(None, description="Generative: train LoRA adapters (PEFT) instead of all weights; the run saves the adapter and the merged model.")
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -11,6 +11,18 @@ from mmdistill.losses.composite import build_contrastive_loss
 SHIPPED = sorted(api.CONFIG_DIR.rglob("*.yaml"))
 
 
+def build_loss(family, terms, teacher):
+    if family == "reranker":
+        from mmdistill.losses.ranking import build_ranking_loss
+
+        return build_ranking_loss(terms, 32, 64 if teacher else None)
+    if family == "generative":
+        from mmdistill.recipes.generative import build_generative_loss
+
+        return build_generative_loss(terms, student_dims={"hidden": 32, "vision": 32}, teacher_dims={"hidden": 64, "vision": 64} if teacher else None)
+    return build_contrastive_loss(terms, 32, 64 if teacher else None)
+
+
 def test_configs_are_shipped():
     assert len(SHIPPED) >= 3
     assert (Path(__file__).resolve().parents[2] / "configs").resolve() == api.CONFIG_DIR.resolve()
@@ -19,8 +31,8 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
     r = load_recipe(path)
-    terms = {n: {"weight": t.weight, **t.options} for n, t in r.loss.terms.items()}
-    build_contrastive_loss(terms, 32, 64 if r.teacher else None)  # the loss terms build, options included
+    terms = {n: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for n, t in r.loss.terms.items()}
+    build_loss(r.family, terms, r.teacher)  # the loss terms build, options and schedules included
     assert r.fingerprint() == load_recipe(path).fingerprint()
 
 

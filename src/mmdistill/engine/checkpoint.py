@@ -71,6 +71,21 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to write (tied weights, e.g. embeddings and lm_head, once) and {alias: written key}."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        out[key] = value.detach().cpu().contiguous()
+    return out, aliases
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
@@ -93,8 +108,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(weights, str(tmp / "trainable.safetensors"))
+    weights, aliases = _dedup_shared(module.state_dict())
+    save_file(weights, str(tmp / "trainable.safetensors"), metadata={"aliases": json.dumps(aliases)})
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     payload = dict(state, step=step, optimizer=opt_meta, rng=_rng_state())
@@ -114,6 +129,12 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     """Restore module, optimizer and RNG state; return the saved state dict (step, data position, ...)."""
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, canonical in aliases.items():  # tied weights were written once
+        weights[alias] = weights[canonical]
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RuntimeError(

@@ -134,7 +134,7 @@ def build_student(recipe: Recipe, teacher: rm.Reranker | None, texts: list[str])
     s = recipe.student
     if s.init == "tiny":
         tok = teacher.tokenizer if teacher is not None and teacher.chat_format and teacher.has_vision == (s.head == "yesno") else None
-        rr = rm.build_tiny_reranker(None, texts, kind=s.head, preset=s.preset or "vlm-student", seed=recipe.seed, tokenizer=tok)
+        rr = rm.build_tiny_reranker(None, texts, kind=s.head, preset=s.preset or "vlm-student", seed=recipe.seed, tokenizer=tok, image_size=s.image_size or 64)
         if s.overrides:
             from ..models.contrastive import apply_overrides
 

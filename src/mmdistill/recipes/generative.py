@@ -1,0 +1,443 @@
+"""The generative recipe: supervised fine-tuning (full or LoRA) and distillation of vision-language models.
+
+Reads top to bottom: load chat records (every image decoded once; bad records fail or are
+skipped) -> build teacher and student (tiny / scratch / inherit / pretrained / composed from
+parts), check that logit KD can pair them -> the step module (each model encodes the same records
+with its own processor; logits only at response tokens; the composite loss of the named terms
+below) -> the engine loop -> save the student (and the LoRA adapter) as plain folders -> evaluate.
+
+Loss terms (``loss.terms``):
+- ``sft``: cross-entropy on the response tokens (of ``data.response_field``: ``response`` for
+  plain fine-tuning, ``teacher_response`` for black-box / sequence-level KD).
+- ``kd``: white-box token-level divergence on response tokens (options: ``divergence`` one of
+  forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; ``temperature`` number or schedule;
+  ``scale_t2``; ``chunk_size`` positions per chunk; ``beta`` / ``alpha``).
+- ``vision``: MSE between the pooled merged visual tokens of student and teacher (learned
+  projection when widths differ).
+- ``text``: cosine between hidden states at response tokens, for each pair of a layer map
+  (``layers: [[student_layer, teacher_layer], ...]``, default ``[[-2, -2]]``, the penultimate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Recipe, RecipeError
+from ..data.images import ImageError
+from ..data.records import ChatRecord, RecordError, read_records
+from ..engine.loop import seed_everything, train_loop
+from ..engine.schedules import make_schedule
+from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
+from ..losses.features import FeatureLoss
+from ..signals import Signals
+from .common import check_run_dir, freeze, write_run_dir
+
+TEACHER_TERMS = ("kd", "vision", "text")
+GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class ChatImages:
+    """Decoded images of chat records, by (folder, reference): each image is decoded once."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def get(self, record: ChatRecord) -> list:
+        out = []
+        for ref in record.image_list:
+            key = (str(record.base_dir), ref)
+            if key not in self._items:
+                self._items[key] = record.open_image(ref)
+            out.append(self._items[key])
+        return out
+
+
+def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ChatImages, log=print) -> tuple[list[ChatRecord], list[RecordError]]:
+    """Chat records with their images decoded; a record without the target text or with a bad image fails or is skipped."""
+    records, errors = read_records(path, "chat", on_error=on_error)
+    kept: list[ChatRecord] = []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        err = None
+        if response_field is not None and not getattr(rec, response_field):
+            hint = " (run `mmdistill teacher generate` first for black-box KD)" if response_field == "teacher_response" else ""
+            err = RecordError(str(path), rec.line, response_field, f"missing: training needs the target text{hint}")
+        else:
+            try:
+                images.get(rec)
+            except ImageError as e:
+                err = RecordError(str(path), rec.line, rec.image_refs()[0][0] if rec.image_refs() else "image", str(e))
+        if err is not None:
+            if on_error == "fail":
+                raise err
+            errors.append(err)
+            continue
+        kept.append(rec)
+    if errors:
+        reasons: dict[str, int] = {}
+        for e in errors:
+            reasons[e.field] = reasons.get(e.field, 0) + 1
+        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
+    if not kept:
+        raise RecordError(str(path), 0, "file", "no usable records")
+    return kept, errors
+
+
+class Curriculum:
+    """Difficulty curriculum: a record with tag `d` is eligible once progress >= start[d].
+
+    ``pick(indices, progress)`` maps the engine's indices (a function of the step only) onto the
+    eligible records, deterministically, so resume and multi-process runs stay exact.
+    """
+
+    def __init__(self, records: Sequence[ChatRecord], start: dict[str, float] | None):
+        self.start = {str(k): float(v) for k, v in (start or {}).items()}
+        self.tags = [str(r.difficulty) if r.difficulty is not None else None for r in records]
+        unknown = sorted({t for t in self.tags if t is not None} - set(self.start)) if self.start else []
+        if unknown:
+            raise RecipeError(f"data.curriculum has no start for difficulty tag(s) {unknown}; give each tag a start in [0, 1]")
+        self._cache: dict[tuple, list[int]] = {}
+
+    def eligible(self, progress: float) -> list[int]:
+        key = tuple(sorted(t for t, s in self.start.items() if s <= progress))
+        if key not in self._cache:
+            self._cache[key] = [i for i, t in enumerate(self.tags) if t is None or t in key]
+        return self._cache[key]
+
+    def pick(self, indices: list[int], progress: float) -> list[int]:
+        if not self.start:
+            return indices
+        pool = self.eligible(progress)
+        if not pool:
+            raise RecipeError(f"data.curriculum: no record is eligible at progress {progress:.2f}; give some tag start 0")
+        return [pool[i % len(pool)] for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+class LayerMapTextTerm(nn.Module):
+    """Cosine (or MSE) between student and teacher hidden states at response tokens, per layer pair.
+
+    ``layers``: ``[[student_layer, teacher_layer], ...]`` (negative = from the end). Each pair has
+    its own projector when widths differ. Reads ``features["text@<layer>"] [B, R, D]``. -> []
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, *, layers: Sequence[Sequence[int]] = ((-2, -2),), kind: str = "cosine"):
+        super().__init__()
+        try:
+            self.layers = [(int(s), int(t)) for s, t in layers]
+        except (TypeError, ValueError):
+            raise ValueError(f"layers must be a list of [student_layer, teacher_layer] pairs, got {layers!r}") from None
+        if not self.layers:
+            raise ValueError("layers must name at least one [student_layer, teacher_layer] pair")
+        self.losses = nn.ModuleList([FeatureLoss(kind, student_dim=student_dim, teacher_dim=teacher_dim) for _ in self.layers])
+
+    def student_layers(self) -> list[int]:
+        return [s for s, _ in self.layers]
+
+    def teacher_layers(self) -> list[int]:
+        return [t for _, t in self.layers]
+
+    def forward(self, student: Signals, teacher: Signals | None, batch: dict, progress: float) -> Tensor:
+        if teacher is None:
+            raise ValueError("text feature distillation needs teacher Signals")
+        total = 0.0
+        for (s, t), loss in zip(self.layers, self.losses):
+            total = total + loss(student.features[f"text@{s}"], teacher.features[f"text@{t}"], student.mask)
+        return total / len(self.layers)
+
+
+class SFTTerm(nn.Module):
+    """Cross-entropy of the student on the response tokens (plain SFT or black-box KD). -> []"""
+
+    def forward(self, student: Signals, teacher: Signals | None, batch: dict, progress: float) -> Tensor:
+        from ..models.generative import response_ce
+
+        return response_ce(student, batch, num_items=batch.get("num_items"))
+
+
+def build_generative_loss(terms: dict[str, dict[str, Any]], *, student_dims: dict[str, int], teacher_dims: dict[str, int] | None) -> CompositeLoss:
+    """A CompositeLoss of generative terms (see the module docstring) from a recipe's `loss.terms`."""
+    if not terms:
+        raise ValueError(f"no loss terms given; choose from: {', '.join(GENERATIVE_TERMS)}")
+    built: dict[str, LossTerm] = {}
+    for name, spec in terms.items():
+        if name not in GENERATIVE_TERMS:
+            raise ValueError(f"unknown generative loss term {name!r}; valid terms: {', '.join(GENERATIVE_TERMS)}")
+        if name in TEACHER_TERMS and teacher_dims is None:
+            raise ValueError(f"loss term {name!r} needs a teacher; add `teacher:` to the recipe")
+        spec = dict(spec or {})
+        weight = float(spec.pop("weight", 1.0))
+        schedule = spec.pop("schedule", None)
+        try:
+            schedule = make_schedule(schedule) if schedule is not None else None
+            if name == "sft":
+                if spec:
+                    raise ValueError(f"unknown option(s) {sorted(spec)}; sft takes none")
+                fn: nn.Module = SFTTerm()
+            elif name == "kd":
+                divergence = spec.pop("divergence", "forward_kl")
+                fn = LogitDistillTerm(divergence, **spec)
+            elif name == "vision":
+                unknown = sorted(set(spec) - {"kind", "normalize"})
+                if unknown:
+                    raise ValueError(f"unknown option(s) {unknown}; valid: kind, normalize")
+                fn = FeatureDistillTerm("vision_pooled", student_dims["vision"], teacher_dims["vision"], kind=spec.get("kind", "mse"), normalize=spec.get("normalize", False))
+            else:
+                unknown = sorted(set(spec) - {"layers", "kind"})
+                if unknown:
+                    raise ValueError(f"unknown option(s) {unknown}; valid: layers, kind")
+                fn = LayerMapTextTerm(student_dims["hidden"], teacher_dims["hidden"], **spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"loss term {name!r}: {e}") from None
+        built[name] = LossTerm(fn, weight, schedule)
+    return CompositeLoss(built)
+
+
+def wanted_features(loss: CompositeLoss) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Which features the student and the teacher must produce for this loss."""
+    s: dict[str, Any] = {}
+    t: dict[str, Any] = {}
+    for fn in loss.term_modules.values():
+        if isinstance(fn, FeatureDistillTerm):
+            s["vision_pooled"] = t["vision_pooled"] = True
+        if isinstance(fn, LayerMapTextTerm):
+            s.setdefault("text_layers", []).extend(fn.student_layers())
+            t.setdefault("text_layers", []).extend(fn.teacher_layers())
+    return s, t
+
+
+# ---------------------------------------------------------------------------------------------
+# the step module
+
+
+class GenerativeStep(nn.Module):
+    """forward(indices, progress) -> {"loss", parts...} for a VLM student.
+
+    Student and teacher each encode the same records with their own processor (they may see a
+    different number of image tokens); logits are taken only at response tokens, so both give
+    ``[B, R, V]`` aligned on the response. The teacher sits outside the module tree.
+    """
+
+    def __init__(self, student, s_proc, loss: CompositeLoss, records, images: ChatImages, *, path: str, response_field: str, max_length: int, curriculum: Curriculum, teacher=None, t_proc=None):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.records = records
+        self.images = images
+        self.path = path
+        self.response_field = response_field
+        self.max_length = max_length
+        self.curriculum = curriculum
+        self.s_feats, self.t_feats = wanted_features(loss)
+        object.__setattr__(self, "_s_proc", s_proc)
+        object.__setattr__(self, "_teacher", teacher)
+        object.__setattr__(self, "_t_proc", t_proc)
+
+    def _signals(self, model, proc, recs, imgs, feats, device) -> tuple[Signals, dict]:
+        from ..models import generative as gm
+
+        batch = gm.encode_chat(proc, recs, imgs, response_field=self.response_field, max_length=self.max_length, path=self.path)
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        sig = signals_with_features(model, batch, feats)
+        return sig, batch
+
+    def forward(self, indices: list[int], progress: float) -> dict[str, Tensor]:
+        device = next(self.student.parameters()).device
+        picked = self.curriculum.pick(indices, progress)
+        recs = [self.records[i] for i in picked]
+        imgs = [self.images.get(r) for r in recs]
+        s, batch = self._signals(self.student, self._s_proc, recs, imgs, self.s_feats, device)
+        t = None
+        if self._teacher is not None:
+            with torch.no_grad():
+                t, t_batch = self._signals(self._teacher, self._t_proc, recs, imgs, self.t_feats, device)
+            t = t.detach()
+            if not torch.equal(t_batch["response_ids"], batch["response_ids"]):
+                raise RecordError(self.path, recs[0].line, self.response_field, "teacher and student tokenise the response differently; logit KD needs the same tokenizer")
+        return self.loss(s, t, batch, progress)
+
+
+def signals_with_features(model, batch: dict, feats: dict[str, Any]) -> Signals:
+    """forward_signals plus the text features of every layer a layer map names (``text@<layer>``)."""
+    from ..models import generative as gm
+
+    layers = sorted(set(feats.get("text_layers", [])))
+    names = (["vision_pooled"] if feats.get("vision_pooled") else []) + (["text_hidden"] if layers else [])
+    sig = gm.forward_signals(model, batch, features=tuple(names), text_layer=layers or -2) if len(layers) > 1 else gm.forward_signals(model, batch, features=tuple(names), text_layer=layers[0] if layers else -2)
+    if layers:
+        hidden = sig.features.pop("text_hidden")
+        if isinstance(hidden, dict):
+            for layer in layers:
+                sig.features[f"text@{layer}"] = hidden[layer]
+        else:
+            sig.features[f"text@{layers[0]}"] = hidden
+    return sig
+
+
+# ---------------------------------------------------------------------------------------------
+# building models
+
+
+def record_texts(records: Sequence[ChatRecord]) -> list[str]:
+    out = []
+    for r in records:
+        out.append(r.prompt)
+        for text in (r.response, r.teacher_response):
+            if text:
+                out.append(text)
+    return out
+
+
+def build_student(recipe: Recipe, teacher, t_proc, records):
+    from ..models import generative as gm
+
+    s = recipe.student
+    if s.init == "tiny":
+        from ..models.tiny import build_tiny_vlm
+
+        tok = t_proc.tokenizer if t_proc is not None else None
+        return build_tiny_vlm(None, record_texts(records), kind=s.arch, preset=s.preset or "vlm-student", seed=recipe.seed, overrides=s.overrides or None, tokenizer=tok, image_size=s.image_size or 64)
+    if s.init == "pretrained":
+        return gm.load_vlm(s.model)
+    if s.init == "compose":
+        from ..models.compose import compose_vlm
+
+        if not {"vision", "language"} <= set(s.parts):
+            raise RecipeError("student.init=compose needs student.parts.vision and student.parts.language (model folders)")
+        return compose_vlm(s.parts["vision"], s.parts["language"], seed=recipe.seed)
+    if s.model:
+        base, proc = gm.load_vlm(s.model)
+    else:
+        base, proc = teacher, t_proc
+    if s.init == "scratch":
+        return gm.scratch_student(base.config, s.overrides, seed=recipe.seed), proc
+    return gm.inherit_student(base, s.layers, s.overrides or None), proc
+
+
+def set_trainable(model, which: str) -> None:
+    """all | projector (align stage of a composed student) | no_vision."""
+    if which == "all":
+        return
+    from ..models.compose import freeze_for_stage
+
+    freeze_for_stage(model, {"projector": "align", "no_vision": "joint"}[which])
+
+
+def dims(model) -> dict[str, int]:
+    from ..models import generative as gm
+
+    return {"hidden": gm.hidden_size(model), "vision": gm.vision_feature_size(model)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from ..engine.loop import _mixed_precision
+    from ..models import generative as gm
+    from ..models.contrastive import PairingError
+
+    out = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(recipe.train.precision),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    fp = recipe.fingerprint()
+    clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
+    seed_everything(recipe.seed)
+
+    images = ChatImages()
+    path = str(recipe.data.train)
+    records, errors = load_chat(recipe.data.train, recipe.data.response_field, recipe.data.on_error, recipe.data.max_records, images, log=log)
+    log(f"train: {len(records)} chat records from {path}" + (f" ({len(errors)} skipped)" if errors else ""))
+    curriculum = Curriculum(records, recipe.data.curriculum)
+
+    terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
+    if recipe.teacher is None and set(terms) & set(TEACHER_TERMS):
+        raise RecipeError(f"loss terms {sorted(set(terms) & set(TEACHER_TERMS))} need a teacher; add `teacher:` to the recipe")
+    teacher = t_proc = None
+    if recipe.teacher is not None:
+        if recipe.teacher.cache:
+            raise RecipeError("teacher.cache is not available for generative models yet (the offline signal store comes later); set teacher.cache: false")
+        teacher, t_proc = gm.load_vlm(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
+        freeze(teacher)
+        teacher.to(accelerator.device)
+    try:
+        student, s_proc = build_student(recipe, teacher, t_proc, records)
+        if teacher is not None:
+            gm.check_pairing(teacher, t_proc, student, s_proc, need_logits="kd" in terms)
+        loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=dims(teacher) if teacher is not None else None)
+        set_trainable(student, recipe.student.trainable)
+        peft_model = None
+        if recipe.lora is not None:
+            from ..compress.lora import LoraSettings, apply_lora
+
+            peft_model = apply_lora(student, LoraSettings(**recipe.lora.model_dump()))
+    except (PairingError, FileNotFoundError, RecordError):
+        raise
+    except ValueError as e:
+        raise RecipeError(f"{recipe.output_dir}: {e}") from None
+    trained = peft_model if peft_model is not None else student
+    trained.train()
+    step = GenerativeStep(
+        trained, s_proc, loss, records, images,
+        path=path, response_field=recipe.data.response_field, max_length=recipe.data.max_length, curriculum=curriculum,
+        teacher=teacher, t_proc=t_proc,
+    )
+
+    if accelerator.is_main_process:
+        write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)
+    accelerator.wait_for_everyone()
+
+    def save_final(unwrapped: GenerativeStep) -> None:
+        model = unwrapped.student
+        if recipe.lora is not None:
+            from ..compress.lora import save_adapter
+
+            save_adapter(model, out / "adapter", processor=s_proc)
+            model = model.merge_and_unload()
+        model.save_pretrained(out / "model")
+        s_proc.save_pretrained(out / "model")
+        if len(unwrapped.loss.state_dict()):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.loss.state_dict().items()}, str(out / "loss_modules.safetensors"))
+
+    result = train_loop(step, n_items=len(records), cfg=recipe.train, out_dir=out, seed=recipe.seed, fingerprint=fp, resume=resume, accelerator=accelerator, on_end=save_final)
+    summary: dict[str, Any] = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    if accelerator.is_main_process:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if evaluate_after and recipe.data.val is not None:
+            from ..evaluate.generative import evaluate_folder
+
+            role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+            reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
+            summary["eval"] = evaluate_folder(
+                out / "model",
+                recipe.data.val,
+                out_path=out / "eval.json",
+                name=recipe.name or out.name,
+                role=role,
+                max_items=recipe.eval.max_items,
+                latency=recipe.eval.latency,
+                reference=reference,
+                max_new_tokens=recipe.eval.max_new_tokens,
+            )
+    return summary
