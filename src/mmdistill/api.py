@@ -53,6 +53,37 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, re
     return _recipe_module(recipe.family).run(recipe, resume=resume, overwrite=overwrite, log=log)
 
 
+def finetune(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, resume: bool = False, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
+    """Supervised fine-tuning (full or LoRA) of a generative model: a generative recipe without a teacher."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if recipe.family != "generative":
+        raise RecipeError(f"finetune is for generative recipes; this one is family={recipe.family} (use `mmdistill train`)")
+    return train(recipe, resume=resume, overwrite=overwrite, require_teacher=False, log=log)
+
+
+def merge(adapter: str | Path, out: str | Path, *, base: str | None = None) -> Path:
+    """Merge a PEFT LoRA adapter into its base model; write a full folder plain transformers loads."""
+    from .compress.lora import merge_adapter
+
+    return merge_adapter(adapter, out, base_model=base)
+
+
+def teacher_generate(data: str | Path, out: str | Path, *, teacher: str | None = None, endpoint: str | None = None, model: str | None = None, api_key: str | None = None, max_new_tokens: int = 64, batch_size: int = 8, min_logprob: float | None = None, limit: int | None = None, overwrite: bool = False, timeout: float = 60.0, retries: int = 4, log: Callable = print) -> dict[str, Any]:
+    """Teacher answers for every chat record (local model or OpenAI-compatible endpoint), resumable."""
+    from .teachers.generate import LocalGenerator, ServedGenerator, generate_file
+
+    if (teacher is None) == (endpoint is None):
+        raise RecipeError("give exactly one of --teacher (a local model) or --endpoint (an OpenAI-compatible server)")
+    if endpoint is not None:
+        if not model:
+            raise RecipeError("--endpoint needs --model (the model name the server serves)")
+        gen = ServedGenerator(endpoint, model, api_key=api_key, max_new_tokens=max_new_tokens, timeout=timeout, retries=retries, concurrency=batch_size)
+    else:
+        gen = LocalGenerator(teacher, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return generate_file(gen, data, out, min_logprob=min_logprob, overwrite=overwrite, limit=limit, log=log)
+
+
 def _recipe_module(family: str):
     if family == "reranker":
         from .recipes import reranker

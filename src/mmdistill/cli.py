@@ -10,6 +10,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill, evaluate and report multimodal models.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in data and record checks.")
 app.add_typer(data_app, name="data")
+teacher_app = typer.Typer(no_args_is_help=True, help="Teacher outputs for black-box (sequence-level) distillation.")
+app.add_typer(teacher_app, name="teacher")
 
 
 def _fail(msg: str, code: int = 2):
@@ -26,10 +28,11 @@ def _guard(fn, *args, **kwargs):
     from .models.contrastive import PairingError
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
+    from .teachers.generate import TeacherError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -99,6 +102,64 @@ def distill(
 ):
     """Distill the teacher into the student."""
     _train(recipe, overrides or [], resume, overwrite, require_teacher=True)
+
+
+@app.command()
+def finetune(
+    recipe: Path = typer.Argument(..., help="Generative recipe YAML without a teacher; add a `lora:` section for LoRA."),
+    overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. lora.r=16 train.max_steps=100"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever output_dir holds."),
+):
+    """Supervised fine-tuning of a VLM on image-text records, full or LoRA (saves the adapter and the merged model)."""
+    from . import api
+
+    if resume and overwrite:
+        _fail("--resume and --overwrite exclude each other")
+    summary = _guard(api.finetune, recipe, overrides or [], resume=resume, overwrite=overwrite)
+    ev = summary.get("eval")
+    if ev:
+        typer.echo("eval: " + " ".join(f"{k}={v:.2f}" for k, v in ev["metrics"].items()))
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model (loads with plain transformers)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model folder or id (default: the adapter's base_model_name_or_path)."),
+):
+    """Merge a LoRA adapter into its base model and write a full model folder."""
+    from . import api
+
+    path = _guard(api.merge, adapter, out, base=base)
+    typer.echo(f"merged model written to {path}")
+
+
+@teacher_app.command("generate")
+def teacher_generate(
+    data: Path = typer.Option(..., "--data", help="Chat JSONL: image(s) + prompt per line."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL (records + teacher_response); rejects and failures go beside it."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Local model folder or hub id of the teacher."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL instead, e.g. http://localhost:8000/v1."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name to send to the endpoint."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token for the endpoint."),
+    max_new_tokens: int = typer.Option(64, help="Longest answer."),
+    batch_size: int = typer.Option(8, help="Records per generate call (local) / concurrent requests (endpoint)."),
+    min_logprob: Optional[float] = typer.Option(None, "--min-logprob", help="Reject answers whose mean token log-prob is below this (written to OUT.rejected.jsonl)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N records."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of continuing a previous run."),
+    timeout: float = typer.Option(60.0, help="Endpoint: seconds per request before a retry."),
+    retries: int = typer.Option(4, help="Endpoint: tries per request (exponential backoff)."),
+):
+    """The teacher answers every (image, prompt); interrupted runs continue where they stopped."""
+    from . import api
+
+    summary = _guard(
+        api.teacher_generate, data, out, teacher=teacher, endpoint=endpoint, model=model, api_key=api_key,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, min_logprob=min_logprob, limit=limit,
+        overwrite=overwrite, timeout=timeout, retries=retries,
+    )
+    typer.echo(", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)))
 
 
 @app.command("eval")
