@@ -83,7 +83,10 @@ def train_qwen_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_lengt
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts) + ["yes", "no", " yes", " no"], trainer)
+    texts = list(texts)
+    # yes/no rerankers read the logits of "yes" and "no": make both single tokens whatever the corpus
+    texts += ["yes no yes no"] * max(200, len(texts) // 5)
+    tok.train_from_iterator(texts, trainer)
     state = tok.to_str()
     import json
 
