@@ -1,0 +1,118 @@
+"""Real commands on tiny rerankers: train a teacher, distil a student, eval, report, demo, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def mmd(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def recipe(root: Path, name: str, **extra) -> Path:
+    d = {
+        "family": "reranker",
+        "output_dir": str(root / name),
+        "seed": 0,
+        "data": {"train": str(root / "data/rerank_train.jsonl"), "val": str(root / "data/rerank_test.jsonl"), "max_records": 24, "max_length": 192},
+        "student": {"init": "tiny", "preset": "vlm-nano"},
+        "loss": {"terms": {"ce": {"weight": 1.0}, "bce": {"weight": 1.0, "options": {"max_label": 3}}}},
+        "train": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "save_every": 2, "log_every": 1, "lr": 0.002},
+        "eval": {"max_items": 12, "latency": True, "candidates": 12},
+    }
+    for k, v in extra.items():
+        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerank")
+    mmd("data", "synth", root / "data", "--n", 120, "--seed", 2)
+    mmd("train", recipe(root, "teacher", student={"init": "tiny", "preset": "vlm-nano", "overrides": {"text_config.num_hidden_layers": 2}}))
+    return root
+
+
+def test_teacher_run_writes_a_plain_folder_and_ranking_metrics(world):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    ev = json.loads((world / "teacher/eval.json").read_text())
+    assert ev["family"] == "reranker" and ev["queries"] == 12
+    for key in ("ndcg@10", "mrr@10", "map", "recall@1", "recall@5"):
+        assert 0.0 <= ev["metrics"][key] <= 100.0
+    assert len(ev["per_instruction"]) >= 2  # ShapesWorld mixes instructions; each gets its own line
+    assert set(ev["per_direction"]) == {"text_to_image", "image_to_text"}
+    assert ev["latency_ms"]["query_k12"] > 0 and ev["throughput"]["pairs_per_s"] > 0
+    AutoModelForImageTextToText.from_pretrained(world / "teacher/model")
+    AutoProcessor.from_pretrained(world / "teacher/model")
+    assert sum(1 for _ in open(world / "teacher/scores.jsonl")) == 12
+
+
+@pytest.mark.parametrize("terms", [
+    {"listwise_kl": {"options": {"temperature": 2.0}}, "feature": {"weight": 0.5, "schedule": {"kind": "linear", "start": 0.3, "end": 0.6}}},
+    {"pointwise": {}, "margin_mse": {"weight": 0.5}},
+])
+def test_distill_against_the_teacher_reports_agreement(world, terms):
+    name = "kd-" + "-".join(sorted(terms))
+    r = recipe(world, name, teacher={"model": str(world / "teacher/model"), "cache": True}, loss={"terms": terms})
+    p = mmd("distill", r)
+    assert "top3_overlap=" in p.stdout and "kendall_tau=" in p.stdout
+    log = [json.loads(line) for line in open(world / name / "metrics.jsonl")]
+    assert all(t in log[-1] for t in terms)
+    ev = json.loads((world / name / "eval.json").read_text())
+    assert 0.0 <= ev["metrics"]["top3_overlap"] <= 100.0 and -1.0 <= ev["metrics"]["kendall_tau"] <= 1.0
+    out = world / f"report-{name}"
+    mmd("report", world / "teacher", world / name, "--out", out)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["headline"] == "ndcg@10" and rep["runs"][1]["size_ratio"] < 1.0
+
+
+def test_live_teacher_gives_the_same_first_loss_as_the_cache(world):
+    terms = {"listwise_kl": {}, "feature": {}}
+    a = recipe(world, "cache", teacher={"model": str(world / "teacher/model"), "cache": True}, loss={"terms": terms}, train={"max_steps": 1, "batch_size": 4, "warmup_steps": 0, "log_every": 1}, eval={"max_items": 4, "latency": False})
+    b = recipe(world, "live", teacher={"model": str(world / "teacher/model"), "cache": False}, loss={"terms": terms}, train={"max_steps": 1, "batch_size": 4, "warmup_steps": 0, "log_every": 1}, eval={"max_items": 4, "latency": False})
+    mmd("distill", a), mmd("distill", b)
+    la = json.loads(open(world / "cache/metrics.jsonl").readline())
+    lb = json.loads(open(world / "live/metrics.jsonl").readline())
+    assert la["listwise_kl"] == pytest.approx(lb["listwise_kl"], rel=1e-4, abs=1e-6)
+    assert la["feature"] == pytest.approx(lb["feature"], rel=1e-4)
+
+
+@pytest.mark.parametrize("obj,field", [
+    ({"query": {"text": "a red star"}, "documents": []}, "documents"),
+    ({"query": {"text": "a red star"}, "documents": [{"text": "x"}, {"text": "y"}], "labels": [1]}, "labels"),
+    ({"query": {"text": "a red star"}, "documents": [{}]}, "documents.0"),
+])
+def test_bad_rerank_records_name_file_line_and_field(world, tmp_path, obj, field):
+    data = tmp_path / "bad.jsonl"
+    good = json.dumps({"query": {"text": "a red star"}, "documents": [{"text": "a red star"}], "labels": [1]})
+    data.write_text(good + "\n" + json.dumps(obj) + "\n")
+    p = mmd("train", recipe(tmp_path, "bad", data={"train": str(data), "val": None, "max_length": 192}), check=False)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: {data}:2: {field}"), err
+
+
+def test_teacher_terms_without_a_teacher_are_refused(world, tmp_path):
+    p = mmd("train", recipe(world, "noteacher", loss={"terms": {"listwise_kl": {}}}), check=False)
+    assert p.returncode == 2 and "need a teacher" in p.stderr
+
+
+def test_demo_quick(tmp_path):
+    p = mmd("demo", "--family", "reranker", "--quick", "--n", 80, "--out", tmp_path / "demo")
+    rep = json.loads((tmp_path / "demo/report/report.json").read_text())
+    assert [r["name"] for r in rep["runs"]] == ["teacher", "student-base", "student-kd"]
+    assert "top3_overlap" in rep["runs"][1]["metrics"]  # the baseline is compared with the teacher too
+    assert "keeps" in p.stdout
