@@ -136,8 +136,11 @@ class Reranker:
             batch = self.processor(text=texts, images=images or None, **kwargs)
         else:
             batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
-        if batch["input_ids"].shape[1] > self.max_length:
-            raise RecordError(path, records[0].line, "documents", f"a pair is {batch['input_ids'].shape[1]} tokens, over max_length {self.max_length}")
+        lengths = batch["attention_mask"].sum(1)
+        if int(lengths.max()) > self.max_length:
+            row = int((lengths > self.max_length).nonzero()[0])
+            b, k = divmod(row, k_max)
+            raise RecordError(path, records[b].line, f"documents.{min(k, len(records[b].documents) - 1)}", f"the pair is {int(lengths[row])} tokens, over max_length {self.max_length} (raise data.max_length)")
         return dict(batch), mask
 
     # ------------------------------------------------------------------ scoring
