@@ -251,6 +251,8 @@ class GenerativeStep(nn.Module):
 
         batch = gm.encode_chat(proc, recs, imgs, response_field=self.response_field, max_length=self.max_length, path=self.path)
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
+            model = model.get_base_model()
         sig = signals_with_features(model, batch, feats)
         return sig, batch
 
