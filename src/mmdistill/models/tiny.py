@@ -122,7 +122,11 @@ def _special_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def make_processor(kind: str, tokenizer, image_size: int = 64, patch_size: int = 16, merge: int = 2):
+SHAPESWORLD_MEAN = (0.8, 0.8, 0.8)
+SHAPESWORLD_STD = (0.15, 0.15, 0.15)
+
+
+def make_processor(kind: str, tokenizer, image_size: int = 64, patch_size: int = 16, merge: int = 2, image_mean=SHAPESWORLD_MEAN, image_std=SHAPESWORLD_STD):
     """The real processor of `kind`; images are resized to exactly `image_size` square (multiple of patch * merge)."""
     from transformers import Qwen2VLImageProcessor
 
@@ -130,7 +134,13 @@ def make_processor(kind: str, tokenizer, image_size: int = 64, patch_size: int =
     if image_size % unit:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size * merge = {unit}")
     pixels = image_size * image_size
-    common = dict(patch_size=patch_size, merge_size=merge, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels})
+    # ShapesWorld images are light (background ~0.8) with small shapes: normalising with the data's own
+    # statistics instead of CLIP's gives a tiny, randomly initialised vision tower a usable signal
+    # (with CLIP's constants the shapes barely move its features and it never learns to look).
+    common = dict(
+        patch_size=patch_size, merge_size=merge, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels},
+        image_mean=list(image_mean), image_std=list(image_std),
+    )
     image_processor = Qwen2VLImageProcessor(**common)
     if kind in ("qwen3_vl", "qwen3_vl_moe"):
         from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
