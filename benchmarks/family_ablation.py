@@ -1,0 +1,98 @@
+"""Loss ablations for the reranker and generative families, on one budget, against one teacher.
+
+    python benchmarks/family_ablation.py --family reranker --out runs/bench-rerank
+    python benchmarks/family_ablation.py --family generative --out runs/bench-vlm
+
+reranker: pointwise MSE vs Margin-MSE vs listwise KL vs the hybrid (listwise KL + last-token feature term,
+weights 0.7/0.3 shifting to 0.4/0.6), each with the label CE of the shipped recipe.
+generative: forward KL vs reverse KL vs JSD(0.5) vs skew KL(0.1), each with and without the feature terms;
+white-box (forward KL) vs black-box (SFT on the teacher's greedy answers, written by `teacher generate`).
+The teacher comes from benchmarks/family_kd.py (same --out) or is trained here. Writes
+benchmarks/results/<family>_ablation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from common import ensure_data, git_rev, machine, variant, write
+from family_kd import HEADLINE, family_recipes
+
+from mmdistill import api
+
+RERANK = {
+    "pointwise": {"pointwise": {"weight": 1.0}, "ce": {"weight": 0.5}},
+    "margin_mse": {"margin_mse": {"weight": 1.0}, "ce": {"weight": 0.5}},
+    "listwise_kl": {"listwise_kl": {"weight": 1.0}, "ce": {"weight": 0.5}},
+    "hybrid (listwise KL + feature, scheduled)": {
+        "listwise_kl": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.7, "end": 0.4}},
+        "feature": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.3, "end": 0.6}},
+        "ce": {"weight": 0.5},
+    },
+}
+DIVERGENCES = {"forward KL": {"divergence": "forward_kl"}, "reverse KL": {"divergence": "reverse_kl"}, "JSD(0.5)": {"divergence": "jsd", "beta": 0.5}, "skew KL(0.1)": {"divergence": "skew_kl", "alpha": 0.1}}
+
+
+def generative_variants() -> dict[str, dict]:
+    out = {}
+    for name, opts in DIVERGENCES.items():
+        kd = {"weight": 1.0, "options": {**opts, "temperature": 1.0, "chunk_size": 256}}
+        out[f"{name}"] = {"sft": {"weight": 1.0}, "kd": kd}
+        out[f"{name} + features"] = {"sft": {"weight": 1.0}, "kd": kd, "vision": {"weight": 1.0}, "text": {"weight": 1.0}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=["reranker", "generative"], required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--teacher-steps", type=int, default=None)
+    ap.add_argument("--student-steps", type=int, default=None)
+    ap.add_argument("--eval-items", type=int, default=None)
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+
+    family = args.family
+    module = api._recipe_module(family)
+    data = ensure_data(args.out, args.n)
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
+    t0 = time.time()
+    if not api.is_finished(recipes["teacher"]):
+        module.run(recipes["teacher"], overwrite=True)
+    kd = recipes["student-kd"]
+    variants = RERANK if family == "reranker" else generative_variants()
+    rows = []
+    for i, (name, terms) in enumerate(variants.items()):
+        terms = {k: {"weight": v.get("weight", 1.0), "schedule": v.get("schedule"), "options": v.get("options", {})} for k, v in terms.items()}
+        r = variant(kd, f"ablation-{i}", **{"loss.terms": terms})
+        rows.append({"variant": name, "eval": module.run(r, overwrite=True)["eval"]})
+    if family == "generative":  # black-box: the teacher's own greedy answers as targets
+        answers = data / "teacher_answers.jsonl"
+        train = Path(kd.data.train)
+        n = (kd.train.max_steps * kd.train.batch_size)
+        api.teacher_generate(train, answers, teacher=str(Path(recipes["teacher"].output_dir) / "model"), max_new_tokens=48, batch_size=32, limit=n, log=lambda *_: None)
+        r = variant(kd, "ablation-blackbox", **{"loss.terms": {"sft": {"weight": 1.0}}, "data.train": str(answers), "data.response_field": "teacher_response", "data.on_error": "skip", "teacher": None, "role": "student"})
+        rows.append({"variant": "black-box (SFT on teacher answers)", "eval": module.run(r, overwrite=True)["eval"]})
+    key = HEADLINE[family]
+    metrics = list(rows[0]["eval"]["metrics"])
+    md = [
+        f"### {family.capitalize()} loss ablation on ShapesWorld (same student, steps and data; seed 0)",
+        "",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
+        "",
+        "| variant | " + " | ".join(metrics) + " |",
+        "| --- | " + " | ".join("---" for _ in metrics) + " |",
+    ]
+    for row in rows:
+        md.append(f"| {row['variant']} | " + " | ".join(f"{row['eval']['metrics'].get(m, float('nan')):.2f}" for m in metrics) + " |")
+    best = max(rows, key=lambda r: r["eval"]["metrics"][key])
+    md += ["", f"Best {key}: {best['variant']} ({best['eval']['metrics'][key]:.2f}).", ""]
+    write(args.results, f"{family}_ablation", {"family": family, "rows": rows, "machine": machine(), "commit": git_rev()}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

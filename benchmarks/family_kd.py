@@ -1,0 +1,107 @@
+"""Target check for the reranker and generative families: teacher, student alone, student distilled, N seeds.
+
+    python benchmarks/family_kd.py --family reranker --out runs/bench-rerank --seeds 0 1 2
+    python benchmarks/family_kd.py --family generative --out runs/bench-vlm --seeds 0 1 2
+
+One teacher (seed 0) from the shipped ShapesWorld teacher recipe of the family; for each seed the shipped
+baseline and KD student recipes (same steps, data and architecture) with that seed. Writes
+benchmarks/results/<family>_kd.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from common import ensure_data, git_rev, machine, mean_std, variant, write
+
+from mmdistill import api
+
+HEADLINE = {"reranker": "ndcg@10", "generative": "vqa_accuracy"}
+AGREEMENT = {"reranker": ["top3_overlap", "kendall_tau"], "generative": ["agreement"]}
+TARGETS = {"reranker": (95.0, 0.0), "generative": (90.0, 5.0)}  # retention %, gap over the baseline (points)
+
+
+def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None):
+    rs = api.demo_recipes(out, family=family)
+    changes = {"train.save_every": 500}
+    if eval_items:
+        changes["eval.max_items"] = eval_items
+    rs["teacher"] = variant(rs["teacher"], "teacher", **changes, **({"train.max_steps": teacher_steps} if teacher_steps else {}))
+    for k in ("student-base", "student-kd"):
+        rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}))
+    return rs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=["reranker", "generative"], required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=10000, help="ShapesWorld images")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--teacher-steps", type=int, default=None, help="default: the shipped recipe's")
+    ap.add_argument("--student-steps", type=int, default=None, help="default: the shipped recipes'")
+    ap.add_argument("--eval-items", type=int, default=None, help="default: the shipped recipes'")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+
+    family = args.family
+    module = api._recipe_module(family)
+    ensure_data(args.out, args.n)
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
+    t0 = time.time()
+    teacher = recipes["teacher"]
+    if not api.is_finished(teacher):
+        module.run(teacher, overwrite=True)
+    t_eval = api.report([teacher.output_dir], args.out / "report-teacher")["runs"][0]
+    rows = []
+    for seed in args.seeds:
+        res = {}
+        for role in ("student-base", "student-kd"):
+            r = variant(recipes[role], f"{role}-s{seed}", seed=seed)
+            res[role] = module.run(r, overwrite=True)["eval"]
+        rows.append({"seed": seed, "baseline": res["student-base"], "kd": res["student-kd"]})
+
+    key = HEADLINE[family]
+    t_val = t_eval["metrics"][key]
+    base = [r["baseline"]["metrics"][key] for r in rows]
+    kd = [r["kd"]["metrics"][key] for r in rows]
+    retention = [100 * k / t_val if t_val else float("nan") for k in kd]
+    gap = [k - b for k, b in zip(kd, base)]
+    ratio = rows[0]["kd"]["params"] / t_eval["params"]
+    metrics = [m for m in rows[0]["kd"]["metrics"] if m not in ("recall@10",)]
+    md = [
+        f"### {family.capitalize()} KD on ShapesWorld (seeds {args.seeds})",
+        "",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
+        "",
+        "| model | params | " + " | ".join(metrics) + " | latency ms |",
+        "| --- | --- | " + " | ".join("---" for _ in metrics) + " | --- |",
+        f"| teacher (seed 0) | {t_eval['params'] / 1e6:.2f}M | " + " | ".join(f"{t_eval['metrics'].get(m, float('nan')):.2f}" for m in metrics) + " | "
+        + " / ".join(f"{v:.1f}" for v in t_eval["latency_ms"].values()) + " |",
+    ]
+    for label, k in (("student alone (no KD)", "baseline"), ("student distilled", "kd")):
+        ms = [r[k]["metrics"] for r in rows]
+        md.append(
+            f"| {label} | {rows[0][k]['params'] / 1e6:.2f}M ({100 * rows[0][k]['params'] / t_eval['params']:.0f}%) | "
+            + " | ".join(mean_std([x.get(m, float("nan")) for x in ms]) for m in metrics) + " | "
+            + " / ".join(f"{v:.1f}" for v in rows[0][k]["latency_ms"].values()) + " |"
+        )
+    want_ret, want_gap = TARGETS[family]
+    md += [
+        "",
+        f"- Retention of the teacher's {key}: **{mean_std(retention)}%** (target ≥ {want_ret:.0f}%).",
+        f"- KD student − no-KD student, {key}: **{mean_std(gap)} points** (target {'> 0' if want_gap == 0 else f'≥ {want_gap:.0f}'}).",
+    ]
+    for m in AGREEMENT[family]:
+        md.append(f"- Agreement with the teacher, {m}: KD {mean_std([r['kd']['metrics'].get(m, float('nan')) for r in rows])}, "
+                  f"no-KD {mean_std([r['baseline']['metrics'].get(m, float('nan')) for r in rows])}.")
+    md += [f"- Student size: {100 * ratio:.1f}% of the teacher's parameters (target ≤ 25%).", ""]
+    payload = {"family": family, "teacher": t_eval, "rows": rows, "retention": retention, "gap": gap, "param_ratio": ratio, "machine": machine(), "commit": git_rev()}
+    write(args.results, f"{family}_kd", payload, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
