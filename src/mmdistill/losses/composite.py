@@ -257,12 +257,21 @@ def build_contrastive_loss(
 
     >>> build_contrastive_loss({"clip": {"weight": 1.0}, "fd": {"weight": 2000.0}}, 64, 128)  # doctest: +SKIP
     """
+    return build_terms(terms, CONTRASTIVE_TERMS, "contrastive", student_dim, teacher_dim)
+
+
+def build_terms(terms: dict[str, dict[str, Any]], registry: dict[str, type], family: str, student_dim: int, teacher_dim: int | None) -> CompositeLoss:
+    """A ``CompositeLoss`` from a recipe's terms: each name picks a class of ``registry`` built as
+    ``cls(student_dim, teacher_dim, **options)``; ``weight`` and ``schedule`` are taken out first.
+    Every problem is a one-line ValueError naming the term and what is valid."""
     if not terms:
-        raise ValueError(f"no loss terms given; choose from: {', '.join(CONTRASTIVE_TERMS)}")
+        raise ValueError(f"no loss terms given; choose from: {', '.join(registry)}")
     built: dict[str, LossTerm] = {}
     for name, spec in terms.items():
-        if name not in CONTRASTIVE_TERMS:
-            raise ValueError(f"unknown contrastive loss term {name!r}; valid terms: {', '.join(CONTRASTIVE_TERMS)}")
+        if name not in registry:
+            raise ValueError(f"unknown {family} loss term {name!r}; valid terms: {', '.join(registry)}")
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"loss term {name!r}: expected a dict of weight, schedule and options, got {spec!r}")
         spec = dict(spec or {})
         weight = spec.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
@@ -272,7 +281,7 @@ def build_contrastive_loss(
             schedule = make_schedule(schedule_spec) if schedule_spec is not None else None
         except ValueError as err:
             raise ValueError(f"loss term {name!r}: bad schedule: {err}") from None
-        cls = CONTRASTIVE_TERMS[name]
+        cls = registry[name]
         valid = _options_of(cls)
         unknown = sorted(set(spec) - set(valid))
         if unknown:
@@ -283,7 +292,8 @@ def build_contrastive_loss(
         try:
             fn = cls(student_dim, teacher_dim, **spec)
         except ValueError as err:
-            raise ValueError(f"loss term {name!r}: {err}") from None
+            msg = str(err)
+            raise ValueError(msg if msg.startswith((f"{family} term", "ranking term", "loss term")) else f"loss term {name!r}: {msg}") from None
         built[name] = LossTerm(fn, float(weight), schedule)
     return CompositeLoss(built)
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdistill.engine.schedules import Schedule, make_schedule
-from mmdistill.losses.composite import CompositeLoss, LossTerm, _options_of, _positive_schedule
+from mmdistill.engine.schedules import Schedule
+from mmdistill.losses.composite import CompositeLoss, _positive_schedule, build_terms
 from mmdistill.losses.features import FEATURE_KINDS, FeatureLoss
 from mmdistill.signals import Signals
 
@@ -383,35 +383,4 @@ def build_ranking_loss(terms: dict[str, dict[str, Any]], student_dim: int, teach
             "feature": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.3, "end": 0.6}},
         }, student_dim, teacher_dim)
     """
-    if not terms:
-        raise ValueError(f"no loss terms given; choose from: {', '.join(RANKING_TERMS)}")
-    built: dict[str, LossTerm] = {}
-    for name, spec in terms.items():
-        if name not in RANKING_TERMS:
-            raise ValueError(f"unknown ranking loss term {name!r}; valid terms: {', '.join(RANKING_TERMS)}")
-        if spec is not None and not isinstance(spec, dict):
-            raise ValueError(f"loss term {name!r}: expected a dict of weight, schedule and options, got {spec!r}")
-        spec = dict(spec or {})
-        weight = spec.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
-        schedule_spec = spec.pop("schedule", None)
-        try:
-            schedule = make_schedule(schedule_spec) if schedule_spec is not None else None
-        except ValueError as err:
-            raise ValueError(f"loss term {name!r}: bad schedule: {err}") from None
-        cls = RANKING_TERMS[name]
-        valid = _options_of(cls)
-        unknown = sorted(set(spec) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"loss term {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: weight, schedule{''.join(', ' + o for o in valid)}"
-            )
-        try:
-            fn = cls(student_dim, teacher_dim, **spec)
-        except ValueError as err:
-            msg = str(err)
-            raise ValueError(msg if msg.startswith(("ranking term", "loss term")) else f"loss term {name!r}: {msg}") from None
-        built[name] = LossTerm(fn, float(weight), schedule)
-    return CompositeLoss(built)
+    return build_terms(terms, RANKING_TERMS, "ranking", student_dim, teacher_dim)

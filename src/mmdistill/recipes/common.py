@@ -53,3 +53,34 @@ def freeze(model) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def make_accelerator(precision: str):
+    """The Accelerator every recipe trains under: AMP on GPU, fp32 on CPU; DDP tolerates parameters a loss never reads."""
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from ..engine.loop import _mixed_precision
+
+    return Accelerator(
+        mixed_precision=_mixed_precision(precision),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def save_loss_modules(loss, out: Path) -> None:
+    """Projectors and learned scales of the loss (not part of the exported student), if any."""
+    state = loss.state_dict()
+    if len(state):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "loss_modules.safetensors"))
+
+
+def train_summary(result, errors: list, out: Path, write: bool) -> dict:
+    """What train_summary.json holds; the main process (`write`) writes it."""
+    summary = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    if write:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

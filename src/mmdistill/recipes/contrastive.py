@@ -8,7 +8,6 @@ as a plain Hugging Face folder -> evaluate -> eval.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-from .common import RunDirError, check_run_dir, freeze as _freeze, write_run_dir  # noqa: F401 (RunDirError re-exported)
+from .common import RunDirError, check_run_dir, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir  # noqa: F401 (RunDirError re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,20 +170,10 @@ def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
-    from accelerate import Accelerator
-
-    from ..engine.loop import _mixed_precision
-
-    from accelerate import DistributedDataParallelKwargs
-
     out = Path(recipe.output_dir)
     # find_unused_parameters: a student parameter the chosen loss never reads (SigLIP's logit_bias, the
     # logit scale under fd alone) must not stall DDP's gradient reduction
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(recipe.train.precision),
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(recipe.train.precision)
     fp = recipe.fingerprint()
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)  # every process raises the same error
     seed_everything(recipe.seed)
@@ -229,15 +218,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         final = out / "model"
         unwrapped.student.save_pretrained(final)
         s_proc.save_pretrained(final)
-        if len(unwrapped.loss.state_dict()):
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.loss.state_dict().items()}, str(out / "loss_modules.safetensors"))
+        save_loss_modules(unwrapped.loss, out)
 
     result = train_loop(step, n_items=len(s_data), cfg=recipe.train, out_dir=out, seed=recipe.seed, fingerprint=fp, resume=resume, accelerator=accelerator, on_end=save_final)
-    summary: dict[str, Any] = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    summary: dict[str, Any] = train_summary(result, errors, out, write=accelerator.is_main_process)
     if accelerator.is_main_process:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if evaluate_after and recipe.data.val is not None:
             from ..evaluate.contrastive import evaluate_folder
 

@@ -20,7 +20,6 @@ Loss terms (``loss.terms``):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +34,7 @@ from ..engine.schedules import make_schedule
 from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
 from ..losses.features import FeatureLoss
 from ..signals import Signals
-from .common import check_run_dir, freeze, write_run_dir
+from .common import check_run_dir, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("kd", "vision", "text")
 GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
@@ -349,18 +348,11 @@ def dims(model) -> dict[str, int]:
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    from ..engine.loop import _mixed_precision
     from ..models import generative as gm
     from ..models.contrastive import PairingError
 
     out = Path(recipe.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(recipe.train.precision),
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(recipe.train.precision)
     fp = recipe.fingerprint()
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
     seed_everything(recipe.seed)
@@ -417,15 +409,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
             model = model.merge_and_unload()
         model.save_pretrained(out / "model")
         s_proc.save_pretrained(out / "model")
-        if len(unwrapped.loss.state_dict()):
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.loss.state_dict().items()}, str(out / "loss_modules.safetensors"))
+        save_loss_modules(unwrapped.loss, out)
 
     result = train_loop(step, n_items=len(records), cfg=recipe.train, out_dir=out, seed=recipe.seed, fingerprint=fp, resume=resume, accelerator=accelerator, on_end=save_final)
-    summary: dict[str, Any] = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    summary: dict[str, Any] = train_summary(result, errors, out, write=accelerator.is_main_process)
     if accelerator.is_main_process:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if evaluate_after and recipe.data.val is not None:
             from ..evaluate.generative import evaluate_folder
 
