@@ -178,6 +178,22 @@ def make_processor(kind: str, tokenizer, image_size: int = 64, patch_size: int =
     raise ValueError(f"unknown tiny VLM kind {kind!r}; choose one of {VLM_KINDS}")
 
 
+def _qwen3_vision(p: dict, patch_size: int, merge: int) -> dict:
+    """Qwen3-VL / Omni vision tower of a preset (64 position embeddings: a perfect square; deepstack at block 0)."""
+    return dict(
+        depth=p["v_depth"],
+        hidden_size=p["v_hidden"],
+        intermediate_size=p["v_mlp"],
+        num_heads=p["v_heads"],
+        out_hidden_size=p["hidden"],
+        patch_size=patch_size,
+        spatial_merge_size=merge,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )
+
+
 def vlm_config(kind: str, tokenizer, preset: str = "vlm-student", patch_size: int = 16, merge: int = 2):
     """The config of a tiny `kind` model sized by `preset`, wired to `tokenizer`'s ids."""
     if preset not in VLM_PRESETS:
@@ -203,18 +219,7 @@ def vlm_config(kind: str, tokenizer, preset: str = "vlm-student", patch_size: in
         from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(p["head_dim"]), "mrope_interleaved": True}
-        vision = dict(
-            depth=p["v_depth"],
-            hidden_size=p["v_hidden"],
-            intermediate_size=p["v_mlp"],
-            num_heads=p["v_heads"],
-            out_hidden_size=p["hidden"],
-            patch_size=patch_size,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        )
+        vision = _qwen3_vision(p, patch_size, merge)
         if kind == "qwen3_vl_moe":
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=p["mlp"] // 2, decoder_sparse_step=1, mlp_only_layers=[])
             return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
@@ -242,18 +247,7 @@ def vlm_config(kind: str, tokenizer, preset: str = "vlm-student", patch_size: in
 
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=p["mlp"] // 2, decoder_sparse_step=1, mlp_only_layers=[])
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(p["head_dim"]), "mrope_interleaved": True}
-        vision = dict(
-            depth=p["v_depth"],
-            hidden_size=p["v_hidden"],
-            intermediate_size=p["v_mlp"],
-            num_heads=p["v_heads"],
-            out_hidden_size=p["hidden"],
-            patch_size=patch_size,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        )
+        vision = _qwen3_vision(p, patch_size, merge)
         audio = dict(
             num_mel_bins=128,
             encoder_layers=1,
