@@ -27,7 +27,7 @@ def _peak_rss_bytes() -> int | None:
 
 
 def generate_answers(model_dir: str | Path, records, images, *, max_new_tokens: int = 48, batch_size: int = 16) -> tuple[list[str], dict[str, float]]:
-    """Greedy answers for every record, plus timing: ms per sample and generated tokens per second."""
+    """Greedy answers for every record, plus timing (ms per sample, generated tokens per second) and the model's parameter count."""
     import torch
 
     from ..teachers.generate import LocalGenerator
@@ -47,6 +47,7 @@ def generate_answers(model_dir: str | Path, records, images, *, max_new_tokens: 
         "ms_per_sample": 1000.0 * seconds / max(len(records), 1),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         "batch_size": batch_size,
+        "params": count_parameters(gen.model),
     }
     if torch.cuda.is_available():
         timing["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -68,7 +69,6 @@ def evaluate_folder(
     on_error: str = "fail",
 ) -> dict[str, Any]:
     """Answer the first `max_items` chat records of `data_path` with the model and score the answers."""
-    from ..models.generative import load_vlm
     from ..recipes.generative import ChatImages, load_chat
     from .textgen import score_generations
 
@@ -88,7 +88,6 @@ def evaluate_folder(
     for key in ("vqa_accuracy", "exact_match", "cider", "bleu4", "rouge_l", "agreement"):
         if scores.get(key) is not None:
             metrics[key] = float(scores[key])
-    model, _ = load_vlm(str(model_dir))
     result: dict[str, Any] = {
         "name": name or Path(model_dir).parent.name,
         "role": role,
@@ -97,7 +96,7 @@ def evaluate_folder(
         "items": len(records),
         "metrics": metrics,
         "per_skill": scores.get("per_skill", {}),
-        "params": count_parameters(model),
+        "params": timing["params"],
         "size_bytes": size_on_disk(model_dir),
         "latency_ms": {"per_sample": timing["ms_per_sample"]} if latency else {},
         "throughput": {"tokens_per_s": timing["tokens_per_s"]},

@@ -277,14 +277,9 @@ def signals_with_features(model, batch: dict, feats: dict[str, Any]) -> Signals:
 
     layers = sorted(set(feats.get("text_layers", [])))
     names = (["vision_pooled"] if feats.get("vision_pooled") else []) + (["text_hidden"] if layers else [])
-    sig = gm.forward_signals(model, batch, features=tuple(names), text_layer=layers or -2) if len(layers) > 1 else gm.forward_signals(model, batch, features=tuple(names), text_layer=layers[0] if layers else -2)
-    if layers:
-        hidden = sig.features.pop("text_hidden")
-        if isinstance(hidden, dict):
-            for layer in layers:
-                sig.features[f"text@{layer}"] = hidden[layer]
-        else:
-            sig.features[f"text@{layers[0]}"] = hidden
+    sig = gm.forward_signals(model, batch, features=tuple(names), text_layer=layers)  # a list: {layer: [B, R, D]}
+    for layer, hidden in (sig.features.pop("text_hidden") if layers else {}).items():
+        sig.features[f"text@{layer}"] = hidden
     return sig
 
 

@@ -196,7 +196,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     except ValueError as e:
         raise RecipeError(f"{recipe.output_dir}: {e}") from None
     student.model.train()
-    features = any(getattr(t, "needs_features", False) or type(t).__name__ == "RankFeatureTerm" for t in loss.term_modules.values()) or any(n == "feature" for n in terms)
+    features = any(getattr(t, "needs_features", False) for t in loss.term_modules.values())  # RankFeatureTerm sets it
 
     t_cache = None
     if teacher is not None and recipe.teacher.cache:
