@@ -156,13 +156,17 @@ def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdisti
 # demo
 
 
-DEMO_RECIPES = {
+DEMO_RECIPES = {  # family -> stages in run order; the last three are the report's teacher / student-base / student-kd
     "contrastive": {
         "teacher": "contrastive/shapesworld-teacher.yaml",
         "student-base": "contrastive/shapesworld-student-baseline.yaml",
         "student-kd": "contrastive/shapesworld-student-kd.yaml",
     },
+    # A yes/no reranker starts from a VLM (as Qwen3-VL-Reranker starts from Qwen3-VL): the teacher from the
+    # ShapesWorld VLM teacher, both students from the small VLM trained alone on the same captions.
     "reranker": {
+        "vlm-teacher": "generative/shapesworld-teacher.yaml",
+        "vlm-student": "generative/shapesworld-student-baseline.yaml",
         "teacher": "reranker/shapesworld-teacher.yaml",
         "student-base": "reranker/shapesworld-student-baseline.yaml",
         "student-kd": "reranker/shapesworld-student-kd.yaml",
@@ -173,6 +177,7 @@ DEMO_RECIPES = {
         "student-kd": "generative/shapesworld-student-kd.yaml",
     },
 }
+REPORTED = ("teacher", "student-base", "student-kd")
 DEMO_FILES = {  # family -> (train file, evaluation file) of a ShapesWorld folder
     "contrastive": ("pairs_train.jsonl", "pairs_test.jsonl"),
     "reranker": ("rerank_train.jsonl", "rerank_test.jsonl"),
@@ -185,31 +190,46 @@ DEMO_TITLES = {
 }
 
 
+def _reroot(path: str | None, roots: dict[str, Path]) -> str | None:
+    """`path` moved from a shipped run folder to the demo's (e.g. runs/shapesworld-vlm/teacher/model -> OUT/vlm-teacher/model)."""
+    if path is None:
+        return None
+    for old, new in roots.items():
+        if path == old or path.startswith(old + "/"):
+            return str(new / path[len(old) :].lstrip("/")) if path != old else str(new)
+    return path
+
+
 def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0) -> dict[str, Recipe]:
-    """The three shipped ShapesWorld recipes of `family`, pointed at `out` (quick: a few steps, for tests)."""
+    """The shipped ShapesWorld recipes of `family` (in run order), pointed at `out` (quick: a few steps, for tests).
+
+    Every model path of a recipe that names another stage's shipped run folder is moved to that
+    stage's folder under `out`, so the stages chain exactly as the shipped recipes do.
+    """
     if family not in DEMO_RECIPES:
         raise RecipeError(f"unknown family {family!r}; choose one of {', '.join(DEMO_RECIPES)}")
     data = out / "data"
-    train_file, eval_file = DEMO_FILES[family]
+    dicts = {name: load_recipe(shipped_config(rel)).model_dump(mode="json") for name, rel in DEMO_RECIPES[family].items()}
+    roots = {d["output_dir"]: out / name for name, d in dicts.items()}
     recipes = {}
-    for name, rel in DEMO_RECIPES[family].items():
-        d = load_recipe(shipped_config(rel)).model_dump(mode="json")
+    for name, d in dicts.items():
+        stage = d["family"]
+        train_file, eval_file = DEMO_FILES[stage]
         d["output_dir"] = str(out / name)
         d["seed"] = seed
         d["data"].update(train=str(data / train_file), val=str(data / eval_file))
-        if family == "contrastive":
+        if stage == "contrastive":
             d["data"]["zeroshot"] = str(data / "zeroshot_test.json")
         if d.get("teacher"):
-            d["teacher"]["model"] = str(out / "teacher" / "model")
-        if d["student"].get("model") and name != "teacher":
-            d["student"]["model"] = str(out / "teacher" / "model")
-        if name != "teacher" and family != "contrastive":
+            d["teacher"]["model"] = _reroot(d["teacher"]["model"], roots)
+        d["student"]["model"] = _reroot(d["student"].get("model"), roots)
+        if name in REPORTED and name != "teacher" and stage != "contrastive":
             d["eval"]["reference"] = str(out / "teacher" / "model")  # agreement with the teacher, for the baseline too
         if quick:
-            d["train"].update(max_steps=6, batch_size=16 if family == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
-            d["data"]["max_records"] = 128 if family == "contrastive" else 32
-            d["eval"].update(max_items=64 if family == "contrastive" else 16)
-        recipes[name] = recipe_from_dict(d, source=rel)
+            d["train"].update(max_steps=6, batch_size=16 if stage == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
+            d["data"]["max_records"] = 128 if stage == "contrastive" else 32
+            d["eval"].update(max_items=64 if stage == "contrastive" else 16)
+        recipes[name] = recipe_from_dict(d, source=DEMO_RECIPES[family][name])
     return recipes
 
 
@@ -229,9 +249,9 @@ def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int =
         log(f"generating ShapesWorld ({n} images) in {data}")
         synth(data, n=n, seed=seed)
     for name, recipe in recipes.items():
-        if name == "teacher" and is_finished(recipe):
-            log(f"teacher: reusing the trained teacher in {recipe.output_dir}")
+        if name not in ("student-base", "student-kd") and is_finished(recipe):
+            log(f"{name}: reusing the trained model in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
-        _recipe_module(family).run(recipe, overwrite=True, log=log)
-    return report([recipes[k].output_dir for k in recipes], out / "report", title=DEMO_TITLES[family])
+        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+    return report([recipes[k].output_dir for k in REPORTED], out / "report", title=DEMO_TITLES[family])

@@ -114,5 +114,7 @@ def test_demo_quick(tmp_path):
     p = mmd("demo", "--family", "reranker", "--quick", "--n", 80, "--out", tmp_path / "demo")
     rep = json.loads((tmp_path / "demo/report/report.json").read_text())
     assert [r["name"] for r in rep["runs"]] == ["teacher", "student-base", "student-kd"]
+    # the rerankers start from the two ShapesWorld VLMs the demo trains first
+    assert (tmp_path / "demo/vlm-teacher/model/config.json").is_file() and (tmp_path / "demo/vlm-student/model/config.json").is_file()
     assert "top3_overlap" in rep["runs"][1]["metrics"]  # the baseline is compared with the teacher too
     assert "keeps" in p.stdout

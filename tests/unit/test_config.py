@@ -87,3 +87,18 @@ def test_model_config_overrides_stay_dotted(tmp_path):
     assert r.student.layers == {"vision": [0, 2]}
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(p, ["train.lr=["])
+
+
+def test_reranker_demo_chains_its_stages(tmp_path):
+    """The reranker demo trains the two ShapesWorld VLMs first and starts each reranker from the right one."""
+    rs = api.demo_recipes(tmp_path, family="reranker")
+    assert list(rs) == ["vlm-teacher", "vlm-student", "teacher", "student-base", "student-kd"]
+    assert rs["vlm-teacher"].family == rs["vlm-student"].family == "generative"
+    assert rs["vlm-teacher"].data.train == tmp_path / "data" / "chat_train.jsonl"
+    assert rs["teacher"].data.train == tmp_path / "data" / "rerank_train.jsonl"
+    assert rs["teacher"].student.model == str(tmp_path / "vlm-teacher" / "model")
+    for name in ("student-base", "student-kd"):
+        assert rs[name].student.model == str(tmp_path / "vlm-student" / "model")
+        assert rs[name].eval.reference == str(tmp_path / "teacher" / "model")
+    assert rs["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
+    assert api.demo_recipes(tmp_path, family="generative")["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")

@@ -64,6 +64,7 @@ def load_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "params": data.get("params"),
         "size_bytes": data.get("size_bytes"),
         "latency_ms": data.get("latency_ms") or {},
+        **({"chance": data["chance"]} if isinstance(data.get("chance"), dict) else {}),
     }
 
 
@@ -105,6 +106,8 @@ def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "params": run.get("params"),
                 "size_bytes": run.get("size_bytes"),
                 "latency_ms": {k: float(v) for k, v in latency.items()},
+                # the metrics of random scores on the same items (rerankers), where the floor is far from 0
+                "chance": {k: float(v) for k, v in (run.get("chance") or {}).items() if _is_number(v)},
             }
         )
     return cleaned
@@ -267,6 +270,10 @@ def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None) -
         f"speed-up = reference latency ÷ run latency.",
         "",
     ]
+    chance = next((run["chance"] for run in report["runs"] if run["name"] == report["reference"] and run.get("chance")), None)
+    if chance:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in chance.items() if k in report["metric_names"])
+        parts += [f"Chance (random scores on the same queries): {shown}.", ""]
     if report["summary"]:
         parts += [*report["summary"], ""]
     if loss_curves:

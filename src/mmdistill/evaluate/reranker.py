@@ -32,6 +32,23 @@ def query_latency(reranker: rm.Reranker, record, candidates: int = 20) -> dict[s
     return {f"query_k{candidates}": ms, "pairs_per_s": candidates / ms * 1000.0}
 
 
+def chance_metrics(labels: list[list[float]], ks: Sequence[int] = (1, 5, 10), draws: int = 20, seed: int = 0) -> dict[str, float]:
+    """The same metrics for random scores (mean of `draws` seeded draws): the floor a reranker must beat.
+
+    With few graded candidates per query this floor is high (NDCG@10 of about 70 on ShapesWorld's
+    10-candidate lists), so a score means little without it.
+    """
+    from .ranking import ranking_metrics
+
+    gen = torch.Generator().manual_seed(seed)
+    total: dict[str, float] = {}
+    for _ in range(draws):
+        scores = [torch.rand(len(row), generator=gen).tolist() for row in labels]
+        for k, v in ranking_metrics(scores, labels, ks=tuple(ks)).items():
+            total[k] = total.get(k, 0.0) + 100.0 * v / draws
+    return {k: total[k] for k in ["ndcg@10", "mrr@10", "map", *[f"recall@{k}" for k in ks]] if k in total}
+
+
 def evaluate_folder(
     model_dir: str | Path,
     data_path: str | Path,
@@ -68,6 +85,7 @@ def evaluate_folder(
         if key in res:
             metrics[key] = 100.0 * res[key]
     result: dict[str, Any] = {"name": name or Path(model_dir).parent.name, "role": role, "family": "reranker", "model_dir": str(model_dir), "queries": len(records)}
+    result["chance"] = chance_metrics(labels, ks=tuple(ks))
 
     ref_scores = None
     if reference is not None and Path(str(reference)).resolve() != Path(str(model_dir)).resolve():

@@ -86,6 +86,11 @@ def train_qwen_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_lengt
     texts = list(texts)
     # yes/no rerankers read the logits of "yes" and "no": make both single tokens whatever the corpus
     texts += ["yes no yes no"] * max(200, len(texts) // 5)
+    # the chat and reranker frames repeat in every prompt: a real Qwen tokenizer spends few tokens on them,
+    # so weight them here too (otherwise the reranker system prompt alone is ~100 byte-level tokens)
+    from .reranker import SYSTEM_PROMPT
+
+    texts += [f"system\n{SYSTEM_PROMPT}\nuser\n<Instruct>: \n<Query>: \n<Document>: \nassistant\n"] * max(200, len(texts) // 10)
     tok.train_from_iterator(texts, trainer)
     state = tok.to_str()
     import json

@@ -184,9 +184,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         teacher.model.to(accelerator.device)
         teacher.images = cache
     try:
-        # the prompt frame repeats in every pair: weight it so a tiny tokenizer gives it few tokens
-        frame = [rm.SYSTEM_PROMPT, "<Instruct>: \n<Query>: \n<Document>: "] * max(100, len(records) // 10)
-        texts = rm.record_texts(records) + frame
+        texts = rm.record_texts(records)  # a tiny student's tokenizer is trained on them (plus the prompt frame)
         student = build_student(recipe, teacher, texts)
         student.max_length = recipe.data.max_length
         student.images = cache

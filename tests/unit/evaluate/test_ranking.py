@@ -264,3 +264,28 @@ def test_breakdown_of_ranking_metrics_per_instruction():
         idx = [i for i in range(10) if keys[i] == key]
         assert table[key]["n"] == 5
         assert table[key]["ndcg@10"] == pytest.approx(np.mean([ref["ndcg@10"][i] for i in idx]))
+
+
+def test_chance_metrics_match_the_expected_value_of_random_order():
+    import math
+
+    from mmdistill.evaluate.reranker import chance_metrics
+
+    # one relevant of two candidates: in random order it is first half the time
+    expected_ndcg = 100 * (0.5 * 1 + 0.5 / math.log2(3))
+    got = chance_metrics([[1, 0]] * 50, draws=40)
+    assert abs(got["ndcg@10"] - expected_ndcg) < 3
+    assert abs(got["mrr@10"] - 75.0) < 3
+    assert chance_metrics([[2, 2, 2]])["ndcg@10"] == 100.0  # every order is ideal
+    assert chance_metrics([[1, 0, 0]], seed=3) == chance_metrics([[1, 0, 0]], seed=3)
+
+
+def test_report_shows_the_chance_line(tmp_path):
+    from mmdistill.evaluate.report import build_report, render_markdown
+
+    runs = [
+        {"name": "teacher", "role": "teacher", "metrics": {"ndcg@10": 90.0}, "chance": {"ndcg@10": 70.0, "map": 50.0}},
+        {"name": "student", "role": "student", "metrics": {"ndcg@10": 85.0}},
+    ]
+    md = render_markdown(build_report(runs, title="t", headline="ndcg@10"))
+    assert "Chance (random scores on the same queries): ndcg@10 70.00." in md
