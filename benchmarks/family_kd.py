@@ -35,6 +35,13 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     return rs
 
 
+def train_stages(recipes) -> None:
+    """Train every stage before the students (the teacher; for rerankers first the two VLMs they start from), unless done."""
+    for name, recipe in recipes.items():
+        if name not in ("student-base", "student-kd") and not api.is_finished(recipe):
+            api._recipe_module(recipe.family).run(recipe, overwrite=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", choices=["reranker", "generative"], required=True)
@@ -52,10 +59,8 @@ def main() -> None:
     ensure_data(args.out, args.n)
     recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
     t0 = time.time()
-    teacher = recipes["teacher"]
-    if not api.is_finished(teacher):
-        module.run(teacher, overwrite=True)
-    t_eval = api.report([teacher.output_dir], args.out / "report-teacher")["runs"][0]
+    train_stages(recipes)
+    t_eval = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]
     rows = []
     for seed in args.seeds:
         res = {}
@@ -82,6 +87,8 @@ def main() -> None:
         f"| teacher (seed 0) | {t_eval['params'] / 1e6:.2f}M | " + " | ".join(f"{t_eval['metrics'].get(m, float('nan')):.2f}" for m in metrics) + " | "
         + " / ".join(f"{v:.1f}" for v in t_eval["latency_ms"].values()) + " |",
     ]
+    if t_eval.get("chance"):
+        md.append("| chance (random scores) | — | " + " | ".join(f"{t_eval['chance'].get(m, float('nan')):.2f}" if m in t_eval["chance"] else "—" for m in metrics) + " | — |")
     for label, k in (("student alone (no KD)", "baseline"), ("student distilled", "kd")):
         ms = [r[k]["metrics"] for r in rows]
         md.append(
