@@ -250,7 +250,7 @@ def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int =
         synth(data, n=n, seed=seed)
     for name, recipe in recipes.items():
         if name not in ("student-base", "student-kd") and is_finished(recipe):
-            log(f"{name}: reusing the trained model in {recipe.output_dir}")
+            log(f"{name}: reusing the trained {name} in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
         _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)

@@ -86,7 +86,12 @@ def test_teacher_generate_resumes_then_black_box_kd(world, tmp_path):
     lines = [json.loads(line) for line in open(out)]
     assert len({line["id"] for line in lines}) == 10 and all("teacher_response" in line for line in lines)
     assert all("mean_logprob" in line["meta"]["teacher"] for line in lines)
-    # a teacher answer may be empty (an untrained teacher); black-box KD skips those records with on_error=skip
+    # a teacher answer may be empty (this teacher is barely trained); black-box KD skips those records with
+    # on_error=skip. Half the answers are set to the reference, as a trained teacher would give, so some remain.
+    for i, line in enumerate(lines):
+        if i % 2 == 0:
+            line["teacher_response"] = line["response"]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
     r = recipe(world, "blackbox", data={"train": str(out), "response_field": "teacher_response", "on_error": "skip", "max_records": None}, train={"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "save_every": 2, "log_every": 1})
     mmd("train", r)
     assert (world / "blackbox/model/config.json").is_file()
