@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from common import ensure_data, git_rev, machine, variant, write
-from family_kd import HEADLINE, family_recipes, train_stages
+from family_kd import HEADLINE, family_recipes
 
 from mmdistill import api
 
@@ -61,7 +61,7 @@ def main() -> None:
     data = ensure_data(args.out, args.n)
     recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
     t0 = time.time()
-    train_stages(recipes)
+    api.train_stages(recipes)
     kd = recipes["student-kd"]
     variants = RERANK if family == "reranker" else generative_variants()
     rows = []

@@ -35,13 +35,6 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     return rs
 
 
-def train_stages(recipes) -> None:
-    """Train every stage before the students (the teacher; for rerankers first the two VLMs they start from), unless done."""
-    for name, recipe in recipes.items():
-        if name not in ("student-base", "student-kd") and not api.is_finished(recipe):
-            api._recipe_module(recipe.family).run(recipe, overwrite=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", choices=["reranker", "generative"], required=True)
@@ -59,7 +52,7 @@ def main() -> None:
     ensure_data(args.out, args.n)
     recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
     t0 = time.time()
-    train_stages(recipes)
+    api.train_stages(recipes)
     t_eval = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]
     rows = []
     for seed in args.seeds:

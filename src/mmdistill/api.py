@@ -178,6 +178,7 @@ DEMO_RECIPES = {  # family -> stages in run order; the last three are the report
     },
 }
 REPORTED = ("teacher", "student-base", "student-kd")
+STUDENTS = REPORTED[1:]
 DEMO_FILES = {  # family -> (train file, evaluation file) of a ShapesWorld folder
     "contrastive": ("pairs_train.jsonl", "pairs_test.jsonl"),
     "reranker": ("rerank_train.jsonl", "rerank_test.jsonl"),
@@ -196,7 +197,7 @@ def _reroot(path: str | None, roots: dict[str, Path]) -> str | None:
         return None
     for old, new in roots.items():
         if path == old or path.startswith(old + "/"):
-            return str(new / path[len(old) :].lstrip("/")) if path != old else str(new)
+            return str(new / path[len(old) :].lstrip("/"))
     return path
 
 
@@ -240,6 +241,18 @@ def is_finished(recipe: Recipe) -> bool:
     return (out / "eval.json").is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
 
 
+def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
+    """Train every stage before the students, in order (the teacher; for rerankers first the VLMs they start from); a finished one is reused."""
+    for name, recipe in recipes.items():
+        if name in STUDENTS:
+            continue
+        if is_finished(recipe):
+            log(f"{name}: reusing the trained {name} in {recipe.output_dir}")
+            continue
+        log(f"== {name}: {recipe.output_dir}")
+        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+
+
 def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
     """ShapesWorld end to end: data, teacher, student without and with KD, one report."""
     out = Path(out)
@@ -248,10 +261,8 @@ def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int =
     if not (data / "summary.json").is_file():
         log(f"generating ShapesWorld ({n} images) in {data}")
         synth(data, n=n, seed=seed)
-    for name, recipe in recipes.items():
-        if name not in ("student-base", "student-kd") and is_finished(recipe):
-            log(f"{name}: reusing the trained {name} in {recipe.output_dir}")
-            continue
-        log(f"== {name}: {recipe.output_dir}")
-        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+    train_stages(recipes, log=log)
+    for name in STUDENTS:
+        log(f"== {name}: {recipes[name].output_dir}")
+        _recipe_module(recipes[name].family).run(recipes[name], overwrite=True, log=log)
     return report([recipes[k].output_dir for k in REPORTED], out / "report", title=DEMO_TITLES[family])

@@ -44,9 +44,14 @@ def chance_metrics(labels: list[list[float]], ks: Sequence[int] = (1, 5, 10), dr
     total: dict[str, float] = {}
     for _ in range(draws):
         scores = [torch.rand(len(row), generator=gen).tolist() for row in labels]
-        for k, v in ranking_metrics(scores, labels, ks=tuple(ks)).items():
-            total[k] = total.get(k, 0.0) + 100.0 * v / draws
-    return {k: total[k] for k in ["ndcg@10", "mrr@10", "map", *[f"recall@{k}" for k in ks]] if k in total}
+        for k, v in _reported(ranking_metrics(scores, labels, ks=tuple(ks)), ks).items():
+            total[k] = total.get(k, 0.0) + v / draws
+    return total
+
+
+def _reported(res: dict[str, Any], ks: Sequence[int]) -> dict[str, float]:
+    """The metrics eval.json reports, as percentages, from `ranking_metrics` fractions."""
+    return {key: 100.0 * res[key] for key in ["ndcg@10", "mrr@10", "map", *[f"recall@{k}" for k in ks]] if key in res}
 
 
 def evaluate_folder(
@@ -80,10 +85,7 @@ def evaluate_folder(
     ks = sorted(set(ks) | {10})
     res = ranking_metrics(scores, labels, ks=tuple(ks), per_query=True)
     per_query = res.pop("per_query")
-    metrics: dict[str, float] = {}
-    for key in ["ndcg@10", "mrr@10", "map", *[f"recall@{k}" for k in ks]]:
-        if key in res:
-            metrics[key] = 100.0 * res[key]
+    metrics = _reported(res, ks)
     result: dict[str, Any] = {"name": name or Path(model_dir).parent.name, "role": role, "family": "reranker", "model_dir": str(model_dir), "queries": len(records)}
     result["chance"] = chance_metrics(labels, ks=tuple(ks))
 
