@@ -53,13 +53,14 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--eval-items", type=int, default=None)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE", help="as in family_kd.py")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     family = args.family
     module = api._recipe_module(family)
     data = ensure_data(args.out, args.n)
-    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets)
     t0 = time.time()
     api.train_stages(recipes)
     kd = recipes["student-kd"]

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from common import ensure_data, git_rev, machine, mean_std, variant, write
 
 from mmdistill import api
@@ -24,7 +25,20 @@ AGREEMENT = {"reranker": ["top3_overlap", "kendall_tau"], "generative": ["agreem
 TARGETS = {"reranker": (95.0, 0.0), "generative": (90.0, 5.0)}  # retention %, gap over the baseline (points)
 
 
-def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None):
+def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
+    """``STAGE:dotted.key=value`` (value read as YAML) -> {stage: {key: value}}; STAGE "students" means both students."""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        stage, sep, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not eq or not key:
+            raise SystemExit(f"--set {item!r}: expected STAGE:dotted.key=value, e.g. teacher:train.lr=0.001")
+        for s in ("student-base", "student-kd") if stage == "students" else (stage,):
+            out.setdefault(s, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None, sets: list[str] = ()):
     rs = api.demo_recipes(out, family=family)
     changes = {"train.save_every": 500}
     if eval_items:
@@ -32,6 +46,10 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     rs["teacher"] = variant(rs["teacher"], "teacher", **changes, **({"train.max_steps": teacher_steps} if teacher_steps else {}))
     for k in ("student-base", "student-kd"):
         rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}))
+    for stage, kv in parse_sets(list(sets)).items():
+        if stage not in rs:
+            raise SystemExit(f"--set: unknown stage {stage!r}; choose one of {sorted(rs)} or 'students'")
+        rs[stage] = variant(rs[stage], stage, **kv)
     return rs
 
 
@@ -44,13 +62,15 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=None, help="default: the shipped recipe's")
     ap.add_argument("--student-steps", type=int, default=None, help="default: the shipped recipes'")
     ap.add_argument("--eval-items", type=int, default=None, help="default: the shipped recipes'")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="change one stage's recipe, e.g. vlm-teacher:train.max_steps=3000 or students:train.lr=0.001 (repeatable)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     family = args.family
     module = api._recipe_module(family)
     ensure_data(args.out, args.n)
-    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items)
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets)
     t0 = time.time()
     api.train_stages(recipes)
     t_eval = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]

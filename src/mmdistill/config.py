@@ -33,6 +33,13 @@ class DataConfig(Strict):
     response_field: Literal["response", "teacher_response"] = Field(
         "response", description="Generative: which field of a chat record is the target text (teacher_response = black-box / sequence-level KD)."
     )
+    group_size: int | None = Field(
+        None,
+        ge=2,
+        description="Reranker training: documents per query in each step — the best-labelled one plus a random draw of the others, "
+        "fresh each step (1 positive + n negatives, as cross-encoders are usually trained); fewer pairs per step, so faster steps. "
+        "None: every document. Evaluation always ranks every document.",
+    )
     curriculum: dict[str, float] | None = Field(
         None,
         description="Generative: difficulty curriculum, tag -> training progress at which records with that tag join, e.g. {easy: 0, medium: 0.3, hard: 0.5}; untagged records join at 0.",

@@ -8,6 +8,7 @@ ranking loss) -> the engine loop -> save the student as a plain Hugging Face fol
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,6 +53,28 @@ def load_rerank(path: Path, on_error: str, max_records: int | None, cache: rm.Im
     return kept, errors
 
 
+def sample_group(record: RerankRecord, size: int | None, rng: random.Random) -> list[int]:
+    """Indices of the documents a training step uses: all of them, or `size` of them — the best-labelled
+    one (the first on a tie; any one when unlabelled) and a uniform draw of the others, in their original order."""
+    n = len(record.documents)
+    if size is None or n <= size:
+        return list(range(n))
+    if record.labels is not None:
+        keep = max(range(n), key=lambda i: (record.labels[i], -i))
+    else:
+        keep = rng.randrange(n)
+    rest = rng.sample([i for i in range(n) if i != keep], size - 1)
+    return sorted([keep, *rest])
+
+
+def subset(record: RerankRecord, docs: list[int]) -> RerankRecord:
+    """The record with only `docs` (and their labels); keeps its line and folder for errors and images."""
+    if len(docs) == len(record.documents):
+        return record
+    labels = None if record.labels is None else [record.labels[i] for i in docs]
+    return record.model_copy(update={"documents": [record.documents[i] for i in docs], "labels": labels})
+
+
 def labels_tensor(records: Sequence[RerankRecord], k_max: int) -> torch.Tensor | None:
     """Graded labels [B, K] (0 where padded), or None when any record has none."""
     if any(r.labels is None for r in records):
@@ -70,8 +93,21 @@ class RerankStep(nn.Module):
     computed once before training (no augmentation, so it is the same) or live each step.
     """
 
-    def __init__(self, student: rm.Reranker, loss, records, path: str, teacher: rm.Reranker | None = None, t_cache: Signals | None = None, features: bool = False):
+    def __init__(
+        self,
+        student: rm.Reranker,
+        loss,
+        records,
+        path: str,
+        teacher: rm.Reranker | None = None,
+        t_cache: Signals | None = None,
+        features: bool = False,
+        group_size: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
+        self.group_size = group_size
+        self.seed = seed
         self.model = student.model
         self.loss = loss
         self.records = records
@@ -81,23 +117,34 @@ class RerankStep(nn.Module):
         object.__setattr__(self, "_student", student)
         object.__setattr__(self, "_teacher", teacher)
 
-    def teacher_signals(self, indices: list[int], k_max: int, device) -> Signals | None:
+    def groups(self, indices: list[int], progress: float) -> list[list[int]]:
+        """The documents of each query this step (a fresh draw per step when group_size is set; seeded, so a resumed run draws the same)."""
+        rng = random.Random(f"{self.seed}:{progress!r}:{indices}")
+        return [sample_group(self.records[i], self.group_size, rng) for i in indices]
+
+    def teacher_signals(self, indices: list[int], docs: list[list[int]], recs: list[RerankRecord], k_max: int, device) -> Signals | None:
         if self.t_cache is not None:
-            idx = torch.tensor(indices)
-            sig = Signals(scores=self.t_cache.scores[idx, :k_max].to(device), mask=self.t_cache.mask[idx, :k_max].to(device))
+            idx = torch.zeros(len(indices), k_max, dtype=torch.long)
+            valid = torch.zeros(len(indices), k_max, dtype=torch.bool)
+            for b, d in enumerate(docs):
+                idx[b, : len(d)] = torch.tensor(d)
+                valid[b, : len(d)] = True
+            rows = torch.tensor(indices)[:, None]
+            sig = Signals(scores=self.t_cache.scores[rows, idx].to(device), mask=(self.t_cache.mask[rows, idx] & valid).to(device))
             if "last_token" in self.t_cache.features:
-                sig.features["last_token"] = self.t_cache.features["last_token"][idx, :k_max].to(device)
+                sig.features["last_token"] = self.t_cache.features["last_token"][rows, idx].to(device)
             return sig
         if self._teacher is None:
             return None
         with torch.no_grad():
-            return self._teacher.signals([self.records[i] for i in indices], features=self.features, path=self.path).detach()
+            return self._teacher.signals(recs, features=self.features, path=self.path).detach()
 
     def forward(self, indices: list[int], progress: float) -> dict[str, torch.Tensor]:
-        recs = [self.records[i] for i in indices]
+        docs = self.groups(indices, progress)
+        recs = [subset(self.records[i], d) for i, d in zip(indices, docs)]
         s = self._student.signals(recs, features=self.features, path=self.path)
         k_max = s.scores.shape[1]
-        t = self.teacher_signals(indices, k_max, s.scores.device)
+        t = self.teacher_signals(indices, docs, recs, k_max, s.scores.device)
         batch: dict[str, Any] = {"mask": s.mask}
         labels = labels_tensor(recs, k_max)
         if labels is not None:
@@ -201,7 +248,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         log(f"teacher: scoring {len(records)} training queries once (cache)")
         t_cache = precompute_teacher(teacher, records, features, path)
         teacher = None
-    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features)
+    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features, group_size=recipe.data.group_size, seed=recipe.seed)
 
     if accelerator.is_main_process:
         write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)
