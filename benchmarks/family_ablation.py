@@ -4,7 +4,7 @@
     python benchmarks/family_ablation.py --family generative --out runs/bench-vlm
 
 reranker: pointwise MSE vs Margin-MSE vs listwise KL vs the hybrid (listwise KL + last-token feature term,
-weights 0.7/0.3 shifting to 0.4/0.6), each with the label CE of the shipped recipe.
+weights 0.7/0.3 shifting to 0.4/0.6), each added to the label terms (CE + BCE) as in the shipped KD recipe.
 generative: forward KL vs reverse KL vs JSD(0.5) vs skew KL(0.1), each with and without the feature terms;
 white-box (forward KL) vs black-box (SFT on the teacher's greedy answers, written by `teacher generate`).
 The teacher comes from benchmarks/family_kd.py (same --out) or is trained here. Writes
@@ -23,14 +23,15 @@ from family_kd import HEADLINE, family_recipes
 
 from mmdistill import api
 
+LABELS = {"ce": {"weight": 1.0}, "bce": {"weight": 1.0}}  # the student's own label terms, kept in every variant (as in the shipped KD recipe)
 RERANK = {
-    "pointwise": {"pointwise": {"weight": 1.0}, "ce": {"weight": 0.5}},
-    "margin_mse": {"margin_mse": {"weight": 1.0}, "ce": {"weight": 0.5}},
-    "listwise_kl": {"listwise_kl": {"weight": 1.0}, "ce": {"weight": 0.5}},
+    "pointwise": {"pointwise": {"weight": 1.0}, **LABELS},
+    "margin_mse (shipped)": {"margin_mse": {"weight": 1.0}, **LABELS},
+    "listwise_kl": {"listwise_kl": {"weight": 1.0}, **LABELS},
     "hybrid (listwise KL + feature, scheduled)": {
         "listwise_kl": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.7, "end": 0.4}},
         "feature": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.3, "end": 0.6}},
-        "ce": {"weight": 0.5},
+        **LABELS,
     },
 }
 DIVERGENCES = {"forward KL": {"divergence": "forward_kl"}, "reverse KL": {"divergence": "reverse_kl"}, "JSD(0.5)": {"divergence": "jsd", "beta": 0.5}, "skew KL(0.1)": {"divergence": "skew_kl", "alpha": 0.1}}

@@ -166,6 +166,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if self.data.group_size is not None and self.family != "reranker":
+            raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
         if self.teacher is None:
             if self.student.init in ("scratch", "inherit") and not self.student.model:
                 if self.student.init == "inherit":

@@ -79,6 +79,18 @@ def test_inherit_needs_a_teacher(tmp_path):
         load_recipe(p)
 
 
+def test_group_size_is_for_rerankers_only(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("family: generative\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl, group_size: 4}\n")
+    with pytest.raises(RecipeError, match="group_size.*generative recipe"):
+        load_recipe(p)
+    p.write_text("family: reranker\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl, group_size: 1}\n")
+    with pytest.raises(RecipeError, match="group_size"):
+        load_recipe(p)
+    p.write_text("family: reranker\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl, group_size: 4}\n")
+    assert load_recipe(p).data.group_size == 4
+
+
 def test_model_config_overrides_stay_dotted(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("output_dir: x\ndata: {train: a.jsonl}\nstudent: {init: tiny}\n")
