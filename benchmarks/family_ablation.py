@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ensure_data, git_rev, machine, variant, write
+from common import ensure_data, git_rev, machine, run_or_reuse, variant, write
 from family_kd import HEADLINE, family_recipes
 
 from mmdistill import api
@@ -70,7 +70,7 @@ def main() -> None:
     for i, (name, terms) in enumerate(variants.items()):
         terms = {k: {"weight": v.get("weight", 1.0), "schedule": v.get("schedule"), "options": v.get("options", {})} for k, v in terms.items()}
         r = variant(kd, f"ablation-{i}", **{"loss.terms": terms})
-        rows.append({"variant": name, "eval": module.run(r, overwrite=True)["eval"]})
+        rows.append({"variant": name, "eval": run_or_reuse(module, r, args.out)})
     if family == "generative":  # black-box: the teacher's own greedy answers as targets
         answers = data / "teacher_answers.jsonl"
         train = Path(kd.data.train)
