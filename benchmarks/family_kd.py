@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=None, help="default: the shipped recipes'")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE",
                     help="change one stage's recipe, e.g. vlm-teacher:train.max_steps=3000 or students:train.lr=0.001 (repeatable)")
+    ap.add_argument("--tag", default="", help="results file suffix: <family>_kd<-tag>.{md,json} (keeps the shipped-recipe results beside a variant's)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -120,7 +121,7 @@ def main() -> None:
                   f"no-KD {mean_std([r['baseline']['metrics'].get(m, float('nan')) for r in rows])}.")
     md += [f"- Student size: {100 * ratio:.1f}% of the teacher's parameters (target ≤ 25%).", ""]
     payload = {"family": family, "teacher": t_eval, "rows": rows, "retention": retention, "gap": gap, "param_ratio": ratio, "machine": machine(), "commit": git_rev()}
-    write(args.results, f"{family}_kd", payload, "\n".join(md))
+    write(args.results, f"{family}_kd" + (f"-{args.tag}" if args.tag else ""), payload, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-from .common import RunDirError, check_run_dir, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir  # noqa: F401 (RunDirError re-exported)
+from .common import check_run_dir, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 
 # ---------------------------------------------------------------------------------------------
