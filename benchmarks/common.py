@@ -43,15 +43,11 @@ def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
 
 
 def run_or_reuse(module, recipe: Recipe, root: Path, log=print) -> dict:
-    """Run `recipe`, or reuse the eval of a finished run under `root` with the same fingerprint and eval settings
-    (an ablation variant identical to a seed of family_kd.py is the same run: same code, data, seed and recipe)."""
-    fp, ev = recipe.fingerprint(), recipe.model_dump(mode="json")["eval"]
+    """Run `recipe`, or reuse the eval of a finished run under `root` that is the same run (`api.is_finished`)
+    with the same eval settings (an ablation variant identical to a seed of family_kd.py: same code, data, seed and recipe)."""
+    ev = recipe.model_dump(mode="json")["eval"]
     for meta in sorted(root.glob("*/run.json")):
-        try:
-            run = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            continue
-        if run.get("fingerprint") == fp and run.get("recipe", {}).get("eval") == ev and (meta.parent / "eval.json").is_file():
+        if api.is_finished(recipe.model_copy(update={"output_dir": meta.parent})) and json.loads(meta.read_text())["recipe"]["eval"] == ev:
             log(f"{recipe.output_dir}: same run as {meta.parent}; reusing its eval")
             return json.loads((meta.parent / "eval.json").read_text())
     return module.run(recipe, overwrite=True)["eval"]
