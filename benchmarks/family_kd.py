@@ -15,25 +15,26 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from common import ensure_data, git_rev, machine, mean_std, variant, write
 
 from mmdistill import api
-from mmdistill.config import with_overrides
 
 HEADLINE = {"reranker": "ndcg@10", "generative": "vqa_accuracy"}
 AGREEMENT = {"reranker": ["top3_overlap", "kendall_tau"], "generative": ["agreement"]}
 TARGETS = {"reranker": (95.0, 0.0), "generative": (90.0, 5.0)}  # retention %, gap over the baseline (points)
 
 
-def parse_sets(items: list[str]) -> dict[str, list[str]]:
-    """``STAGE:dotted.key=value`` -> {stage: ["dotted.key=value", ...]}; STAGE "students" means both students."""
-    out: dict[str, list[str]] = {}
+def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
+    """``STAGE:dotted.key=value`` (value read as YAML) -> {stage: {key: value}}; STAGE "students" means both students."""
+    out: dict[str, dict[str, object]] = {}
     for item in items:
-        stage, sep, pair = item.partition(":")
-        if not sep or "=" not in pair:
+        stage, sep, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not eq or not key:
             raise SystemExit(f"--set {item!r}: expected STAGE:dotted.key=value, e.g. teacher:train.lr=0.001")
         for s in ("student-base", "student-kd") if stage == "students" else (stage,):
-            out.setdefault(s, []).append(pair)
+            out.setdefault(s, {})[key] = yaml.safe_load(value)
     return out
 
 
@@ -45,10 +46,10 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     rs["teacher"] = variant(rs["teacher"], "teacher", **changes, **({"train.max_steps": teacher_steps} if teacher_steps else {}))
     for k in ("student-base", "student-kd"):
         rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}))
-    for stage, pairs in parse_sets(list(sets)).items():
+    for stage, kv in parse_sets(list(sets)).items():
         if stage not in rs:
             raise SystemExit(f"--set: unknown stage {stage!r}; choose one of {sorted(rs)} or 'students'")
-        rs[stage] = with_overrides(rs[stage], pairs, source=f"--set {stage}")  # the same key=value parsing as the CLI's overrides
+        rs[stage] = variant(rs[stage], stage, **kv)
     return rs
 
 

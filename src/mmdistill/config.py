@@ -220,11 +220,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def with_overrides(recipe: "Recipe", pairs: list[str], source: str = "<overrides>") -> "Recipe":
-    """`recipe` with command-line style `key=value` overrides applied (see `parse_overrides`), validated again."""
-    return recipe_from_dict(_merge(recipe.model_dump(mode="json"), parse_overrides(pairs)), source=source)
-
-
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():

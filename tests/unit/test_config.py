@@ -114,17 +114,3 @@ def test_reranker_demo_chains_its_stages(tmp_path):
         assert rs[name].eval.reference == str(tmp_path / "teacher" / "model")
     assert rs["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
     assert api.demo_recipes(tmp_path, family="generative")["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
-
-
-def test_with_overrides_applies_cli_style_pairs_to_a_recipe(tmp_path):
-    from mmdistill.config import with_overrides
-
-    p = tmp_path / "r.yaml"
-    p.write_text("family: reranker\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl}\n")
-    base = load_recipe(p)
-    r = with_overrides(base, ["train.lr=0.002", "data.group_size=4", "student.overrides.text_config.num_hidden_layers=1"])
-    assert r.train.lr == 0.002 and r.data.group_size == 4
-    assert r.student.overrides == {"text_config.num_hidden_layers": 1}
-    assert base.train.lr != 0.002  # the original is untouched
-    with pytest.raises(RecipeError, match="train.lrr"):
-        with_overrides(base, ["train.lrr=1"])
