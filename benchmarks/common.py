@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mmdistill import api
-from mmdistill.config import Recipe, recipe_from_dict
+from mmdistill.config import Recipe, recipe_from_dict, set_dotted
 
 
 def machine() -> str:
@@ -77,11 +77,7 @@ def variant(recipe: Recipe, name: str, **changes) -> Recipe:
     d["output_dir"] = str(Path(recipe.output_dir).parent / name)
     d["name"] = name
     for key, value in changes.items():
-        cur = d
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = value
+        set_dotted(d, key, value)
     return recipe_from_dict(d, source=name)
 
 

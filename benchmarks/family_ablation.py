@@ -3,12 +3,16 @@
     python benchmarks/family_ablation.py --family reranker --out runs/bench-rerank
     python benchmarks/family_ablation.py --family generative --out runs/bench-vlm
 
-reranker: pointwise MSE vs Margin-MSE vs listwise KL vs the hybrid (listwise KL + last-token feature term,
+reranker: pointwise MSE vs Margin-MSE (label-ordered pairs, shipped; or teacher-ordered pairs) vs listwise KL vs the hybrid (listwise KL + last-token feature term,
 weights 0.7/0.3 shifting to 0.4/0.6), each added to the label terms (CE + BCE) as in the shipped KD recipe.
 generative: forward KL vs reverse KL vs JSD(0.5) vs skew KL(0.1), each with and without the feature terms;
 white-box (forward KL) vs black-box (SFT on the teacher's greedy answers, written by `teacher generate`).
 The teacher comes from benchmarks/family_kd.py (same --out) or is trained here. Writes
-benchmarks/results/<family>_ablation.{json,md}.
+benchmarks/results/<family>_ablation.{json,md}. `--variants` runs some of them only, `--tag` keeps their results
+(and run folders) apart, e.g. the reranker at the long student budget:
+
+    python benchmarks/family_ablation.py --family reranker --out runs/bench-rr2 --set vlm-teacher:train.max_steps=3000 \
+        --teacher-steps 1500 --student-steps 3000 --variants margin_mse --tag long-students
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ LABELS = {"ce": {"weight": 1.0}, "bce": {"weight": 1.0}}  # the student's own la
 RERANK = {
     "pointwise": {"pointwise": {"weight": 1.0}, **LABELS},
     "margin_mse (shipped)": {"margin_mse": {"weight": 1.0}, **LABELS},
+    "margin_mse, teacher-ordered pairs": {"margin_mse": {"weight": 1.0, "options": {"pairs": "teacher"}}, **LABELS},
     "listwise_kl": {"listwise_kl": {"weight": 1.0}, **LABELS},
     "hybrid (listwise KL + feature, scheduled)": {
         "listwise_kl": {"weight": 1.0, "schedule": {"kind": "linear", "start": 0.7, "end": 0.4}},
@@ -55,6 +60,9 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--eval-items", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE", help="as in family_kd.py")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help="run only the variants whose name starts with one of these (default: all)")
+    ap.add_argument("--tag", default="", help="results file suffix: <family>_ablation<-tag>.{md,json}")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -66,17 +74,23 @@ def main() -> None:
     api.train_stages(recipes)
     kd = recipes["student-kd"]
     variants = RERANK if family == "reranker" else generative_variants()
+    if args.variants:
+        unknown = [v for v in args.variants if not any(n.startswith(v) for n in variants)]
+        if unknown:
+            raise SystemExit(f"--variants: no variant starts with {unknown}; the variants: {list(variants)}")
     rows = []
     for i, (name, terms) in enumerate(variants.items()):
+        if args.variants and not any(name.startswith(v) for v in args.variants):
+            continue
         terms = {k: {"weight": v.get("weight", 1.0), "schedule": v.get("schedule"), "options": v.get("options", {})} for k, v in terms.items()}
-        r = variant(kd, f"ablation-{i}", **{"loss.terms": terms})
+        r = variant(kd, f"ablation{'-' + args.tag if args.tag else ''}-{i}", **{"loss.terms": terms})
         rows.append({"variant": name, "eval": run_or_reuse(module, r, args.out)})
-    if family == "generative":  # black-box: the teacher's own greedy answers as targets
+    if family == "generative" and (not args.variants or any("black-box".startswith(v) or v.startswith("black-box") for v in args.variants)):  # black-box: the teacher's own greedy answers as targets
         answers = data / "teacher_answers.jsonl"
         train = Path(kd.data.train)
         n = (kd.train.max_steps * kd.train.batch_size)
         api.teacher_generate(train, answers, teacher=str(Path(recipes["teacher"].output_dir) / "model"), max_new_tokens=48, batch_size=32, limit=n, log=lambda *_: None)
-        r = variant(kd, "ablation-blackbox", **{"loss.terms": {"sft": {"weight": 1.0}}, "data.train": str(answers), "data.response_field": "teacher_response", "data.on_error": "skip", "teacher": None, "role": "student"})
+        r = variant(kd, f"ablation{'-' + args.tag if args.tag else ''}-blackbox", **{"loss.terms": {"sft": {"weight": 1.0}}, "data.train": str(answers), "data.response_field": "teacher_response", "data.on_error": "skip", "teacher": None, "role": "student"})
         rows.append({"variant": "black-box (SFT on teacher answers)", "eval": module.run(r, overwrite=True)["eval"]})
     key = HEADLINE[family]
     metrics = list(rows[0]["eval"]["metrics"])
@@ -92,7 +106,7 @@ def main() -> None:
         md.append(f"| {row['variant']} | " + " | ".join(f"{row['eval']['metrics'].get(m, float('nan')):.2f}" for m in metrics) + " |")
     best = max(rows, key=lambda r: r["eval"]["metrics"][key])
     md += ["", f"Best {key}: {best['variant']} ({best['eval']['metrics'][key]:.2f}).", ""]
-    write(args.results, f"{family}_ablation", {"family": family, "rows": rows, "machine": machine(), "commit": git_rev()}, "\n".join(md))
+    write(args.results, f"{family}_ablation" + (f"-{args.tag}" if args.tag else ""), {"family": family, "rows": rows, "machine": machine(), "commit": git_rev()}, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main() -> None:
     for seed in args.seeds:
         res = {}
         for role in ("student-base", "student-kd"):
-            r = variant(recipes[role], f"{role}-s{seed}", seed=seed)
+            r = variant(recipes[role], f"{role}-s{seed}" + (f"-{args.tag}" if args.tag else ""), seed=seed)  # a tagged variant keeps its own folders
             res[role] = module.run(r, overwrite=True)["eval"]
         rows.append({"seed": seed, "baseline": res["student-base"], "kd": res["student-kd"]})
 

@@ -188,7 +188,8 @@ class Recipe(Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """``d["a"]["b"] = value`` for ``key="a.b"``, creating (or replacing non-dict) levels on the way; the value is replaced, never merged."""
     parts = key.split(".")
     cur = d
     for p in parts[:-1]:
@@ -216,7 +217,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 out.setdefault("student", {}).setdefault(flat.split(".")[1], {})[key[len(flat):]] = value
                 break
         else:
-            _set_dotted(out, key, value)
+            set_dotted(out, key, value)
     return out
 
 
