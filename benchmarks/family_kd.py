@@ -38,14 +38,18 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
     return out
 
 
-def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None, sets: list[str] = ()):
+def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None, sets: list[str] = (),
+                    teacher_dir: str = "teacher"):
+    """The shipped recipes with the benchmark's budgets; the teacher trains in `out/teacher_dir` and the students use it."""
     rs = api.demo_recipes(out, family=family)
     changes = {"train.save_every": 500}
     if eval_items:
         changes["eval.max_items"] = eval_items
-    rs["teacher"] = variant(rs["teacher"], "teacher", **changes, **({"train.max_steps": teacher_steps} if teacher_steps else {}))
+    rs["teacher"] = variant(rs["teacher"], teacher_dir, **changes, **({"train.max_steps": teacher_steps} if teacher_steps else {}))
+    t_model = str(Path(rs["teacher"].output_dir) / "model")
     for k in ("student-base", "student-kd"):
-        rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}))
+        rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}),
+                        **({"teacher.model": t_model} if rs[k].teacher is not None else {}), **({"eval.reference": t_model} if rs[k].eval.reference else {}))
     for stage, kv in parse_sets(list(sets)).items():
         if stage not in rs:
             raise SystemExit(f"--set: unknown stage {stage!r}; choose one of {sorted(rs)} or 'students'")
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=None, help="default: the shipped recipes'")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE",
                     help="change one stage's recipe, e.g. vlm-teacher:train.max_steps=3000 or students:train.lr=0.001 (repeatable)")
+    ap.add_argument("--teacher-dir", default="teacher", help="the teacher's run folder under --out (another name keeps a teacher of another budget beside the first)")
     ap.add_argument("--tag", default="", help="results file suffix: <family>_kd<-tag>.{md,json} (keeps the shipped-recipe results beside a variant's)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -71,10 +76,10 @@ def main() -> None:
     family = args.family
     module = api._recipe_module(family)
     ensure_data(args.out, args.n)
-    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets)
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets, args.teacher_dir)
     t0 = time.time()
     api.train_stages(recipes)
-    t_eval = api.report([recipes["teacher"].output_dir], args.out / "report-teacher")["runs"][0]
+    t_eval = api.report([recipes["teacher"].output_dir], args.out / f"report-{args.teacher_dir}")["runs"][0]
     rows = []
     for seed in args.seeds:
         res = {}
