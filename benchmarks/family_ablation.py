@@ -68,24 +68,26 @@ def main() -> None:
 
     family = args.family
     module = api._recipe_module(family)
+    variants = RERANK if family == "reranker" else generative_variants()
+    names = list(variants) + (["black-box"] if family == "generative" else [])
+    wanted = lambda name: not args.variants or any(name.startswith(v) for v in args.variants)  # noqa: E731
+    if args.variants:
+        unknown = [v for v in args.variants if not any(n.startswith(v) for n in names)]
+        if unknown:
+            raise SystemExit(f"--variants: no variant starts with {unknown}; the variants: {names}")
     data = ensure_data(args.out, args.n)
     recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets)
     t0 = time.time()
     api.train_stages(recipes)
     kd = recipes["student-kd"]
-    variants = RERANK if family == "reranker" else generative_variants()
-    if args.variants:
-        unknown = [v for v in args.variants if not any(n.startswith(v) for n in variants)]
-        if unknown:
-            raise SystemExit(f"--variants: no variant starts with {unknown}; the variants: {list(variants)}")
     rows = []
     for i, (name, terms) in enumerate(variants.items()):
-        if args.variants and not any(name.startswith(v) for v in args.variants):
+        if not wanted(name):
             continue
         terms = {k: {"weight": v.get("weight", 1.0), "schedule": v.get("schedule"), "options": v.get("options", {})} for k, v in terms.items()}
         r = variant(kd, f"ablation{'-' + args.tag if args.tag else ''}-{i}", **{"loss.terms": terms})
         rows.append({"variant": name, "eval": run_or_reuse(module, r, args.out)})
-    if family == "generative" and (not args.variants or any("black-box".startswith(v) or v.startswith("black-box") for v in args.variants)):  # black-box: the teacher's own greedy answers as targets
+    if family == "generative" and wanted("black-box"):  # black-box: the teacher's own greedy answers as targets
         answers = data / "teacher_answers.jsonl"
         train = Path(kd.data.train)
         n = (kd.train.max_steps * kd.train.batch_size)
