@@ -53,7 +53,7 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     for stage, kv in parse_sets(list(sets)).items():
         if stage not in rs:
             raise SystemExit(f"--set: unknown stage {stage!r}; choose one of {sorted(rs)} or 'students'")
-        rs[stage] = variant(rs[stage], stage, **kv)
+        rs[stage] = variant(rs[stage], Path(rs[stage].output_dir).name, **kv)  # keeps the folder (e.g. --teacher-dir)
     return rs
 
 
