@@ -67,6 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     family = args.family
+    suffix = f"-{args.tag}" if args.tag else ""  # a tagged run keeps its own run folders and results file
     module = api._recipe_module(family)
     variants = RERANK if family == "reranker" else generative_variants()
     names = list(variants) + (["black-box"] if family == "generative" else [])
@@ -85,14 +86,14 @@ def main() -> None:
         if not wanted(name):
             continue
         terms = {k: {"weight": v.get("weight", 1.0), "schedule": v.get("schedule"), "options": v.get("options", {})} for k, v in terms.items()}
-        r = variant(kd, f"ablation{'-' + args.tag if args.tag else ''}-{i}", **{"loss.terms": terms})
+        r = variant(kd, f"ablation{suffix}-{i}", **{"loss.terms": terms})
         rows.append({"variant": name, "eval": run_or_reuse(module, r, args.out)})
     if family == "generative" and wanted("black-box"):  # black-box: the teacher's own greedy answers as targets
         answers = data / "teacher_answers.jsonl"
         train = Path(kd.data.train)
         n = (kd.train.max_steps * kd.train.batch_size)
         api.teacher_generate(train, answers, teacher=str(Path(recipes["teacher"].output_dir) / "model"), max_new_tokens=48, batch_size=32, limit=n, log=lambda *_: None)
-        r = variant(kd, f"ablation{'-' + args.tag if args.tag else ''}-blackbox", **{"loss.terms": {"sft": {"weight": 1.0}}, "data.train": str(answers), "data.response_field": "teacher_response", "data.on_error": "skip", "teacher": None, "role": "student"})
+        r = variant(kd, f"ablation{suffix}-blackbox", **{"loss.terms": {"sft": {"weight": 1.0}}, "data.train": str(answers), "data.response_field": "teacher_response", "data.on_error": "skip", "teacher": None, "role": "student"})
         rows.append({"variant": "black-box (SFT on teacher answers)", "eval": module.run(r, overwrite=True)["eval"]})
     key = HEADLINE[family]
     metrics = list(rows[0]["eval"]["metrics"])
@@ -108,7 +109,7 @@ def main() -> None:
         md.append(f"| {row['variant']} | " + " | ".join(f"{row['eval']['metrics'].get(m, float('nan')):.2f}" for m in metrics) + " |")
     best = max(rows, key=lambda r: r["eval"]["metrics"][key])
     md += ["", f"Best {key}: {best['variant']} ({best['eval']['metrics'][key]:.2f}).", ""]
-    write(args.results, f"{family}_ablation" + (f"-{args.tag}" if args.tag else ""), {"family": family, "rows": rows, "machine": machine(), "commit": git_rev()}, "\n".join(md))
+    write(args.results, f"{family}_ablation{suffix}", {"family": family, "rows": rows, "machine": machine(), "commit": git_rev()}, "\n".join(md))
 
 
 if __name__ == "__main__":

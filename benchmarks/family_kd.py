@@ -74,6 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     family = args.family
+    suffix = f"-{args.tag}" if args.tag else ""  # a tagged variant keeps its own run folders and results files
     module = api._recipe_module(family)
     ensure_data(args.out, args.n)
     recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets, args.teacher_dir)
@@ -84,7 +85,7 @@ def main() -> None:
     for seed in args.seeds:
         res = {}
         for role in ("student-base", "student-kd"):
-            r = variant(recipes[role], f"{role}-s{seed}" + (f"-{args.tag}" if args.tag else ""), seed=seed)  # a tagged variant keeps its own folders
+            r = variant(recipes[role], f"{role}-s{seed}{suffix}", seed=seed)
             res[role] = module.run(r, overwrite=True)["eval"]
         rows.append({"seed": seed, "baseline": res["student-base"], "kd": res["student-kd"]})
 
@@ -126,7 +127,7 @@ def main() -> None:
                   f"no-KD {mean_std([r['baseline']['metrics'].get(m, float('nan')) for r in rows])}.")
     md += [f"- Student size: {100 * ratio:.1f}% of the teacher's parameters (target ≤ 25%).", ""]
     payload = {"family": family, "teacher": t_eval, "rows": rows, "retention": retention, "gap": gap, "param_ratio": ratio, "machine": machine(), "commit": git_rev()}
-    write(args.results, f"{family}_kd" + (f"-{args.tag}" if args.tag else ""), payload, "\n".join(md))
+    write(args.results, f"{family}_kd{suffix}", payload, "\n".join(md))
 
 
 if __name__ == "__main__":
