@@ -62,7 +62,8 @@ class StudentConfig(Strict):
         description=(
             "tiny: a tiny model of the real architecture with a tokenizer trained on the data; "
             "scratch: the config of `model` (default: the teacher) with `overrides`, randomly initialised; "
-            "inherit: shrink the teacher by keeping `layers` (and optionally narrower widths from `overrides`), copying its weights; "
+            "inherit: shrink the teacher by keeping `layers` and pruning it to narrower widths from `overrides`, "
+            "keeping its most important channels, heads and neurons (compress.prune); its weights are the teacher's; "
             "pretrained: load `model` as it is; "
             "compose (generative): a LLaVA-style model from `parts` (a vision tower, a language model) and a new MLP projector."
         ),
@@ -91,6 +92,12 @@ class StudentConfig(Strict):
     layers: dict[str, list[int]] = Field(
         default_factory=dict,
         description="init=inherit: teacher layer indices to keep per tower, e.g. {'vision': [0, 3], 'text': [0, 3]}.",
+    )
+    calibration: int = Field(
+        64,
+        ge=1,
+        description="init=inherit with narrower width `overrides`: how many training records (queries for a reranker) run through the teacher "
+        "to rank its channels, heads and MLP neurons by activation (Minitron-style importance).",
     )
 
     @model_validator(mode="after")
@@ -184,8 +191,17 @@ class Recipe(Strict):
         d.pop("eval", None)
         for key in ("save_every", "keep_last", "log_every", "threads"):  # how often, not what
             d["train"].pop(key, None)
+        for key, default in ADDED_FIELDS.items():  # at its default, a field added later leaves older runs' hash as it was
+            section, _, leaf = key.partition(".")
+            if isinstance(d.get(section), dict) and d[section].get(leaf) == default:
+                d[section].pop(leaf)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
+# so a run recorded before the field existed still resumes and is still reused (same result, same hash).
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

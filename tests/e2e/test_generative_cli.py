@@ -77,6 +77,18 @@ def test_white_box_kd_with_feature_terms(world, divergence):
     assert "agreement" in ev["metrics"] and ev["params"] < json.loads((world / "teacher/eval.json").read_text())["params"]
 
 
+def test_pruned_teacher_student(world):
+    """init=inherit with narrower widths: pruned from the teacher on calibration records, one text layer kept, then KD."""
+    widths = {"text_config.hidden_size": 16, "text_config.intermediate_size": 32, "vision_config.intermediate_size": 16}
+    student = {"init": "inherit", "layers": {"text": [0]}, "overrides": widths, "calibration": 8}
+    terms = {"sft": {"weight": 1.0}, "kd": {"options": {"divergence": "forward_kl"}}}
+    mmd("distill", recipe(world, "kd-pruned", teacher={"model": str(world / "teacher/model")}, student=student, loss={"terms": terms}))
+    cfg = json.loads((world / "kd-pruned/model/config.json").read_text())
+    tc = cfg["text_config"]
+    assert (tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"], cfg["vision_config"]["out_hidden_size"]) == (16, 32, 1, 16)
+    assert "agreement" in json.loads((world / "kd-pruned/eval.json").read_text())["metrics"]
+
+
 def test_teacher_generate_resumes_then_black_box_kd(world, tmp_path):
     data, out = world / "data/chat_train.jsonl", world / "data/teacher.jsonl"
     first = mmd("teacher", "generate", "--teacher", world / "teacher/model", "--data", data, "--out", out, "--limit", 6, "--max-new-tokens", 6)

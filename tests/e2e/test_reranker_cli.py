@@ -111,6 +111,28 @@ def test_bad_rerank_records_name_file_line_and_field(world, tmp_path, obj, field
     assert err.startswith(f"error: {data}:2: {field}"), err
 
 
+def test_pruned_teacher_student_distills(world):
+    """init=inherit with narrower widths: the teacher's most active units and chosen layers, then KD."""
+    from transformers import AutoModelForImageTextToText
+
+    widths = {"text_config.hidden_size": 16, "text_config.intermediate_size": 32, "vision_config.intermediate_size": 16}
+    student = {"init": "inherit", "layers": {"text": [1]}, "overrides": widths, "calibration": 8}
+    r = recipe(world, "kd-pruned", teacher={"model": str(world / "teacher/model")}, student=student, loss={"terms": {"margin_mse": {}, "ce": {}}})
+    p = mmd("distill", r)
+    assert "top3_overlap=" in p.stdout
+    s = AutoModelForImageTextToText.from_pretrained(world / "kd-pruned/model")
+    t = AutoModelForImageTextToText.from_pretrained(world / "teacher/model")
+    tc = s.config.text_config
+    assert (tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, s.config.vision_config.intermediate_size) == (16, 32, 1, 16)
+    assert sum(x.numel() for x in s.parameters()) < 0.7 * sum(x.numel() for x in t.parameters())  # the patch embedding keeps its width
+    # a width this architecture can't be pruned to is one line naming the run and the key
+    bad = recipe(world, "bad-width", teacher={"model": str(world / "teacher/model")},
+                 student={"init": "inherit", "overrides": {"text_config.head_dim": 8}}, loss={"terms": {"margin_mse": {}}})
+    p = mmd("distill", bad, check=False)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and str(world / "bad-width") in err and "'text_config.head_dim' cannot be pruned" in err, p.stderr
+
+
 def test_teacher_terms_without_a_teacher_are_refused(world, tmp_path):
     p = mmd("train", recipe(world, "noteacher", loss={"terms": {"listwise_kl": {}}}), check=False)
     assert p.returncode == 2 and "need a teacher" in p.stderr

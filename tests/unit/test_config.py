@@ -72,6 +72,28 @@ def test_fingerprint_ignores_where_but_not_what(tmp_path):
     assert a.fingerprint() != load_recipe(p, ["seed=1"]).fingerprint()
 
 
+def test_a_field_added_later_keeps_older_runs_fingerprint(tmp_path):
+    """A run recorded before `student.calibration` existed (no such key in its recipe) keeps its hash at the default."""
+    import hashlib
+    import json
+
+    from mmdistill.config import ADDED_FIELDS
+
+    p = tmp_path / "r.yaml"
+    p.write_text("output_dir: x\ndata: {train: a.jsonl}\nstudent: {init: tiny}\n")
+    a = load_recipe(p)
+    old = a.model_dump(mode="json")
+    for key in ADDED_FIELDS:
+        section, _, leaf = key.partition(".")
+        del old[section][leaf]
+    for key in ("output_dir", "name", "role", "eval"):
+        old.pop(key)
+    for key in ("save_every", "keep_last", "log_every", "threads"):
+        old["train"].pop(key)
+    assert a.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert a.fingerprint() != load_recipe(p, ["student.calibration=8"]).fingerprint()
+
+
 def test_inherit_needs_a_teacher(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("output_dir: x\ndata: {train: a.jsonl}\nstudent: {init: inherit, layers: {vision: [0]}}\n")

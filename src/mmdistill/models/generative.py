@@ -550,7 +550,7 @@ def scratch_student(config, overrides: dict[str, Any] | None = None, seed: int =
 _TEXT_LAYERS = ("model.language_model.layers", "language_model.model.layers", "model.layers")
 _VISION_BLOCKS = ("model.visual.blocks", "visual.blocks")
 _DEEPSTACK = ("model.visual.deepstack_merger_list", "model.visual.merger_list", "visual.deepstack_merger_list")  # Omni: merger_list
-_WIDTH_KEYS = {
+WIDTH_KEYS = {
     "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_heads",
     "moe_intermediate_size", "num_experts", "num_experts_per_tok", "out_hidden_size", "vocab_size",
     "patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels", "num_position_embeddings",
@@ -581,15 +581,15 @@ def inherit_student(teacher: nn.Module, layers: dict[str, list[int]], overrides:
     vision ``depth``; Qwen3-VL's ``deepstack_visual_indexes`` (and their mergers) and Qwen2.5-VL's
     ``fullatt_block_indexes`` are remapped to the kept vision blocks (dropped when their block is
     removed); MoE ``mlp_only_layers`` / ``decoder_sparse_step`` keep each kept layer's MLP kind.
-    Width changes are not supported here (ValueError): use scratch_student for a narrower model.
+    Width changes are not made here (ValueError): `compress.prune.prune_widths` narrows a model first.
     """
     overrides = dict(overrides or {})
     for key in overrides:
         last = key.rsplit(".", 1)[-1]
-        if last in _WIDTH_KEYS:
+        if last in WIDTH_KEYS:
             raise ValueError(
                 f"inherit_student: width override {key!r} is not supported (only whole layers are dropped); "
-                f"use scratch_student for a narrower model"
+                f"prune the widths first (compress.prune.prune_widths; a recipe's `init: inherit` does it), or use scratch_student"
             )
         if last in ("num_hidden_layers", "depth"):
             raise ValueError(f"inherit_student: set depths through `layers`, not the override {key!r}")

@@ -320,7 +320,27 @@ def build_student(recipe: Recipe, teacher, t_proc, records):
         base, proc = teacher, t_proc
     if s.init == "scratch":
         return gm.scratch_student(base.config, s.overrides, seed=recipe.seed), proc
-    return gm.inherit_student(base, s.layers, s.overrides or None), proc
+    # inherit: prune the teacher's widths (compress.prune), then keep its chosen layers
+    from ..compress.prune import collect_importance, prune_widths, split_widths
+
+    widths, rest = split_widths(s.overrides)
+    model = base
+    if widths:
+        sample = list(records[: s.calibration])
+        if not sample:
+            raise RecipeError(f"{recipe.output_dir}: pruning the teacher's widths needs training records to calibrate on")
+
+        def calibrate(m) -> None:
+            device = next(m.parameters()).device
+            for i in range(0, len(sample), 8):
+                group = sample[i : i + 8]
+                batch = gm.encode_chat(proc, group, [r.load_images() for r in group])
+                gm.forward_signals(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+
+        model = prune_widths(base, widths, collect_importance(base, calibrate))
+    if s.layers or rest:
+        model = gm.inherit_student(model, s.layers, rest or None)
+    return model, proc
 
 
 def set_trainable(model, which: str) -> None:

@@ -176,7 +176,7 @@ def precompute_teacher(teacher: rm.Reranker, records, features: bool, path: str,
     return out
 
 
-def build_student(recipe: Recipe, teacher: rm.Reranker | None, texts: list[str]) -> rm.Reranker:
+def build_student(recipe: Recipe, teacher: rm.Reranker | None, texts: list[str], records: Sequence[RerankRecord] = ()) -> rm.Reranker:
     s = recipe.student
     if s.init == "tiny":
         tok = teacher.tokenizer if teacher is not None and teacher.chat_format and teacher.has_vision == (s.head == "yesno") else None
@@ -193,10 +193,27 @@ def build_student(recipe: Recipe, teacher: rm.Reranker | None, texts: list[str])
         from ..models.contrastive import apply_overrides
 
         return _from_config(apply_overrides(base.model.config, s.overrides), base, recipe.seed)
-    # inherit: keep chosen layers of the teacher (yes/no VLM rerankers share the generative adapter's surgery)
+    # inherit: prune the teacher's widths (compress.prune), then keep its chosen layers (the generative adapter's surgery)
+    from ..compress.prune import collect_importance, prune_widths, split_widths
     from ..models.generative import inherit_student
 
-    model = inherit_student(base.model, s.layers, s.overrides or None)
+    model = base.model
+    widths, rest = split_widths(s.overrides)
+    if widths:
+        if not records:
+            raise RecipeError(f"{recipe.output_dir}: pruning the teacher's widths needs training queries to calibrate on")
+        probe = rm.Reranker(model, base.processor, kind=base.kind, name="calibration", max_length=recipe.data.max_length)
+        probe.images = base.images
+        sample = list(records[: s.calibration])
+
+        def calibrate(m) -> None:
+            probe.model = m
+            for i in range(0, len(sample), 8):
+                probe.signals(sample[i : i + 8])
+
+        model = prune_widths(model, widths, collect_importance(model, calibrate))
+    if s.layers or rest:
+        model = inherit_student(model, s.layers, rest or None)
     return rm.Reranker(model, base.processor, kind=base.kind, name="student", max_length=recipe.data.max_length)
 
 
@@ -232,7 +249,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         teacher.images = cache
     try:
         texts = rm.record_texts(records)  # a tiny student's tokenizer is trained on them (plus the prompt frame)
-        student = build_student(recipe, teacher, texts)
+        student = build_student(recipe, teacher, texts, records)
         student.max_length = recipe.data.max_length
         student.images = cache
         loss = build_ranking_loss(terms, student.hidden_size(), teacher.hidden_size() if teacher is not None else None)
