@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import ensure_data, git_rev, machine, mean_std, variant, write
+from common import ensure_data, git_rev, machine, mean_std, run_or_reuse, variant, write
 
 from mmdistill import api
 
@@ -38,10 +38,17 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, object]]:
     return out
 
 
+STUDENTS = {  # --students: which shipped student recipes
+    "shipped": {},
+    "pruned": {"student-base": "reranker/shapesworld-student-pruned-alone.yaml", "student-kd": "reranker/shapesworld-student-pruned-kd.yaml"},
+}
+
+
 def family_recipes(out: Path, family: str, teacher_steps: int | None, student_steps: int | None, eval_items: int | None, sets: list[str] = (),
-                    teacher_dir: str = "teacher"):
+                    teacher_dir: str = "teacher", students: str = "shipped"):
     """The shipped recipes with the benchmark's budgets; the teacher trains in `out/teacher_dir` and the students use it."""
-    rs = api.demo_recipes(out, family=family)
+    rs = api.demo_recipes(out, family=family, stages=STUDENTS[students])
+    default_teacher = str(Path(rs["teacher"].output_dir) / "model")
     changes = {"train.save_every": 500}
     if eval_items:
         changes["eval.max_items"] = eval_items
@@ -49,7 +56,8 @@ def family_recipes(out: Path, family: str, teacher_steps: int | None, student_st
     t_model = str(Path(rs["teacher"].output_dir) / "model")
     for k in ("student-base", "student-kd"):
         rs[k] = variant(rs[k], k, **changes, **({"train.max_steps": student_steps} if student_steps else {}),
-                        **({"teacher.model": t_model} if rs[k].teacher is not None else {}), **({"eval.reference": t_model} if rs[k].eval.reference else {}))
+                        **({"teacher.model": t_model} if rs[k].teacher is not None else {}), **({"eval.reference": t_model} if rs[k].eval.reference else {}),
+                        **({"student.model": t_model} if rs[k].student.model == default_teacher else {}))  # a student pruned from the teacher
     for stage, kv in parse_sets(list(sets)).items():
         if stage not in rs:
             raise SystemExit(f"--set: unknown stage {stage!r}; choose one of {sorted(rs)} or 'students'")
@@ -69,6 +77,8 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE",
                     help="change one stage's recipe, e.g. vlm-teacher:train.max_steps=3000 or students:train.lr=0.001 (repeatable)")
     ap.add_argument("--teacher-dir", default="teacher", help="the teacher's run folder under --out (another name keeps a teacher of another budget beside the first)")
+    ap.add_argument("--students", choices=sorted(STUDENTS), default="shipped",
+                    help="reranker: 'pruned' runs the students pruned from the teacher (shapesworld-student-pruned-{alone,kd}.yaml)")
     ap.add_argument("--tag", default="", help="results file suffix: <family>_kd<-tag>.{md,json} (keeps the shipped-recipe results beside a variant's)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -77,7 +87,9 @@ def main() -> None:
     suffix = f"-{args.tag}" if args.tag else ""  # a tagged variant keeps its own run folders and results files
     module = api._recipe_module(family)
     ensure_data(args.out, args.n)
-    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets, args.teacher_dir)
+    if args.students != "shipped" and family != "reranker":
+        raise SystemExit(f"--students {args.students}: only for --family reranker")
+    recipes = family_recipes(args.out, family, args.teacher_steps, args.student_steps, args.eval_items, args.sets, args.teacher_dir, args.students)
     t0 = time.time()
     api.train_stages(recipes)
     t_eval = api.report([recipes["teacher"].output_dir], args.out / f"report-{args.teacher_dir}")["runs"][0]
@@ -86,7 +98,7 @@ def main() -> None:
         res = {}
         for role in ("student-base", "student-kd"):
             r = variant(recipes[role], f"{role}-s{seed}{suffix}", seed=seed)
-            res[role] = module.run(r, overwrite=True)["eval"]
+            res[role] = run_or_reuse(module, r, args.out)  # a finished identical run (e.g. under another tag) is reused
         rows.append({"seed": seed, "baseline": res["student-base"], "kd": res["student-kd"]})
 
     key = HEADLINE[family]

@@ -201,16 +201,21 @@ def _reroot(path: str | None, roots: dict[str, Path]) -> str | None:
     return path
 
 
-def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0) -> dict[str, Recipe]:
+def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0, stages: dict[str, str] | None = None) -> dict[str, Recipe]:
     """The shipped ShapesWorld recipes of `family` (in run order), pointed at `out` (quick: a few steps, for tests).
 
     Every model path of a recipe that names another stage's shipped run folder is moved to that
-    stage's folder under `out`, so the stages chain exactly as the shipped recipes do.
+    stage's folder under `out`, so the stages chain exactly as the shipped recipes do. `stages`
+    swaps a stage's shipped recipe for another (e.g. the pruned reranker students).
     """
     if family not in DEMO_RECIPES:
         raise RecipeError(f"unknown family {family!r}; choose one of {', '.join(DEMO_RECIPES)}")
+    unknown = set(stages or {}) - set(DEMO_RECIPES[family])
+    if unknown:
+        raise RecipeError(f"unknown {family} stage(s) {sorted(unknown)}; choose from {list(DEMO_RECIPES[family])}")
+    rels = {**DEMO_RECIPES[family], **(stages or {})}
     data = out / "data"
-    dicts = {name: load_recipe(shipped_config(rel)).model_dump(mode="json") for name, rel in DEMO_RECIPES[family].items()}
+    dicts = {name: load_recipe(shipped_config(rel)).model_dump(mode="json") for name, rel in rels.items()}
     roots = {d["output_dir"]: out / name for name, d in dicts.items()}
     recipes = {}
     for name, d in dicts.items():
@@ -230,7 +235,7 @@ def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False,
             d["train"].update(max_steps=6, batch_size=16 if stage == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
             d["data"]["max_records"] = 128 if stage == "contrastive" else 32
             d["eval"].update(max_items=64 if stage == "contrastive" else 16)
-        recipes[name] = recipe_from_dict(d, source=DEMO_RECIPES[family][name])
+        recipes[name] = recipe_from_dict(d, source=rels[name])
     return recipes
 
 

@@ -136,3 +136,15 @@ def test_reranker_demo_chains_its_stages(tmp_path):
         assert rs[name].eval.reference == str(tmp_path / "teacher" / "model")
     assert rs["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
     assert api.demo_recipes(tmp_path, family="generative")["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
+
+
+def test_demo_stages_can_be_swapped_for_the_pruned_students(tmp_path):
+    stages = {"student-base": "reranker/shapesworld-student-pruned-alone.yaml", "student-kd": "reranker/shapesworld-student-pruned-kd.yaml"}
+    rs = api.demo_recipes(tmp_path, family="reranker", stages=stages)
+    for name in ("student-base", "student-kd"):  # pruned from the demo's teacher, not the shipped path
+        assert rs[name].student.init == "inherit" and rs[name].student.model == str(tmp_path / "teacher" / "model")
+        assert rs[name].output_dir == tmp_path / name and rs[name].eval.reference == str(tmp_path / "teacher" / "model")
+    assert rs["student-base"].teacher is None and rs["student-kd"].teacher.model == str(tmp_path / "teacher" / "model")
+    assert rs["student-base"].student.overrides == rs["student-kd"].student.overrides  # the same student, with and without KD
+    with pytest.raises(RecipeError, match=r"unknown reranker stage\(s\) \['student'\]"):
+        api.demo_recipes(tmp_path, family="reranker", stages={"student": "reranker/shapesworld-student-pruned-kd.yaml"})
