@@ -129,23 +129,22 @@ def collect_importance(model: nn.Module, calibrate: Callable[[nn.Module], Any]) 
 
         return hook
 
-    tp = lay["text"]
-    for i in range(tc.num_hidden_layers):
-        layer = f"{tp}.layers.{i}"
-        handles.append(modules[f"{layer}.input_layernorm"].register_forward_hook(on_output("text.hidden")))
-        handles.append(modules[f"{layer}.post_attention_layernorm"].register_forward_hook(on_output("text.hidden")))
-        handles.append(modules[f"{layer}.self_attn.o_proj"].register_forward_pre_hook(on_input(f"text.{i}.heads", tc.num_attention_heads)))
-        handles.append(modules[f"{layer}.mlp.down_proj"].register_forward_pre_hook(on_input(f"text.{i}.mlp")))
-    handles.append(modules[f"{tp}.norm"].register_forward_hook(on_output("text.hidden")))
+    # per tower: (blocks, count, residual-stream norms, attention output projection, MLP down projection, heads)
+    towers = [("text", f"{lay['text']}.layers", tc.num_hidden_layers, ("input_layernorm", "post_attention_layernorm"), "self_attn.o_proj", "mlp.down_proj", tc.num_attention_heads)]
+    finals = [("text", f"{lay['text']}.norm")]
     if vc is not None:
-        vp = lay["vision"]
-        for j in range(vc.depth):
-            block = f"{vp}.blocks.{j}"
-            handles.append(modules[f"{block}.norm1"].register_forward_hook(on_output("vision.hidden")))
-            handles.append(modules[f"{block}.norm2"].register_forward_hook(on_output("vision.hidden")))
-            handles.append(modules[f"{block}.attn.proj"].register_forward_pre_hook(on_input(f"vision.{j}.heads", vc.num_heads)))
-            handles.append(modules[f"{block}.mlp.linear_fc2"].register_forward_pre_hook(on_input(f"vision.{j}.mlp")))
-        handles.append(modules[f"{vp}.merger.norm"].register_forward_hook(on_output("vision.hidden")))
+        towers.append(("vision", f"{lay['vision']}.blocks", vc.depth, ("norm1", "norm2"), "attn.proj", "mlp.linear_fc2", vc.num_heads))
+        finals.append(("vision", f"{lay['vision']}.merger.norm"))
+    for tower, blocks, count, norms, attn_out, mlp_out, heads in towers:
+        for i in range(count):
+            block = f"{blocks}.{i}"
+            for norm in norms:
+                handles.append(modules[f"{block}.{norm}"].register_forward_hook(on_output(f"{tower}.hidden")))
+            handles.append(modules[f"{block}.{attn_out}"].register_forward_pre_hook(on_input(f"{tower}.{i}.heads", heads)))
+            handles.append(modules[f"{block}.{mlp_out}"].register_forward_pre_hook(on_input(f"{tower}.{i}.mlp")))
+    for tower, norm in finals:
+        handles.append(modules[norm].register_forward_hook(on_output(f"{tower}.hidden")))
+    if vc is not None:
         for name in _mergers(model, lay):
             handles.append(modules[f"{name}.linear_fc2"].register_forward_pre_hook(on_input(f"{name}.mlp")))
     was_training = model.training
