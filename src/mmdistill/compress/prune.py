@@ -170,7 +170,7 @@ def _mergers(model: nn.Module, lay: dict[str, Any]) -> list[str]:
     return [f"{vp}.merger"] + [f"{vp}.deepstack_merger_list.{k}" for k in range(len(lay["vc"].deepstack_visual_indexes))]
 
 
-def _top(score: torch.Tensor | None, k: int, n: int) -> torch.Tensor:
+def _top(score: torch.Tensor | None, k: int) -> torch.Tensor:
     """Indices of the k best units (ascending order); the first k when a unit never ran (no score)."""
     if score is None:
         return torch.arange(k)
@@ -186,8 +186,8 @@ def _heads(score: torch.Tensor | None, heads: int, kv: int, new_heads: int, new_
     """(query heads, kv heads) to keep under grouped-query attention."""
     per, new_per = heads // kv, new_heads // new_kv
     score = torch.zeros(heads) if score is None else score
-    groups = _top(score.view(kv, per).sum(1), new_kv, kv)
-    q = [g * per + _top(score.view(kv, per)[g], new_per, per) for g in groups.tolist()]
+    groups = _top(score.view(kv, per).sum(1), new_kv)
+    q = [g * per + _top(score.view(kv, per)[g], new_per) for g in groups.tolist()]
     return torch.cat(q), groups
 
 
@@ -200,14 +200,14 @@ def prune_widths(model: nn.Module, widths: dict[str, int], importance: dict[str,
     keep: dict[str, torch.Tensor] = {}  # name of a tensor axis -> kept indices
 
     H = text.get("hidden_size", tc.hidden_size)
-    keep["H"] = _top(imp("text.hidden"), H, tc.hidden_size)
+    keep["H"] = _top(imp("text.hidden"), H)
     hd = tc.head_dim if getattr(tc, "head_dim", None) else tc.hidden_size // tc.num_attention_heads
     nh, nkv = text.get("num_attention_heads", tc.num_attention_heads), text.get("num_key_value_heads", tc.num_key_value_heads)
     I = text.get("intermediate_size", tc.intermediate_size)
     for i in range(tc.num_hidden_layers):
         q, kvh = _heads(imp(f"text.{i}.heads"), tc.num_attention_heads, tc.num_key_value_heads, nh, nkv)
         keep[f"q{i}"], keep[f"kv{i}"] = _span(q, hd), _span(kvh, hd)
-        keep[f"m{i}"] = _top(imp(f"text.{i}.mlp"), I, tc.intermediate_size)
+        keep[f"m{i}"] = _top(imp(f"text.{i}.mlp"), I)
 
     cfg = copy.deepcopy(model.config)
     ntc = cfg.text_config if lay["nested"] else cfg
@@ -217,16 +217,16 @@ def prune_widths(model: nn.Module, widths: dict[str, int], importance: dict[str,
         vhd = vc.hidden_size // vc.num_heads
         V, vn = vision.get("hidden_size", vc.hidden_size), vision.get("num_heads", vc.num_heads)
         VI = vision.get("intermediate_size", vc.intermediate_size)
-        keep["V"] = _top(imp("vision.hidden"), V, vc.hidden_size)
+        keep["V"] = _top(imp("vision.hidden"), V)
         merge = vc.spatial_merge_size**2
         keep["V4"] = _span(torch.arange(merge), vc.hidden_size).view(merge, -1)[:, keep["V"]].reshape(-1)
         for j in range(vc.depth):
-            heads = _top(imp(f"vision.{j}.heads"), vn, vc.num_heads)
+            heads = _top(imp(f"vision.{j}.heads"), vn)
             keep[f"vq{j}"] = _span(heads, vhd)
             keep[f"vqkv{j}"] = torch.cat([p * vc.hidden_size + keep[f"vq{j}"] for p in range(3)])
-            keep[f"vm{j}"] = _top(imp(f"vision.{j}.mlp"), VI, vc.intermediate_size)
+            keep[f"vm{j}"] = _top(imp(f"vision.{j}.mlp"), VI)
         for name in _mergers(model, lay):
-            keep[name] = _top(imp(f"{name}.mlp"), V * merge, vc.hidden_size * merge)
+            keep[name] = _top(imp(f"{name}.mlp"), V * merge)
         cfg.vision_config.hidden_size, cfg.vision_config.num_heads, cfg.vision_config.intermediate_size = V, vn, VI
         cfg.vision_config.out_hidden_size = H
 
