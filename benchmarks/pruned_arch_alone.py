@@ -4,7 +4,7 @@
 
 `family_kd.py --students pruned` compares the pruned-then-distilled student with the same pruned student trained on
 the labels, which still starts from the teacher's weights. This script builds a tiny Qwen3-VL of exactly the pruned
-student's shape (3 text layers of width 64, one key/value group of 2 query heads, MLP 160; one vision block of width
+student's shape, read from the distilled student's config.json (3 text layers of width 64, one key/value group of 2 query heads, MLP 160; one vision block of width
 32, 2 heads, MLP 64; 128 px images), trains it alone on the ShapesWorld captions as the shipped small VLM is
 (`generative/shapesworld-student-baseline.yaml`), then, per seed, trains a yes/no reranker from it on the labels
 only (`reranker/shapesworld-student-baseline.yaml`, the same budget as the pruned students). It compares each seed
@@ -24,19 +24,22 @@ from family_kd import family_recipes
 
 from mmdistill import api
 
-ARCH = {  # the shape of configs/reranker/shapesworld-student-pruned-kd.yaml's student, built from scratch
-    "text_config.hidden_size": 64,
-    "text_config.num_hidden_layers": 3,
-    "text_config.num_attention_heads": 2,
-    "text_config.num_key_value_heads": 1,
-    "text_config.intermediate_size": 160,
-    "vision_config.hidden_size": 32,
-    "vision_config.num_heads": 2,
-    "vision_config.intermediate_size": 64,
-    "vision_config.depth": 1,
-    "vision_config.deepstack_visual_indexes": [0],
-    "vision_config.out_hidden_size": 64,
+ARCH_KEYS = {  # what fixes the shape of a tiny Qwen3-VL built from a preset (head_dim follows hidden / heads)
+    "text_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"),
+    "vision_config": ("hidden_size", "num_heads", "intermediate_size", "depth", "deepstack_visual_indexes", "out_hidden_size"),
 }
+
+
+def arch_of(model_dir: str | Path) -> dict:
+    """The shape overrides of a saved Qwen3-VL (here the distilled pruned student), so the model built from scratch
+    is that architecture by construction, not by a copy of its numbers."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = {f"{part}.{key}": config[part][key] for part, keys in ARCH_KEYS.items() for key in keys}
+    if config["text_config"].get("head_dim", arch["text_config.hidden_size"] // arch["text_config.num_attention_heads"]) * arch[
+        "text_config.num_attention_heads"
+    ] != arch["text_config.hidden_size"]:
+        raise SystemExit(f"{model_dir}: head_dim x heads != hidden size; a preset-built model would not have this shape")
+    return arch
 
 
 def main() -> None:
@@ -59,7 +62,11 @@ def main() -> None:
     rs = family_recipes(args.out, "reranker", None, args.student_steps, None, teacher_dir=args.teacher_dir)
     if not (Path(rs["teacher"].output_dir) / "model").is_dir():
         raise SystemExit(f"no trained teacher in {rs['teacher'].output_dir}: run family_kd.py with --teacher-dir {args.teacher_dir} first")
-    vlm = variant(rs["vlm-student"], "vlm-pruned-arch", **{"student.preset": "vlm-teacher", "student.image_size": 128, "student.overrides": ARCH})
+    archs = {json.dumps(arch_of(kd[s]["model_dir"]), sort_keys=True) for s in args.seeds}
+    if len(archs) != 1:
+        raise SystemExit(f"the distilled students of {args.kd_results} differ in shape: {sorted(archs)}")
+    arch = json.loads(archs.pop())
+    vlm = variant(rs["vlm-student"], "vlm-pruned-arch", **{"student.preset": "vlm-teacher", "student.image_size": 128, "student.overrides": arch})
     run_or_reuse(api._recipe_module("generative"), vlm, args.out)
     rows = []
     for seed in args.seeds:
