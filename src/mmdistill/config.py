@@ -40,6 +40,12 @@ class DataConfig(Strict):
         "fresh each step (1 positive + n negatives, as cross-encoders are usually trained); fewer pairs per step, so faster steps. "
         "None: every document. Evaluation always ranks every document.",
     )
+    group_sampling: Literal["uniform", "graded"] = Field(
+        "uniform",
+        description="Reranker, with group_size: how the other documents of a group are drawn. uniform: all alike. graded: "
+        "without replacement with weight 1 + label, so near-misses (hard negatives) share a group with the best document "
+        "more often and a step spends its pairs where the order is hard; unlabelled queries draw uniformly.",
+    )
     curriculum: dict[str, float] | None = Field(
         None,
         description="Generative: difficulty curriculum, tag -> training progress at which records with that tag join, e.g. {easy: 0, medium: 0.3, hard: 0.5}; untagged records join at 0.",
@@ -175,6 +181,8 @@ class Recipe(Strict):
     def _check(self) -> "Recipe":
         if self.data.group_size is not None and self.family != "reranker":
             raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
+        if self.data.group_sampling != "uniform" and self.data.group_size is None:
+            raise ValueError(f"data.group_sampling={self.data.group_sampling} draws documents for a group: set data.group_size too (a reranker recipe)")
         if self.teacher is None:
             if self.student.init in ("scratch", "inherit") and not self.student.model:
                 if self.student.init == "inherit":
@@ -201,7 +209,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform"}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

@@ -111,6 +111,9 @@ def test_group_size_is_for_rerankers_only(tmp_path):
         load_recipe(p)
     p.write_text("family: reranker\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl, group_size: 4}\n")
     assert load_recipe(p).data.group_size == 4
+    p.write_text("family: reranker\noutput_dir: x\nstudent: {init: tiny}\ndata: {train: a.jsonl, group_sampling: graded}\n")
+    with pytest.raises(RecipeError, match="group_sampling=graded.*group_size"):
+        load_recipe(p)
 
 
 def test_model_config_overrides_stay_dotted(tmp_path):

@@ -47,3 +47,26 @@ def test_subset_keeps_labels_line_and_folder(records):
     assert sub.labels == [2, 3, 0]
     assert sub.line == rec.line == 1 and sub.base_dir == rec.base_dir
     assert subset(rec, list(range(10))) is rec
+
+
+def test_graded_sampling_draws_hard_negatives_more_often(records):
+    rec = records[0]  # labels [0, 2, 0, 3, 2, 0, 0, 1, 0, 0]: doc 3 is the best, docs 1 and 4 the near-misses
+    counts = {"uniform": [0] * 10, "graded": [0] * 10}
+    for sampling, c in counts.items():
+        for seed in range(2000):
+            docs = sample_group(rec, 4, random.Random(seed), sampling)
+            assert len(docs) == 4 and docs == sorted(docs) and len(set(docs)) == 4 and 3 in docs
+            for d in docs:
+                c[d] += 1
+    uni, gra = counts["uniform"], counts["graded"]
+    assert min(uni[i] for i in (0, 1, 2, 4)) > 0.8 * max(uni[i] for i in (0, 1, 2, 4))  # uniform: alike
+    assert gra[1] > 1.5 * gra[0] and gra[4] > 1.5 * gra[2]  # weight 3 (label 2) against weight 1 (label 0)
+    assert gra[0] < uni[0] and gra[1] > uni[1]
+    assert all(gra[i] > 0 for i in range(10))  # every document can still be drawn
+
+
+def test_graded_sampling_of_unlabelled_queries_and_bad_names(records):
+    assert len(sample_group(records[1], 3, random.Random(0), "graded")) == 3  # no labels: uniform
+    assert sample_group(records[0], None, random.Random(0), "graded") == list(range(10))
+    with pytest.raises(ValueError, match="'uniform' or 'graded'"):
+        sample_group(records[0], 4, random.Random(0), "hard")

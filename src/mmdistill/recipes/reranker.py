@@ -53,9 +53,12 @@ def load_rerank(path: Path, on_error: str, max_records: int | None, cache: rm.Im
     return kept, errors
 
 
-def sample_group(record: RerankRecord, size: int | None, rng: random.Random) -> list[int]:
+def sample_group(record: RerankRecord, size: int | None, rng: random.Random, sampling: str = "uniform") -> list[int]:
     """Indices of the documents a training step uses: all of them, or `size` of them — the best-labelled
-    one (the first on a tie; any one when unlabelled) and a uniform draw of the others, in their original order."""
+    one (the first on a tie; any one when unlabelled) and a draw of the others, in their original order.
+
+    sampling="uniform" draws the others alike; "graded" draws them without replacement with weight 1 + label
+    (Efraimidis–Spirakis keys u^(1/w)), so hard negatives join the best document more often."""
     n = len(record.documents)
     if size is None or n <= size:
         return list(range(n))
@@ -63,7 +66,14 @@ def sample_group(record: RerankRecord, size: int | None, rng: random.Random) -> 
         keep = max(range(n), key=lambda i: (record.labels[i], -i))
     else:
         keep = rng.randrange(n)
-    rest = rng.sample([i for i in range(n) if i != keep], size - 1)
+    others = [i for i in range(n) if i != keep]
+    if sampling == "graded" and record.labels is not None:
+        keys = {i: rng.random() ** (1.0 / (1.0 + max(record.labels[i], 0))) for i in others}
+        rest = sorted(others, key=lambda i: keys[i], reverse=True)[: size - 1]
+    elif sampling in ("uniform", "graded"):
+        rest = rng.sample(others, size - 1)
+    else:
+        raise ValueError(f"group sampling must be 'uniform' or 'graded', got {sampling!r}")
     return sorted([keep, *rest])
 
 
@@ -103,10 +113,12 @@ class RerankStep(nn.Module):
         t_cache: Signals | None = None,
         features: bool = False,
         group_size: int | None = None,
+        group_sampling: str = "uniform",
         seed: int = 0,
     ):
         super().__init__()
         self.group_size = group_size
+        self.group_sampling = group_sampling
         self.seed = seed
         self.model = student.model
         self.loss = loss
@@ -120,7 +132,7 @@ class RerankStep(nn.Module):
     def groups(self, indices: list[int], progress: float) -> list[list[int]]:
         """The documents of each query this step (a fresh draw per step when group_size is set; seeded, so a resumed run draws the same)."""
         rng = random.Random(f"{self.seed}:{progress!r}:{indices}")
-        return [sample_group(self.records[i], self.group_size, rng) for i in indices]
+        return [sample_group(self.records[i], self.group_size, rng, self.group_sampling) for i in indices]
 
     def teacher_signals(self, indices: list[int], docs: list[list[int]], recs: list[RerankRecord], k_max: int, device) -> Signals | None:
         if self.t_cache is not None:
@@ -265,7 +277,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         log(f"teacher: scoring {len(records)} training queries once (cache)")
         t_cache = precompute_teacher(teacher, records, features, path)
         teacher = None
-    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features, group_size=recipe.data.group_size, seed=recipe.seed)
+    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features, group_size=recipe.data.group_size, group_sampling=recipe.data.group_sampling, seed=recipe.seed)
 
     if accelerator.is_main_process:
         write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)
