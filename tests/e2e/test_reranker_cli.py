@@ -73,6 +73,11 @@ def test_distill_against_the_teacher_reports_agreement(world, terms):
     assert all(t in log[-1] for t in terms)
     ev = json.loads((world / name / "eval.json").read_text())
     assert 0.0 <= ev["metrics"]["top3_overlap"] <= 100.0 and -1.0 <= ev["metrics"]["kendall_tau"] <= 1.0
+    for part in ("per_instruction", "per_direction"):  # the agreement per instruction / direction, which pools back to the total
+        rows = ev[part].values()
+        assert sum(r["n"] for r in rows) == ev["queries"]
+        assert sum(r["n"] * r["top3_overlap"] for r in rows) / ev["queries"] == pytest.approx(ev["metrics"]["top3_overlap"])
+        assert all(-1.0 <= r["kendall_tau"] <= 1.0 for r in rows if r["kendall_tau"] == r["kendall_tau"])
     out = world / f"report-{name}"
     mmd("report", world / "teacher", world / name, "--out", out)
     rep = json.loads((out / "report.json").read_text())

@@ -65,11 +65,34 @@ def load_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "size_bytes": data.get("size_bytes"),
         "latency_ms": data.get("latency_ms") or {},
         **({"chance": data["chance"]} if isinstance(data.get("chance"), dict) else {}),
+        **{k: data[k] for k in BREAKDOWNS if isinstance(data.get(k), dict)},
     }
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+BREAKDOWNS = {"per_instruction": "instruction", "per_direction": "direction"}  # eval.json sections a report tabulates
+
+
+def _breakdown_lines(report: dict[str, Any], line) -> list[str]:
+    """One table per breakdown that some run has: a row per instruction (or direction), a column per run and metric."""
+    parts: list[str] = []
+    for section, what in BREAKDOWNS.items():
+        runs = [run for run in report["runs"] if run.get(section)]
+        if not runs:
+            continue
+        keys = _ordered_union([run[section] for run in runs])
+        columns = [(run, m) for m in ("ndcg@10", "top3_overlap") for run in runs if any(m in d for d in run[section].values())]
+        header = [what, "queries", *[f"{run['name']} {m}" for run, m in columns]]
+        parts += [f"Per {what}:", "", line(header), line(["---"] * len(header))]
+        for key in keys:
+            n = next((run[section][key].get("n") for run in runs if key in run[section]), None)
+            cells = [_num(run[section].get(key, {}).get(m)) for run, m in columns]
+            parts.append(line([str(key), "—" if n is None else str(int(n)), *cells]))
+        parts.append("")
+    return parts
 
 
 def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,6 +131,8 @@ def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "latency_ms": {k: float(v) for k, v in latency.items()},
                 # the metrics of random scores on the same items (rerankers), where the floor is far from 0
                 "chance": {k: float(v) for k, v in (run.get("chance") or {}).items() if _is_number(v)},
+                # rerankers: metrics per instruction / direction, {key: {metric: value, "n": queries}}
+                **{b: run[b] for b in BREAKDOWNS if isinstance(run.get(b), dict)},
             }
         )
     return cleaned
@@ -276,6 +301,7 @@ def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None) -
         parts += [f"Chance (random scores on the same queries): {shown}.", ""]
     if report["summary"]:
         parts += [*report["summary"], ""]
+    parts += _breakdown_lines(report, line)
     if loss_curves:
         parts += [f"![loss curves]({loss_curves})", ""]
     return "\n".join(parts)

@@ -90,21 +90,23 @@ def evaluate_folder(
     result["chance"] = chance_metrics(labels, ks=tuple(ks))
 
     ref_scores = None
+    agree_per_query: dict[str, list[float]] = {}
     if reference is not None and Path(str(reference)).resolve() != Path(str(model_dir)).resolve():
         ref = rm.load_reranker(str(reference), max_length=max_length)
         ref.model.eval()
         ref.images = cache
         ref_scores = ref.score_records(records, path=str(data_path))
-        agree = teacher_agreement(scores, ref_scores, k=3)
+        agree = teacher_agreement(scores, ref_scores, k=3, per_query=True)
+        agree_per_query = {m: agree["per_query"][m] for m in ("top3_overlap", "kendall_tau")}
         metrics["top3_overlap"] = 100.0 * agree["top3_overlap"]
         metrics["kendall_tau"] = agree["kendall_tau"]
         result["reference"] = str(reference)
     result["metrics"] = metrics
 
     def breakdown_by(keys: list[str]) -> dict[str, Any]:
-        wanted = {m: per_query[m] for m in ("ndcg@10", "mrr@10") if m in per_query}
+        wanted = {m: per_query[m] for m in ("ndcg@10", "mrr@10") if m in per_query} | agree_per_query
         table = breakdown(wanted, keys)
-        return {k: {m: 100.0 * v if m != "n" else v for m, v in d.items()} for k, d in table.items()}
+        return {k: {m: v if m in ("n", "kendall_tau") else 100.0 * v for m, v in d.items()} for k, d in table.items()}
 
     result["per_instruction"] = breakdown_by([r.instruction for r in records])
     directions = [str((r.meta or {}).get("direction", "all")) for r in records]

@@ -151,3 +151,26 @@ def test_load_run_summary_invalid_json(tmp_path):
     (tmp_path / "eval.json").write_text('{"metrics": {')
     with pytest.raises(ValueError, match="eval.json: invalid JSON at line 1"):
         load_run_summary(tmp_path)
+
+
+def test_reranker_reports_tabulate_each_instruction(tmp_path):
+    """eval.json's per-instruction / per-direction sections become one table each, a row per key, a column per run."""
+    runs = []
+    for name, role, ndcg, per in (
+        ("teacher", "teacher", 90.0, {"find the image": (88.0, None, 6), "find the caption": (92.0, None, 4)}),
+        ("student-kd", "student", 86.0, {"find the image": (81.0, 70.0, 6), "find the caption": (93.5, 90.0, 4)}),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        sections = {k: {"ndcg@10": v[0], "n": v[2], **({"top3_overlap": v[1]} if v[1] is not None else {})} for k, v in per.items()}
+        (d / "eval.json").write_text(json.dumps({"name": name, "role": role, "metrics": {"ndcg@10": ndcg}, "per_instruction": sections}))
+        runs.append(load_run_summary(d))
+    write_report(runs, tmp_path / "report", title="Reranker", headline="ndcg@10")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Per instruction:" in md and "Per direction:" not in md  # no run has directions
+    table = md[md.index("Per instruction:"):].splitlines()
+    assert table[2] == "| instruction | queries | teacher ndcg@10 | student-kd ndcg@10 | student-kd top3_overlap |"  # the teacher has no agreement column
+    assert "| find the image | 6 | 88.00 | 81.00 | 70.00 |" in table
+    assert "| find the caption | 4 | 92.00 | 93.50 | 90.00 |" in table
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["runs"][1]["per_instruction"]["find the image"]["top3_overlap"] == 70.0
