@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -42,14 +43,30 @@ def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
     return data
 
 
-def run_or_reuse(module, recipe: Recipe, root: Path, log=print) -> dict:
-    """Run `recipe`, or reuse the eval of a finished run under `root` that is the same run (`api.is_finished`)
-    with the same eval settings (an ablation variant identical to a seed of family_kd.py: same code, data, seed and recipe)."""
+def eval_of(module, recipe: Recipe, run_dir: Path | None = None, log=print) -> dict:
+    """The eval of the finished run in `run_dir` (default: the recipe's folder) under the recipe's eval settings: its
+    eval.json when it was evaluated so, else the model re-evaluated into eval-<settings hash>.json (kept, reused)."""
+    run_dir = Path(run_dir or recipe.output_dir)
     ev = recipe.model_dump(mode="json")["eval"]
-    for meta in sorted(root.glob("*/run.json")):
-        if api.is_finished(recipe.model_copy(update={"output_dir": meta.parent})) and json.loads(meta.read_text())["recipe"]["eval"] == ev:
-            log(f"{recipe.output_dir}: same run as {meta.parent}; reusing its eval")
-            return json.loads((meta.parent / "eval.json").read_text())
+    if json.loads((run_dir / "run.json").read_text())["recipe"]["eval"] == ev:
+        return json.loads((run_dir / "eval.json").read_text())
+    path = run_dir / f"eval-{hashlib.sha256(json.dumps(ev, sort_keys=True).encode()).hexdigest()[:8]}.json"
+    if not path.is_file():
+        log(f"{run_dir}: evaluating its model again with other eval settings -> {path.name}")
+        module.evaluate_run(recipe.model_copy(update={"output_dir": run_dir}), out_path=path)
+    return json.loads(path.read_text())
+
+
+def run_or_reuse(module, recipe: Recipe, root: Path, log=print) -> dict:
+    """Run `recipe`, or reuse a finished run under `root` that is the same run (`api.is_finished`: same code, data,
+    seed and recipe, e.g. an ablation variant identical to a seed of family_kd.py): its eval when it was evaluated with
+    the same settings, else its model evaluated again with these (`eval_of`); training is never repeated."""
+    ev = recipe.model_dump(mode="json")["eval"]
+    same = [meta.parent for meta in sorted(root.glob("*/run.json")) if api.is_finished(recipe.model_copy(update={"output_dir": meta.parent}))]
+    if same:
+        exact = [d for d in same if json.loads((d / "run.json").read_text())["recipe"]["eval"] == ev]
+        log(f"{recipe.output_dir}: same run as {(exact or same)[0]}; reusing it")
+        return eval_of(module, recipe, (exact or same)[0], log=log)
     return module.run(recipe, overwrite=True)["eval"]
 
 

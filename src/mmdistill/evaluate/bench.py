@@ -90,6 +90,13 @@ def measure_latency(
     }
 
 
+def beside(out_path: str | os.PathLike[str], name: str) -> Path:
+    """The file an evaluation writes next to its result: ``name`` beside ``eval.json``, ``<stem>.<name>`` beside any
+    other result file (``eval-full.json`` -> ``eval-full.scores.jsonl``), so a re-evaluation keeps the first one's."""
+    out_path = Path(out_path)
+    return out_path.with_name(name if out_path.name == "eval.json" else f"{out_path.stem}.{name}")
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements in ``model``; shared (tied) parameters count once.
 

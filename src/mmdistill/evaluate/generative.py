@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import count_parameters, size_on_disk
+from .bench import beside, count_parameters, size_on_disk
 
 
 def _peak_rss_bytes() -> int | None:
@@ -107,7 +107,7 @@ def evaluate_folder(
         result["agreement_per_skill"] = scores.get("agreement_per_skill", {})
     if out_path is not None:
         Path(out_path).write_text(json.dumps(result, indent=2))
-        with Path(out_path).with_name("answers.jsonl").open("w") as f:
+        with beside(out_path, "answers.jsonl").open("w") as f:
             for it, r in zip(items, records):
                 f.write(json.dumps({"id": r.id, "prompt": r.prompt, **it}) + "\n")
     return result

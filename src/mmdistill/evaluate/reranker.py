@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..models import reranker as rm
-from .bench import count_parameters, measure_latency, size_on_disk
+from .bench import beside, count_parameters, measure_latency, size_on_disk
 
 
 def query_latency(reranker: rm.Reranker, record, candidates: int = 20) -> dict[str, float]:
@@ -121,7 +121,7 @@ def evaluate_folder(
         result["throughput"] = {"pairs_per_s": lat["pairs_per_s"]}
     if out_path is not None:
         Path(out_path).write_text(json.dumps(result, indent=2))
-        scores_path = Path(out_path).with_name("scores.jsonl")
+        scores_path = beside(out_path, "scores.jsonl")
         with scores_path.open("w") as f:
             for i, (r, s) in enumerate(zip(records, scores)):
                 f.write(json.dumps({"id": r.id if r.id is not None else i, "scores": s, **({"reference": ref_scores[i]} if ref_scores else {})}) + "\n")

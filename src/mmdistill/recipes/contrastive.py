@@ -169,6 +169,26 @@ def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
 # the run
 
 
+def evaluate_run(recipe: Recipe, out_path: Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's saved model on `data.val` with the recipe's eval settings; writes `out_path` (default:
+    the run's eval.json). Also what a benchmark calls to re-evaluate a finished run with other eval settings."""
+    from ..evaluate.contrastive import evaluate_folder
+
+    out = Path(recipe.output_dir)
+    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+    return evaluate_folder(
+        out / "model",
+        recipe.data.val,
+        zeroshot=recipe.data.zeroshot,
+        out_path=out_path or out / "eval.json",
+        name=recipe.name or out.name,
+        role=role,
+        max_items=recipe.eval.max_items,
+        ks=recipe.eval.ks,
+        latency=recipe.eval.latency,
+    )
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
     out = Path(recipe.output_dir)
     # find_unused_parameters: a student parameter the chosen loss never reads (SigLIP's logit_bias, the
@@ -224,18 +244,5 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     summary: dict[str, Any] = train_summary(result, errors, out, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if evaluate_after and recipe.data.val is not None:
-            from ..evaluate.contrastive import evaluate_folder
-
-            role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
-            summary["eval"] = evaluate_folder(
-                out / "model",
-                recipe.data.val,
-                zeroshot=recipe.data.zeroshot,
-                out_path=out / "eval.json",
-                name=recipe.name or out.name,
-                role=role,
-                max_items=recipe.eval.max_items,
-                ks=recipe.eval.ks,
-                latency=recipe.eval.latency,
-            )
+            summary["eval"] = evaluate_run(recipe)
     return summary

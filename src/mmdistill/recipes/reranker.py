@@ -236,6 +236,29 @@ def _from_config(config, like: rm.Reranker, seed: int) -> rm.Reranker:
     return rm.Reranker(model, like.processor, kind=like.kind, name="student", max_length=like.max_length)
 
 
+def evaluate_run(recipe: Recipe, out_path: Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's saved model on `data.val` with the recipe's eval settings; writes `out_path` (default:
+    the run's eval.json). Also what a benchmark calls to re-evaluate a finished run with other eval settings."""
+    from ..evaluate.reranker import evaluate_folder
+
+    out = Path(recipe.output_dir)
+    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+    reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
+    return evaluate_folder(
+        out / "model",
+        recipe.data.val,
+        out_path=out_path or out / "eval.json",
+        name=recipe.name or out.name,
+        role=role,
+        max_items=recipe.eval.max_items,
+        ks=recipe.eval.ks,
+        latency=recipe.eval.latency,
+        candidates=recipe.eval.candidates,
+        reference=reference,
+        max_length=recipe.data.max_length,
+    )
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
     from ..losses.ranking import build_ranking_loss
 
@@ -292,21 +315,5 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     summary: dict[str, Any] = train_summary(result, errors, out, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if evaluate_after and recipe.data.val is not None:
-            from ..evaluate.reranker import evaluate_folder
-
-            role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
-            reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
-            summary["eval"] = evaluate_folder(
-                out / "model",
-                recipe.data.val,
-                out_path=out / "eval.json",
-                name=recipe.name or out.name,
-                role=role,
-                max_items=recipe.eval.max_items,
-                ks=recipe.eval.ks,
-                latency=recipe.eval.latency,
-                candidates=recipe.eval.candidates,
-                reference=reference,
-                max_length=recipe.data.max_length,
-            )
+            summary["eval"] = evaluate_run(recipe)
     return summary

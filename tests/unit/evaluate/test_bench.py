@@ -1,5 +1,7 @@
 """Latency, size and memory helpers: behaviour only, never wall-clock thresholds."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -62,3 +64,11 @@ def test_human_bytes(n, text):
 def test_peak_memory_is_positive():
     assert peak_memory("cpu") > 1024 * 1024  # a Python process with torch holds more than 1 MiB
     assert peak_memory() > 0
+
+
+def test_files_written_beside_a_result_keep_apart():
+    from mmdistill.evaluate.bench import beside
+
+    assert beside("run/eval.json", "scores.jsonl") == Path("run/scores.jsonl")  # what reports and rank_agreement read
+    assert beside("run/eval-1a2b3c4d.json", "scores.jsonl") == Path("run/eval-1a2b3c4d.scores.jsonl")
+    assert beside(Path("run/eval-full.json"), "answers.jsonl") == Path("run/eval-full.answers.jsonl")
