@@ -51,8 +51,10 @@ def main() -> None:
     ap.add_argument("--teacher-dir", default="teacher-3k", help="the trained teacher the agreement is measured against")
     ap.add_argument("--kd-results", type=Path, default=Path(__file__).parent / "results" / "reranker_kd-pruned.json")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--tag", default="", help="results file suffix and run-folder suffix, e.g. 6k for --student-steps 6000 --kd-results .../reranker_kd-pruned-6k.json")
     args = ap.parse_args()
 
+    suffix = f"-{args.tag}" if args.tag else ""
     kd = {r["seed"]: r["kd"] for r in json.loads(args.kd_results.read_text())["rows"]}
     missing = [s for s in args.seeds if s not in kd]
     if missing:
@@ -70,13 +72,13 @@ def main() -> None:
     run_or_reuse(api._recipe_module("generative"), vlm, args.out)
     rows = []
     for seed in args.seeds:
-        r = variant(rs["student-base"], f"student-base-s{seed}-pruned-arch", seed=seed, **{"student.model": str(Path(vlm.output_dir) / "model")})
+        r = variant(rs["student-base"], f"student-base-s{seed}-pruned-arch{suffix}", seed=seed, **{"student.model": str(Path(vlm.output_dir) / "model")})
         rows.append({"seed": seed, "alone": run_or_reuse(api._recipe_module("reranker"), r, args.out), "kd": kd[seed]})
 
     key = "ndcg@10"
     gap = [r["kd"]["metrics"][key] - r["alone"]["metrics"][key] for r in rows]
     md = [
-        "### The pruned reranker student's architecture trained without the teacher (strict no-KD baseline)",
+        f"### The pruned reranker student's architecture trained without the teacher (strict no-KD baseline; reranker stage {args.student_steps} steps)",
         "",
         f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
         "",
@@ -89,7 +91,7 @@ def main() -> None:
                   f"{a['metrics'].get('top3_overlap', float('nan')):.1f} / {k['metrics'].get('top3_overlap', float('nan')):.1f} |")
     md += ["", f"- Pruned + distilled − same architecture trained alone from scratch, {key}: **{mean_std(gap)} points** (target > 0).", ""]
     payload = {"rows": rows, "gap": gap, "vlm": str(vlm.output_dir), "machine": machine(), "commit": git_rev()}
-    write(args.results, "reranker_pruned_arch_alone", payload, "\n".join(md))
+    write(args.results, f"reranker_pruned_arch_alone{suffix}", payload, "\n".join(md))
 
 
 if __name__ == "__main__":
