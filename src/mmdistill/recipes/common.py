@@ -84,3 +84,17 @@ def train_summary(result, errors: list, out: Path, write: bool) -> dict:
     if write:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def evaluate_with(evaluate_folder, recipe, out_path: Path | None = None, *, reference: bool = True, **options) -> dict:
+    """Evaluate a run's saved model on `data.val` with the recipe's eval settings and a family's `evaluate_folder`;
+    writes `out_path` (default: the run's eval.json). `options`: the family's own settings. A student is compared
+    with `eval.reference`, else its teacher, when `reference`."""
+    out = Path(recipe.output_dir)
+    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
+    if reference:
+        options["reference"] = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
+    return evaluate_folder(
+        out / "model", recipe.data.val, out_path=out_path or out / "eval.json", name=recipe.name or out.name, role=role,
+        max_items=recipe.eval.max_items, latency=recipe.eval.latency, **options,
+    )

@@ -21,7 +21,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-from .common import check_run_dir, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import check_run_dir, evaluate_with, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,19 +174,7 @@ def evaluate_run(recipe: Recipe, out_path: Path | None = None) -> dict[str, Any]
     the run's eval.json). Also what a benchmark calls to re-evaluate a finished run with other eval settings."""
     from ..evaluate.contrastive import evaluate_folder
 
-    out = Path(recipe.output_dir)
-    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
-    return evaluate_folder(
-        out / "model",
-        recipe.data.val,
-        zeroshot=recipe.data.zeroshot,
-        out_path=out_path or out / "eval.json",
-        name=recipe.name or out.name,
-        role=role,
-        max_items=recipe.eval.max_items,
-        ks=recipe.eval.ks,
-        latency=recipe.eval.latency,
-    )
+    return evaluate_with(evaluate_folder, recipe, out_path, reference=False, zeroshot=recipe.data.zeroshot, ks=recipe.eval.ks)
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:

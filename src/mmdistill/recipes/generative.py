@@ -34,7 +34,7 @@ from ..engine.schedules import make_schedule
 from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
 from ..losses.features import FeatureLoss
 from ..signals import Signals
-from .common import check_run_dir, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("kd", "vision", "text")
 GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
@@ -367,20 +367,7 @@ def evaluate_run(recipe: Recipe, out_path: Path | None = None) -> dict[str, Any]
     the run's eval.json). Also what a benchmark calls to re-evaluate a finished run with other eval settings."""
     from ..evaluate.generative import evaluate_folder
 
-    out = Path(recipe.output_dir)
-    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
-    reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
-    return evaluate_folder(
-        out / "model",
-        recipe.data.val,
-        out_path=out_path or out / "eval.json",
-        name=recipe.name or out.name,
-        role=role,
-        max_items=recipe.eval.max_items,
-        latency=recipe.eval.latency,
-        reference=reference,
-        max_new_tokens=recipe.eval.max_new_tokens,
-    )
+    return evaluate_with(evaluate_folder, recipe, out_path, max_new_tokens=recipe.eval.max_new_tokens)
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..data.records import RecordError, RerankRecord, read_records
 from ..engine.loop import seed_everything, train_loop
 from ..models import reranker as rm
 from ..signals import Signals
-from .common import check_run_dir, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("pointwise", "margin_mse", "listwise_kl", "feature")
 
@@ -241,22 +241,7 @@ def evaluate_run(recipe: Recipe, out_path: Path | None = None) -> dict[str, Any]
     the run's eval.json). Also what a benchmark calls to re-evaluate a finished run with other eval settings."""
     from ..evaluate.reranker import evaluate_folder
 
-    out = Path(recipe.output_dir)
-    role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
-    reference = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
-    return evaluate_folder(
-        out / "model",
-        recipe.data.val,
-        out_path=out_path or out / "eval.json",
-        name=recipe.name or out.name,
-        role=role,
-        max_items=recipe.eval.max_items,
-        ks=recipe.eval.ks,
-        latency=recipe.eval.latency,
-        candidates=recipe.eval.candidates,
-        reference=reference,
-        max_length=recipe.data.max_length,
-    )
+    return evaluate_with(evaluate_folder, recipe, out_path, ks=recipe.eval.ks, candidates=recipe.eval.candidates, max_length=recipe.data.max_length)
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=print, evaluate_after: bool = True) -> dict[str, Any]:
