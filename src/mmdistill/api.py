@@ -145,7 +145,7 @@ def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdisti
         summary.setdefault("run_dir", str(d))
         runs.append(summary)
         families.add(json.loads((Path(d) / "eval.json").read_text()).get("family", "contrastive"))
-    if headline is None:
+    if headline is None and not any(r.get("headline") for r in runs):  # else: the reference's eval.json chose it
         headline = HEADLINES[families.pop()] if len(families) == 1 else "mean_R@1"
     if baseline is None:
         baseline = next((r["name"] for r in runs if r.get("role") == "baseline"), None)

@@ -73,6 +73,7 @@ class LoopResult:
     last: dict[str, float]
     resumed_from: int | None
     seconds: float
+    samples: int = 0  # training samples this process's session went through (global batch × accumulation × steps run)
 
 
 def _mixed_precision(precision: str) -> str:
@@ -255,7 +256,7 @@ def train_loop(
     if on_end is not None and accelerator.is_main_process:
         on_end(unwrapped)
     accelerator.wait_for_everyone()
-    return LoopResult(step=cfg.max_steps, last=last, resumed_from=resumed_from, seconds=time.perf_counter() - t0)
+    return LoopResult(step=cfg.max_steps, last=last, resumed_from=resumed_from, seconds=time.perf_counter() - t0, samples=(cfg.max_steps - (resumed_from or 0)) * cfg.batch_size * cfg.grad_accum)
 
 
 class _null:

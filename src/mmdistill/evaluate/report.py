@@ -65,8 +65,27 @@ def load_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "size_bytes": data.get("size_bytes"),
         "latency_ms": data.get("latency_ms") or {},
         **({"chance": data["chance"]} if isinstance(data.get("chance"), dict) else {}),
+        **({"headline": data["headline"]} if isinstance(data.get("headline"), dict) else {}),
+        **({"training": training} if (training := _training(run_dir)) else {}),
         **{k: data[k] for k in BREAKDOWNS if isinstance(data.get(k), dict)},
     }
+
+
+TRAIN_FILE = "train_summary.json"
+
+
+def _training(run_dir: Path) -> dict[str, float]:
+    """Wall time, steps, samples/s and peak RSS of a run, from its train_summary.json ({} when absent)."""
+    path = run_dir / TRAIN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: not valid JSON, training figures left out", stacklevel=3)
+        return {}
+    keys = ("train_seconds", "steps", "samples_per_s", "peak_rss_bytes")
+    return {k: float(data[k]) for k in keys if _is_number(data.get(k))}
 
 
 def _is_number(x: Any) -> bool:
@@ -133,6 +152,10 @@ def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "chance": {k: float(v) for k, v in (run.get("chance") or {}).items() if _is_number(v)},
                 # rerankers: metrics per instruction / direction, {key: {metric: value, "n": queries}}
                 **{b: run[b] for b in BREAKDOWNS if isinstance(run.get(b), dict)},
+                # the evaluator's choice of headline metric for this gallery: {"metric": key, "why": sentence}
+                **({"headline": run["headline"]} if isinstance(run.get("headline"), dict) else {}),
+                # train_summary.json: wall time, steps, samples/s, peak RSS
+                "training": run.get("training") or {},
             }
         )
     return cleaned
@@ -166,9 +189,13 @@ def build_report(
     title: str,
     baseline: str | None = None,
     reference: str = "teacher",
-    headline: str = "mean_R@1",
+    headline: str | None = None,
 ) -> dict[str, Any]:
     """Compute the content of ``report.json`` without writing anything.
+
+    ``headline``: the metric the summary sentences and the retention column use; None takes the
+    reference run's own choice (``eval.json``'s ``headline``, e.g. zero-shot accuracy when captions
+    repeat), else ``mean_R@1``; the report keeps the evaluator's reason beside it.
 
     ``reference`` and ``baseline`` name a run, or a role held by exactly one run; with
     ``baseline=None`` the single run with role ``"baseline"`` (if any) is the baseline.
@@ -181,6 +208,10 @@ def build_report(
     """
     runs = _clean_runs(runs)
     ref = _pick(runs, reference, "reference")
+    chosen = ref.get("headline") or {}
+    if headline is None:
+        headline = chosen.get("metric") or "mean_R@1"
+    why = chosen.get("why") if chosen.get("metric") == headline else None
     if baseline is not None:
         base = _pick(runs, baseline, "baseline")
     else:
@@ -203,6 +234,7 @@ def build_report(
         "reference": ref["name"],
         "baseline": base["name"] if base else None,
         "headline": headline,
+        "headline_why": why,
         "metric_names": _ordered_union([run["metrics"] for run in runs]),
         "latency_keys": _ordered_union([run["latency_ms"] for run in runs]),
         "runs": runs,
@@ -261,6 +293,9 @@ def _table_cells(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "role", "params", "size on disk", *report["metric_names"]]
     header += [f"latency ms ({slash})" if keys else "latency ms", f"retention ({headline})"]
     header += [f"speed-up ({slash})" if keys else "speed-up"]
+    trained = any(run.get("training") for run in report["runs"])
+    if trained:
+        header += ["train time", "steps", "samples/s", "peak RSS"]
 
     rows = []
     for run in report["runs"]:
@@ -279,10 +314,42 @@ def _table_cells(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 " / ".join(_num(s, "{:.2f}×") for s in speedup) or "—",
             ]
         )
+        if trained:
+            t = run.get("training") or {}
+            rows[-1] += [
+                _duration(t.get("train_seconds")),
+                _num(t.get("steps"), "{:.0f}"),
+                _num(t.get("samples_per_s"), "{:.1f}"),
+                "—" if t.get("peak_rss_bytes") is None else human_bytes(t["peak_rss_bytes"]),
+            ]
     return header, rows
 
 
-def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _legend(report: dict[str, Any], trained: bool) -> list[str]:
+    """What each column of the table means."""
+    ref = report["reference"]
+    lines = [
+        "Columns:",
+        "- params: parameter count; size on disk: the model folder's files (weights, tokenizer, config).",
+        "- metric columns: the family's evaluation on the same held-out records, higher is better "
+        "(R@k in percent; i2t = image→text over the distinct captions, t2i = text→image over the distinct images).",
+        f"- latency ms: median model time per batch at each batch size (bs1, bs32) or per query / sample; "
+        f"speed-up = `{ref}`'s latency ÷ the run's.",
+        f"- retention ({report['headline']}): the run's {report['headline']} ÷ `{ref}`'s.",
+    ]
+    if trained:
+        lines.append("- train time: wall time of the training loop; steps: optimizer steps; samples/s: training samples "
+                     "per second of that loop; peak RSS: the training process's peak resident memory (model building and data included).")
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None, retention_plot: str | None = None) -> str:
     """The ``report.md`` text for a report dict from ``build_report``."""
 
     def line(cells: list[str]) -> str:
@@ -299,9 +366,14 @@ def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None) -
     if chance:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in chance.items() if k in report["metric_names"])
         parts += [f"Chance (random scores on the same queries): {shown}.", ""]
+    if report.get("headline_why"):
+        parts += [f"Headline metric: {report['headline']}, because {report['headline_why']}.", ""]
     if report["summary"]:
         parts += [*report["summary"], ""]
+    parts += _legend(report, any(run.get("training") for run in report["runs"]))
     parts += _breakdown_lines(report, line)
+    if retention_plot:
+        parts += [f"![{report['headline']} per run]({retention_plot})", ""]
     if loss_curves:
         parts += [f"![loss curves]({loss_curves})", ""]
     return "\n".join(parts)
@@ -313,7 +385,7 @@ def render_table(
     title: str | None = None,
     baseline: str | None = None,
     reference: str = "teacher",
-    headline: str = "mean_R@1",
+    headline: str | None = None,
 ) -> Table:
     """The report table as a ``rich.table.Table`` (what the CLI prints)."""
     header, rows = _table_cells(
@@ -394,6 +466,36 @@ def plot_loss_curves(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str
     return True
 
 
+def plot_retention(report: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """A bar per run of the headline metric, the reference's value as a dashed line, retention printed on
+    each bar. Returns whether a PNG was written (False when fewer than two runs have the metric)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    headline = report["headline"]
+    runs = [run for run in report["runs"] if headline in run["metrics"]]
+    ref = next((run for run in runs if run["name"] == report["reference"]), None)
+    if len(runs) < 2 or ref is None:
+        return False
+    fig = Figure(figsize=(1.6 * len(runs) + 2, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    values = [run["metrics"][headline] for run in runs]
+    colors = ["C0" if run is ref else ("C7" if run["role"] == "baseline" else "C1") for run in runs]
+    bars = ax.bar([run["name"] for run in runs], values, color=colors)
+    ax.axhline(ref["metrics"][headline], color="k", linestyle="--", linewidth=1, label=f"{ref['name']} ({headline} {ref['metrics'][headline]:.2f})")
+    for bar, run in zip(bars, runs):
+        kept = 1.0 if run is ref else run.get("retention", {}).get(headline)
+        label = f"{run['metrics'][headline]:.1f}" + ("" if kept is None else f"\n{kept * 100:.0f}%")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize="small")
+    ax.set_ylabel(headline)
+    ax.set_ylim(0, max(values) * 1.25 if max(values) > 0 else 1)
+    ax.set_title(f"{headline} per run (bar label: value and retention)")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.savefig(path, dpi=120)
+    return True
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -411,7 +513,7 @@ def write_report(
     title: str,
     baseline: str | None = None,
     reference: str = "teacher",
-    headline: str = "mean_R@1",
+    headline: str | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and (when logs exist) ``loss_curves.png`` to ``out_dir``.
 
@@ -424,6 +526,8 @@ def write_report(
 
     png = out_dir / "loss_curves.png"
     report["loss_curves"] = png.name if plot_loss_curves(report["runs"], png) else None
+    bars = out_dir / "retention.png"
+    report["retention_plot"] = bars.name if plot_retention(report, bars) else None
     _write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
-    _write_text(out_dir / "report.md", render_markdown(report, loss_curves=report["loss_curves"]))
+    _write_text(out_dir / "report.md", render_markdown(report, loss_curves=report["loss_curves"], retention_plot=report["retention_plot"]))
     return report

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "zero_shot_accuracy", "zero_shot_eval"]
+__all__ = ["distinct_retrieval_metrics", "retrieval_metrics", "zero_shot_accuracy", "zero_shot_eval"]
 
 
 def _check_embeds(name: str, x: Tensor) -> None:
@@ -146,6 +146,90 @@ def retrieval_metrics(
         for k in ks:
             out[f"{direction}_R@{k}"] = recall(direction, k)
     out["mean_R@1"] = (recall("i2t", 1) + recall("t2i", 1)) / 2
+    recalls = [v for key, v in out.items() if key[:4] in ("i2t_", "t2i_")]
+    out["mean_recall"] = sum(recalls) / len(recalls)
+    return out
+
+
+def _unique_rows(ids: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """(first row of each distinct id in order of appearance, group number of every row)."""
+    groups: dict[Any, int] = {}
+    first: list[int] = []
+    of_row = []
+    for row, key in enumerate(ids):
+        if key not in groups:
+            groups[key] = len(first)
+            first.append(row)
+        of_row.append(groups[key])
+    return first, of_row
+
+
+def _hit_ranks(queries: Tensor, candidates: Tensor, relevant: Tensor, block_size: int) -> Tensor:
+    """Rank of the best relevant candidate for every query: the number of candidates scoring strictly higher.
+
+    queries [Q, D], candidates [C, D] (L2-normalised), relevant [Q, C] bool (every row has a True)."""
+    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], block_size):
+        sims = queries[start : start + block_size] @ candidates.T  # [b, C]
+        best = sims.masked_fill(~relevant[start : start + block_size], float("-inf")).amax(dim=1)  # [b]
+        ranks[start : start + block_size] = (sims > best[:, None]).sum(dim=1)
+    return ranks
+
+
+def distinct_retrieval_metrics(
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    image_ids: Sequence[Any],
+    text_ids: Sequence[Any],
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    block_size: int = 1024,
+) -> dict[str, float]:
+    """Image↔text Recall@k (percent) over *distinct* images and *distinct* captions.
+
+    Pair row i says that image ``image_ids[i]`` has caption ``text_ids[i]``. Images and captions
+    are deduplicated (the first row of each id gives its embedding), so a caption shared by many
+    pairs is one candidate and one query, not many copies:
+
+    - image→text: each distinct image is queried once against the distinct captions; its relevant
+      set is every caption it is paired with; correct at k when any of them ranks below k.
+    - text→image: each distinct caption is queried once against the distinct images; its relevant
+      set is every image paired with it (all images captioned "a handwritten digit seven").
+
+    With no repeated image or caption this equals ``retrieval_metrics`` without ids. Ties resolve
+    in the query's favour, as there. Returns the ``retrieval_metrics`` keys.
+    """
+    _check_embeds("image_embeds", image_embeds)
+    _check_embeds("text_embeds", text_embeds)
+    n = image_embeds.shape[0]
+    if text_embeds.shape != image_embeds.shape:
+        raise ValueError(f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must have the same shape [N, D]")
+    for name, ids in (("image_ids", image_ids), ("text_ids", text_ids)):
+        if len(ids) != n:
+            raise ValueError(f"{name} has {len(ids)} entries, expected one per row ({n})")
+    if n == 0:
+        raise ValueError("distinct_retrieval_metrics needs at least one image-text pair")
+    ks = list(ks)
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    ids_i = image_ids.tolist() if isinstance(image_ids, Tensor) else list(image_ids)
+    ids_t = text_ids.tolist() if isinstance(text_ids, Tensor) else list(text_ids)
+    first_i, img_of = _unique_rows(ids_i)
+    first_t, txt_of = _unique_rows(ids_t)
+    images = F.normalize(image_embeds.detach().float()[first_i], dim=-1)  # [I, D]
+    texts = F.normalize(text_embeds.detach().float()[first_t], dim=-1)  # [T, D]
+    relevant = torch.zeros(len(first_i), len(first_t), dtype=torch.bool, device=images.device)  # [I, T]
+    relevant[torch.tensor(img_of), torch.tensor(txt_of)] = True
+    ranks = {
+        "i2t": _hit_ranks(images, texts, relevant, block_size),
+        "t2i": _hit_ranks(texts, images, relevant.T.contiguous(), block_size),
+    }
+    out: dict[str, float] = {}
+    for direction in ("i2t", "t2i"):
+        for k in ks:
+            out[f"{direction}_R@{k}"] = (ranks[direction] < k).float().mean().item() * 100.0
+    r1 = {d: (ranks[d] < 1).float().mean().item() * 100.0 for d in ranks}
+    out["mean_R@1"] = (r1["i2t"] + r1["t2i"]) / 2
     recalls = [v for key, v in out.items() if key[:4] in ("i2t_", "t2i_")]
     out["mean_recall"] = sum(recalls) / len(recalls)
     return out

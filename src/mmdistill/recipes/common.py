@@ -80,7 +80,15 @@ def save_loss_modules(loss, out: Path) -> None:
 
 def train_summary(result, errors: list, out: Path, write: bool) -> dict:
     """What train_summary.json holds; the main process (`write`) writes it."""
-    summary = {"steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds, "last": result.last, "skipped_records": len(errors)}
+    import resource
+
+    summary = {
+        "steps": result.step, "resumed_from": result.resumed_from, "train_seconds": result.seconds,
+        "samples_per_s": result.samples / result.seconds if result.seconds > 0 else None,
+        # the process's peak resident memory so far (Linux reports KiB): model building and data included
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "last": result.last, "skipped_records": len(errors),
+    }
     if write:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -160,3 +160,69 @@ def test_zero_shot_eval_bad_label():
     task = {"classes": ["cat"], "template": "{label}", "items": [{"label": "cow"}]}
     with pytest.raises(ValueError, match="item 0: label 'cow'"):
         zero_shot_eval(task, lambda items: torch.ones(len(items), 2), lambda texts: torch.ones(len(texts), 2))
+
+
+# ----------------------------------------------------------------------------- distinct images / captions
+
+from mmdistill.evaluate.retrieval import distinct_retrieval_metrics  # noqa: E402
+
+
+def test_distinct_many_to_one_gallery_by_hand():
+    # four digit scans, two captions: i0, i1 are "seven"; i2, i3 are "one". i1 looks like a one.
+    e1, e2, e3 = torch.eye(3)
+    images = torch.stack([e1, e2, e2 + 0.2 * e3, e2 + 0.3 * e3])
+    texts = torch.stack([e1, e1, e2, e2])  # row i: the caption of image i ("seven", "seven", "one", "one")
+    out = distinct_retrieval_metrics(images, texts, ["i0", "i1", "i2", "i3"], ["seven", "seven", "one", "one"], ks=(1, 2))
+    # image→text over the 2 distinct captions: i0 -> seven (right), i1 -> one (wrong), i2, i3 -> one (right)
+    assert out["i2t_R@1"] == pytest.approx(75.0)
+    assert out["i2t_R@2"] == pytest.approx(100.0)
+    # text→image, each caption once: "seven" ranks i0 first (right); "one" ranks i1 (a seven) first, i2 second
+    assert out["t2i_R@1"] == pytest.approx(50.0)
+    assert out["t2i_R@2"] == pytest.approx(100.0)
+    assert out["mean_R@1"] == pytest.approx(62.5)
+    # the pair-level reading ranks every copy of a caption: both copies of "one" sit above "seven" for i1
+    assert retrieval_metrics(images, texts, (2,), text_ids=["seven", "seven", "one", "one"])["i2t_R@2"] == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_distinct_matches_torchmetrics_hit_rate(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_images, n_captions = 30, 6
+    caption_of = torch.randint(0, n_captions, (n_images,), generator=g)
+    caption_of[:n_captions] = torch.arange(n_captions)  # every caption used
+    cap_emb = torch.randn(n_captions, 8, generator=g)
+    img_emb = cap_emb[caption_of] + 1.2 * torch.randn(n_images, 8, generator=g)
+    # pairs: every image with its caption, and image 0 listed twice (the same file in two rows)
+    rows_img = torch.cat([torch.arange(n_images), torch.tensor([0])])
+    rows_cap = caption_of[rows_img]
+    out = distinct_retrieval_metrics(img_emb[rows_img], cap_emb[rows_cap], rows_img.tolist(), [f"c{c}" for c in rows_cap.tolist()], ks=(1, 3))
+    relevant = caption_of[:, None] == torch.arange(n_captions)[None, :]  # [I, T]
+    for k in (1, 3):
+        for q, c, rel in ((img_emb, cap_emb, relevant), (cap_emb, img_emb, relevant.T)):
+            sims = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T
+            indexes = torch.arange(q.shape[0]).repeat_interleave(c.shape[0])
+            ref = RetrievalHitRate(top_k=k)(sims.flatten(), rel.flatten(), indexes=indexes).item() * 100
+            key = ("i2t" if q is img_emb else "t2i") + f"_R@{k}"
+            assert out[key] == pytest.approx(ref, abs=1e-4)
+
+
+def test_distinct_without_repeats_equals_pair_level():
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(40, 8, generator=g)
+    texts = images + torch.randn(40, 8, generator=g)
+    out = distinct_retrieval_metrics(images, texts, list(range(40)), [f"t{i}" for i in range(40)])
+    assert out == pytest.approx(retrieval_metrics(images, texts))
+
+
+def test_distinct_bad_ids():
+    with pytest.raises(ValueError, match="text_ids has 2 entries"):
+        distinct_retrieval_metrics(torch.randn(3, 4), torch.randn(3, 4), [0, 1, 2], ["a", "b"])
+
+
+def test_headline_follows_the_gallery():
+    from mmdistill.evaluate.contrastive import headline_metric
+
+    assert headline_metric(1000, 990, {"mean_R@1": 50.0})["metric"] == "mean_R@1"
+    digits = headline_metric(1400, 10, {"i2t_R@1": 80.0})
+    assert digits["metric"] == "i2t_R@1" and "10 distinct over 1400" in digits["why"]
+    assert headline_metric(1400, 10, {"i2t_R@1": 80.0, "zeroshot_mean": 70.0})["metric"] == "zeroshot_mean"
