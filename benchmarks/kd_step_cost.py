@@ -20,7 +20,8 @@ from common import add_common_args, bench_recipes, ensure_data, git_rev, machine
 from mmdistill import api
 from mmdistill.losses.composite import build_contrastive_loss
 from mmdistill.models import contrastive as cm
-from mmdistill.recipes.contrastive import ContrastiveStep, build_student, load_pairs, precompute_teacher
+from mmdistill.data.loaders import load_pairs
+from mmdistill.recipes.contrastive import ContrastiveStep, build_student, precompute_teacher
 
 
 def main() -> None:

@@ -36,6 +36,23 @@ def check_data(path: str | Path, kind: str | None = None, decode_images: bool = 
     return check_file(path, kind, decode_images=decode_images)
 
 
+def data_stats(path: str | Path, kind: str | None = None, *, train: str | Path | None = None) -> dict[str, Any]:
+    """Statistics of a file's valid records and the warnings they raise; with `train`, the records this
+    (evaluation) file shares with that training file (leakage)."""
+    from .data.records import read_records
+    from .data.stats import file_stats, shared_records, stats_warnings
+
+    records, _ = read_records(path, kind, on_error="skip")
+    stats = file_stats(records)
+    warnings = stats_warnings(stats)
+    if train is not None:
+        shared = shared_records(read_records(train, records[0].kind, on_error="skip")[0], records)
+        stats["shared_with_train"] = len(shared)
+        if shared:
+            warnings.append(f"{len(shared)} of {len(records)} records also appear in {train} (first: {path}:{shared[0].line}): evaluation on them measures memory, not generalisation (leakage).")
+    return {"stats": stats, "warnings": warnings}
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -50,7 +67,26 @@ def train(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, re
         raise RecipeError("distill needs a `teacher:` section in the recipe (use `mmdistill train` for plain training)")
     if require_teacher is False and recipe.teacher is not None:
         raise RecipeError("train is plain training; this recipe has a `teacher:` section, use `mmdistill distill`")
+    for w in source_warnings(recipe):
+        log(f"warning: {w}")
     return _recipe_module(recipe.family).run(recipe, resume=resume, overwrite=overwrite, log=log)
+
+
+def source_warnings(recipe: Recipe) -> list[str]:
+    """Model paths of the recipe that are mmdistill runs trained on other data than this recipe's: the sign of a
+    recipe copied for new data where one path still names the old teacher (e.g. a baseline's `student.model`)."""
+    out = []
+    for field, path in (("teacher.model", recipe.teacher.model if recipe.teacher else None), ("student.model", recipe.student.model)):
+        run_json = Path(path).parent / "run.json" if path else None
+        if run_json is None or not run_json.is_file():
+            continue
+        try:
+            trained_on = json.loads(run_json.read_text())["recipe"]["data"]["train"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if Path(trained_on).resolve() != Path(recipe.data.train).resolve():
+            out.append(f"{field} {path} was trained on {trained_on}; this recipe trains on {recipe.data.train}: is it the teacher of this data? (`mmdistill init` writes recipes whose paths agree)")
+    return out
 
 
 def finetune(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, resume: bool = False, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
@@ -201,12 +237,54 @@ def _reroot(path: str | None, roots: dict[str, Path]) -> str | None:
     return path
 
 
-def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0, stages: dict[str, str] | None = None) -> dict[str, Recipe]:
+DATA_NAMES = {  # family -> (train names, evaluation names, zero-shot names) a data folder is searched for, in order
+    "contrastive": (("pairs_train.jsonl", "train.jsonl"), ("pairs_val.jsonl", "pairs_test.jsonl", "val.jsonl", "test.jsonl"), ("zeroshot_val.json", "zeroshot_test.json", "zeroshot.json")),
+    "reranker": (("rerank_train.jsonl", "train.jsonl"), ("rerank_val.jsonl", "rerank_test.jsonl", "val.jsonl", "test.jsonl"), ()),
+    "generative": (("chat_train.jsonl", "train.jsonl"), ("chat_val.jsonl", "chat_test.jsonl", "val.jsonl", "test.jsonl"), ()),
+}
+
+
+def data_files(family: str, folder: str | Path) -> dict[str, Path]:
+    """The train / val (/ zeroshot) files of `family` in a data folder, by the names in DATA_NAMES; one clear line when
+    the folder or a needed file is missing. A file named `train.jsonl` must hold records of the family's kind."""
+    from .data.records import detect_kind
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RecipeError(f"{folder}: data folder not found")
+    found: dict[str, Path] = {}
+    for key, names in zip(("train", "val", "zeroshot"), DATA_NAMES[family]):
+        hit = next((folder / n for n in names if (folder / n).is_file()), None)
+        if hit is None and key != "zeroshot":
+            raise RecipeError(f"{folder}: no {key} file for the {family} family (looked for {', '.join(names)})")
+        if hit is not None:
+            found[key] = hit
+    for key in ("train", "val"):
+        first = next((ln for ln in found[key].read_text(encoding="utf-8").splitlines() if ln.strip()), None)
+        try:
+            kind = detect_kind(json.loads(first)) if first else None
+        except ValueError:
+            kind = None  # the record checks report a bad line with its number when the run reads it
+        want = {"contrastive": "pair", "reranker": "rerank", "generative": "chat"}[family]
+        if kind is not None and kind != want:
+            raise RecipeError(f"{found[key]}: holds {kind} records; the {family} family trains on {want} records")
+    return found
+
+
+def leakage_warnings(files: dict[str, Path]) -> list[str]:
+    """A warning when the evaluation file shares records with the training file."""
+    info = data_stats(files["val"], train=files["train"])
+    return [w for w in info["warnings"] if "leakage" in w]
+
+
+def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False, seed: int = 0, stages: dict[str, str] | None = None, data: str | Path | None = None, runs: Path | None = None) -> dict[str, Recipe]:
     """The shipped ShapesWorld recipes of `family` (in run order), pointed at `out` (quick: a few steps, for tests).
 
     Every model path of a recipe that names another stage's shipped run folder is moved to that
     stage's folder under `out`, so the stages chain exactly as the shipped recipes do. `stages`
-    swaps a stage's shipped recipe for another (e.g. the pruned reranker students).
+    swaps a stage's shipped recipe for another (e.g. the pruned reranker students). `data`: a folder of the
+    user's own records (``data_files`` finds each stage's files in it) instead of ShapesWorld in ``out/data``.
+    `runs`: where the stages' run folders go (default `out`).
     """
     if family not in DEMO_RECIPES:
         raise RecipeError(f"unknown family {family!r}; choose one of {', '.join(DEMO_RECIPES)}")
@@ -214,23 +292,29 @@ def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False,
     if unknown:
         raise RecipeError(f"unknown {family} stage(s) {sorted(unknown)}; choose from {list(DEMO_RECIPES[family])}")
     rels = {**DEMO_RECIPES[family], **(stages or {})}
-    data = out / "data"
+    runs = runs or out
     dicts = {name: load_recipe(shipped_config(rel)).model_dump(mode="json") for name, rel in rels.items()}
-    roots = {d["output_dir"]: out / name for name, d in dicts.items()}
+    roots = {d["output_dir"]: runs / name for name, d in dicts.items()}
     recipes = {}
     for name, d in dicts.items():
         stage = d["family"]
-        train_file, eval_file = DEMO_FILES[stage]
-        d["output_dir"] = str(out / name)
+        d["output_dir"] = str(runs / name)
         d["seed"] = seed
-        d["data"].update(train=str(data / train_file), val=str(data / eval_file))
+        if data is None:
+            train_file, eval_file = DEMO_FILES[stage]
+            files = {"train": out / "data" / train_file, "val": out / "data" / eval_file}
+            if stage == "contrastive":
+                files["zeroshot"] = out / "data" / "zeroshot_test.json"
+        else:
+            files = data_files(stage, data)
+        d["data"].update(train=str(files["train"]), val=str(files["val"]))
         if stage == "contrastive":
-            d["data"]["zeroshot"] = str(data / "zeroshot_test.json")
+            d["data"]["zeroshot"] = str(files["zeroshot"]) if "zeroshot" in files else None
         if d.get("teacher"):
             d["teacher"]["model"] = _reroot(d["teacher"]["model"], roots)
         d["student"]["model"] = _reroot(d["student"].get("model"), roots)
         if name in REPORTED and name != "teacher" and stage != "contrastive":
-            d["eval"]["reference"] = str(out / "teacher" / "model")  # agreement with the teacher, for the baseline too
+            d["eval"]["reference"] = str(runs / "teacher" / "model")  # agreement with the teacher, for the baseline too
         if quick:
             d["train"].update(max_steps=6, batch_size=16 if stage == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
             d["data"]["max_records"] = 128 if stage == "contrastive" else 32
@@ -258,16 +342,46 @@ def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
         _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
 
 
-def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
-    """ShapesWorld end to end: data, teacher, student without and with KD, one report."""
+def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:
+    """ShapesWorld (or the user's `data` folder) end to end: teacher, student without and with KD, one report."""
     out = Path(out)
-    data = out / "data"
-    recipes = demo_recipes(out, family=family, quick=quick, seed=seed)
-    if not (data / "summary.json").is_file():
-        log(f"generating ShapesWorld ({n} images) in {data}")
-        synth(data, n=n, seed=seed)
+    recipes = demo_recipes(out, family=family, quick=quick, seed=seed, data=data)
+    if data is None and not (out / "data" / "summary.json").is_file():
+        log(f"generating ShapesWorld ({n} images) in {out / 'data'}")
+        synth(out / "data", n=n, seed=seed)
+    if data is not None:
+        for fam in dict.fromkeys(r.family for r in recipes.values()):
+            for w in leakage_warnings(data_files(fam, data)):
+                log(f"warning: {w}")
     train_stages(recipes, log=log)
     for name in STUDENTS:
         log(f"== {name}: {recipes[name].output_dir}")
         _recipe_module(recipes[name].family).run(recipes[name], overwrite=True, log=log)
-    return report([recipes[k].output_dir for k in REPORTED], out / "report", title=DEMO_TITLES[family])
+    title = DEMO_TITLES[family] if data is None else f"mmdistill: {family} distillation on {Path(data).name}"
+    return report([recipes[k].output_dir for k in REPORTED], out / "report", title=title)
+
+
+def init(family: str, data: str | Path, out: str | Path, *, runs: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the family's shipped recipes (teacher, student alone, student distilled; for rerankers also the VLMs they
+    start from) for a data folder: every data path comes from `data`, every run folder sits under `runs`
+    (default runs/<data folder name>), and every path to another stage's model is derived from that stage's run
+    folder, so the teacher is named in one place. Returns the files written."""
+    out = Path(out)
+    runs = Path(runs) if runs is not None else Path("runs") / Path(data).resolve().name
+    recipes = demo_recipes(out, family=family, data=data, runs=runs)
+    paths = [out / f"{i}-{name}.yaml" for i, name in enumerate(recipes, start=1)]
+    clash = [p for p in paths if p.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]}: exists (pass --overwrite to replace the recipes in {out})")
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    for (name, recipe), path in zip(recipes.items(), paths):
+        full = recipe.model_dump(mode="json", exclude_none=True)
+        # the family, where it runs, and the knobs one tunes (loss, train) in full; the rest where it differs from the default
+        d = {"family": full["family"], "output_dir": full["output_dir"], **recipe.model_dump(mode="json", exclude_defaults=True)}
+        d.update(loss=full["loss"], train=full["train"])
+        verb = "distill" if recipe.teacher is not None else "train"
+        head = f"# {name}: `mmdistill {verb} {path}` (written by `mmdistill init {family} --data {data}`; run the files in their number order)\n"
+        path.write_text(head + yaml.safe_dump(d, sort_keys=False))
+    return paths

@@ -57,13 +57,21 @@ def data_check(
     file: Path = typer.Argument(..., help="JSONL file of records."),
     kind: Optional[str] = typer.Option(None, help="pair | rerank | chat (default: detect from the fields)."),
     decode_images: bool = typer.Option(True, help="Decode every image to catch corrupt ones."),
+    stats: bool = typer.Option(True, help="Print counts, distinct texts and images, lengths, sizes, labels, and warnings."),
+    train: Optional[Path] = typer.Option(None, "--train", help="The training file: warn about records this file shares with it (leakage)."),
 ):
-    """Report every bad line as file:line: field: problem; exit 1 when there is any."""
+    """Report every bad line as file:line: field: problem (exit 1 when there is any), then statistics and warnings."""
     from . import api
 
     errors = _guard(api.check_data, file, kind, decode_images=decode_images)
     for e in errors:
         typer.echo(str(e))
+    if stats and (not errors or errors[-1].line != 0):  # line 0: the file has no valid record to count
+        info = _guard(api.data_stats, file, kind, train=train)
+        for key, value in info["stats"].items():
+            typer.echo(f"  {key}: {value}")
+        for w in info["warnings"]:
+            typer.echo(f"warning: {w}")
     if errors:
         typer.echo(f"{file}: {len(errors)} bad record(s)", err=True)
         raise typer.Exit(1)
@@ -211,12 +219,30 @@ def demo(
     n: int = typer.Option(10000, "--n", help="ShapesWorld images to generate."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your own data folder instead of ShapesWorld (pairs_train.jsonl / train.jsonl, pairs_val.jsonl / pairs_test.jsonl / val.jsonl, optional zeroshot_*.json; rerank_* / chat_* for the other families)."),
 ):
-    """ShapesWorld end to end: teacher, student without and with distillation, one report."""
+    """ShapesWorld (or your --data folder) end to end: teacher, student without and with distillation, one report."""
     from . import api
 
-    res = _guard(api.demo, out, family=family, n=n, quick=quick, seed=seed)
+    res = _guard(api.demo, out, family=family, n=n, quick=quick, seed=seed, data=data)
     _print_report(res, out / "report")
+
+
+@app.command()
+def init(
+    family: str = typer.Argument(..., help="contrastive | reranker | generative"),
+    data: Path = typer.Option(..., "--data", help="Your data folder (the file names `mmdistill demo --data` looks for)."),
+    out: Path = typer.Option(Path("recipes"), "--out", help="Folder for the recipe files."),
+    runs: Optional[Path] = typer.Option(None, "--runs", help="Folder for the runs the recipes write (default runs/<data folder name>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace recipe files already in --out."),
+):
+    """Write the family's teacher / student-alone / student-distilled recipes for your data folder, every path derived from one place."""
+    from . import api
+
+    if family not in api.DEMO_RECIPES:
+        _fail(f"unknown family {family!r}; choose one of {', '.join(api.DEMO_RECIPES)}")
+    for path in _guard(api.init, family, data, out, runs=runs, overwrite=overwrite):
+        typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -183,6 +183,12 @@ class Recipe(Strict):
             raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
         if self.data.group_sampling != "uniform" and self.data.group_size is None:
             raise ValueError(f"data.group_sampling={self.data.group_sampling} draws documents for a group: set data.group_size too (a reranker recipe)")
+        if self.teacher is not None and self.eval.reference and self.eval.reference.rstrip("/") != self.teacher.model.rstrip("/"):
+            raise ValueError(
+                f"eval.reference ({self.eval.reference}) and teacher.model ({self.teacher.model}) name two different teachers; "
+                "a distilled student is compared with its own teacher: remove eval.reference (it defaults to teacher.model) "
+                "or make them agree (compare with another model through `mmdistill eval --reference`)"
+            )
         if self.teacher is None:
             if self.student.init in ("scratch", "inherit") and not self.student.model:
                 if self.student.init == "inherit":

@@ -103,7 +103,7 @@ def evaluate_folder(
     on_error: str = "fail",
 ) -> dict[str, Any]:
     """Evaluate a saved dual encoder on a pair file (the first `max_items` pairs are the gallery)."""
-    from ..recipes.contrastive import load_pairs
+    from ..data.loaders import load_pairs
 
     model, processor = cm.load_model(str(model_dir))
     model.eval()

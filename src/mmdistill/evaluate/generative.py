@@ -69,12 +69,12 @@ def evaluate_folder(
     on_error: str = "fail",
 ) -> dict[str, Any]:
     """Answer the first `max_items` chat records of `data_path` with the model and score the answers."""
-    from ..recipes.generative import ChatImages, load_chat
+    from ..data.loaders import ImageCache, load_chat
     from .textgen import score_generations
 
-    images = ChatImages()
+    images = ImageCache()
     records, _ = load_chat(Path(data_path), "response", on_error, max_items, images, log=lambda *_: None)
-    imgs = [images.get(r) for r in records]
+    imgs = [images.all(r) for r in records]
     answers, timing = generate_answers(model_dir, records, imgs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ref_answers = None
     if reference is not None and Path(str(reference)).resolve() != Path(str(model_dir)).resolve():

@@ -337,8 +337,9 @@ def _legend(report: dict[str, Any], trained: bool) -> list[str]:
     lines = [
         "Columns:",
         "- params: parameter count; size on disk: the model folder's files (weights, tokenizer, config).",
-        "- metric columns: the family's evaluation on the same held-out records, higher is better "
-        "(R@k in percent; i2t = image→text over the distinct captions, t2i = text→image over the distinct images).",
+        "- metric columns: the family's evaluation on the same held-out records, higher is better"
+        + (" (R@k in percent; i2t: each distinct image ranks the distinct captions; t2i: each distinct caption ranks the images)."
+           if any(m.startswith("i2t_") for m in report["metric_names"]) else "."),
         f"- latency ms: median model time per batch at each batch size (bs1, bs32) or per query / sample; "
         f"speed-up = `{ref}`'s latency ÷ the run's.",
         f"- retention ({report['headline']}): the run's {report['headline']} ÷ `{ref}`'s.",

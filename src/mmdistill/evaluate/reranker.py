@@ -70,7 +70,7 @@ def evaluate_folder(
     on_error: str = "fail",
 ) -> dict[str, Any]:
     """Score every query of a rerank file (the first `max_items`) and write eval.json."""
-    from ..recipes.reranker import load_rerank
+    from ..data.loaders import load_rerank
     from .ranking import breakdown, ranking_metrics, teacher_agreement
 
     cache = rm.ImageCache()

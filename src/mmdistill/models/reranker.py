@@ -17,7 +17,6 @@ features={"last_token": [B, K, D]})`` — the currency the ranking losses read.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..data.loaders import ImageCache  # noqa: F401  (rm.ImageCache: where the recipes found it before)
 from ..data.records import RecordError, RerankItem, RerankRecord
 from ..signals import Signals
 
@@ -54,26 +54,6 @@ class Pair:
     instruction: str
     query: RerankItem
     document: RerankItem
-
-
-class ImageCache:
-    """Decoded images by (base folder, reference); ShapesWorld-sized sets fit in memory."""
-
-    def __init__(self, max_items: int = 50_000):
-        self.max_items = max_items
-        self._items: OrderedDict = OrderedDict()
-
-    def get(self, record: RerankRecord, ref: str):
-        key = (str(record.base_dir), ref)
-        img = self._items.get(key)
-        if img is None:
-            img = record.open_image(ref)
-            self._items[key] = img
-            if len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(key)
-        return img
 
 
 class Reranker:

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe, RecipeError
-from ..data.records import RecordError, read_records
-from ..data.images import ImageError
+from ..data.loaders import load_pairs
 from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
@@ -26,31 +25,6 @@ from .common import check_run_dir, evaluate_with, freeze as _freeze, make_accele
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-
-def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print):
-    """Records and decoded images of a pair file; bad records fail or are skipped and counted."""
-    records, errors = read_records(path, "pair", on_error=on_error)
-    images, kept = [], []
-    for rec in records:
-        if max_records is not None and len(kept) >= max_records:
-            break
-        try:
-            images.append(rec.load_image())
-            kept.append(rec)
-        except ImageError as e:
-            err = RecordError(str(path), rec.line, "image", str(e))
-            if on_error == "fail":
-                raise err from None
-            errors.append(err)
-    if errors:
-        reasons: dict[str, int] = {}
-        for e in errors:
-            reasons[e.field] = reasons.get(e.field, 0) + 1
-        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
-    if not kept:
-        raise RecordError(str(path), 0, "file", "no usable records")
-    return kept, images, errors
 
 
 # ---------------------------------------------------------------------------------------------

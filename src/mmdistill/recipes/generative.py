@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Recipe, RecipeError
-from ..data.images import ImageError
-from ..data.records import ChatRecord, RecordError, read_records
+from ..data.loaders import ImageCache, load_chat
+from ..data.records import ChatRecord, RecordError
 from ..engine.loop import seed_everything, train_loop
 from ..engine.schedules import make_schedule
 from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
@@ -42,54 +42,6 @@ GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-
-class ChatImages:
-    """Decoded images of chat records, by (folder, reference): each image is decoded once."""
-
-    def __init__(self):
-        self._items: dict = {}
-
-    def get(self, record: ChatRecord) -> list:
-        out = []
-        for ref in record.image_list:
-            key = (str(record.base_dir), ref)
-            if key not in self._items:
-                self._items[key] = record.open_image(ref)
-            out.append(self._items[key])
-        return out
-
-
-def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ChatImages, log=print) -> tuple[list[ChatRecord], list[RecordError]]:
-    """Chat records with their images decoded; a record without the target text or with a bad image fails or is skipped."""
-    records, errors = read_records(path, "chat", on_error=on_error)
-    kept: list[ChatRecord] = []
-    for rec in records:
-        if max_records is not None and len(kept) >= max_records:
-            break
-        err = None
-        if response_field is not None and not getattr(rec, response_field):
-            hint = " (run `mmdistill teacher generate` first for black-box KD)" if response_field == "teacher_response" else ""
-            err = RecordError(str(path), rec.line, response_field, f"missing: training needs the target text{hint}")
-        else:
-            try:
-                images.get(rec)
-            except ImageError as e:
-                err = RecordError(str(path), rec.line, rec.image_refs()[0][0] if rec.image_refs() else "image", str(e))
-        if err is not None:
-            if on_error == "fail":
-                raise err
-            errors.append(err)
-            continue
-        kept.append(rec)
-    if errors:
-        reasons: dict[str, int] = {}
-        for e in errors:
-            reasons[e.field] = reasons.get(e.field, 0) + 1
-        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
-    if not kept:
-        raise RecordError(str(path), 0, "file", "no usable records")
-    return kept, errors
 
 
 class Curriculum:
@@ -230,7 +182,7 @@ class GenerativeStep(nn.Module):
     ``[B, R, V]`` aligned on the response. The teacher sits outside the module tree.
     """
 
-    def __init__(self, student, s_proc, loss: CompositeLoss, records, images: ChatImages, *, path: str, response_field: str, max_length: int, curriculum: Curriculum, teacher=None, t_proc=None):
+    def __init__(self, student, s_proc, loss: CompositeLoss, records, images: ImageCache, *, path: str, response_field: str, max_length: int, curriculum: Curriculum, teacher=None, t_proc=None):
         super().__init__()
         self.student = student
         self.loss = loss
@@ -259,7 +211,7 @@ class GenerativeStep(nn.Module):
         device = next(self.student.parameters()).device
         picked = self.curriculum.pick(indices, progress)
         recs = [self.records[i] for i in picked]
-        imgs = [self.images.get(r) for r in recs]
+        imgs = [self.images.all(r) for r in recs]
         s, batch = self._signals(self.student, self._s_proc, recs, imgs, self.s_feats, device)
         t = None
         if self._teacher is not None:
@@ -380,7 +332,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
     seed_everything(recipe.seed)
 
-    images = ChatImages()
+    images = ImageCache()
     path = str(recipe.data.train)
     records, errors = load_chat(recipe.data.train, recipe.data.response_field, recipe.data.on_error, recipe.data.max_records, images, log=log)
     log(f"train: {len(records)} chat records from {path}" + (f" ({len(errors)} skipped)" if errors else ""))

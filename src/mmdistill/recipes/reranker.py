@@ -16,41 +16,14 @@ import torch
 from torch import nn
 
 from ..config import Recipe, RecipeError
-from ..data.images import ImageError
-from ..data.records import RecordError, RerankRecord, read_records
+from ..data.loaders import load_rerank
+from ..data.records import RerankRecord
 from ..engine.loop import seed_everything, train_loop
 from ..models import reranker as rm
 from ..signals import Signals
 from .common import check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("pointwise", "margin_mse", "listwise_kl", "feature")
-
-
-def load_rerank(path: Path, on_error: str, max_records: int | None, cache: rm.ImageCache, log=print) -> tuple[list[RerankRecord], list[RecordError]]:
-    """Rerank records with every image decoded into `cache`; bad records fail or are skipped and counted."""
-    records, errors = read_records(path, "rerank", on_error=on_error)
-    kept: list[RerankRecord] = []
-    for rec in records:
-        if max_records is not None and len(kept) >= max_records:
-            break
-        try:
-            for _, ref in rec.image_refs():
-                cache.get(rec, ref)
-            kept.append(rec)
-        except ImageError as e:
-            field = next((f for f, ref in rec.image_refs() if ref in str(e)), "image")
-            err = RecordError(str(path), rec.line, field, str(e))
-            if on_error == "fail":
-                raise err from None
-            errors.append(err)
-    if errors:
-        reasons: dict[str, int] = {}
-        for e in errors:
-            reasons[e.field.split(".")[0]] = reasons.get(e.field.split(".")[0], 0) + 1
-        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
-    if not kept:
-        raise RecordError(str(path), 0, "file", "no usable records")
-    return kept, errors
 
 
 def sample_group(record: RerankRecord, size: int | None, rng: random.Random, sampling: str = "uniform") -> list[int]:

@@ -174,3 +174,22 @@ def test_reranker_reports_tabulate_each_instruction(tmp_path):
     assert "| find the caption | 4 | 92.00 | 93.50 | 90.00 |" in table
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["runs"][1]["per_instruction"]["find the image"]["top3_overlap"] == 70.0
+
+
+def test_headline_and_training_figures_come_from_the_run_folders(tmp_path):
+    runs = make_runs()
+    why = "captions repeat (10 distinct over 60 images), so text→image R@k says little"
+    for run in runs:
+        d = tmp_path / run["name"]
+        d.mkdir()
+        (d / "eval.json").write_text(json.dumps({**run, "headline": {"metric": "i2t_R@1", "why": why}}))
+        (d / "train_summary.json").write_text(json.dumps({"train_seconds": 150.0, "steps": 600, "samples_per_s": 512.0, "peak_rss_bytes": 3 * 2**30}))
+    loaded = [load_run_summary(tmp_path / run["name"]) for run in runs]
+    report = write_report(loaded, tmp_path / "report", title="t")
+    assert report["headline"] == "i2t_R@1" and report["headline_why"] == why
+    md = (tmp_path / "report/report.md").read_text()
+    assert f"Headline metric: i2t_R@1, because {why}." in md
+    assert "| train time | steps | samples/s | peak RSS |" in md and "| 2.5 min | 600 | 512.0 | 3.0 GiB |" in md
+    assert report["retention_plot"] == "retention.png" and (tmp_path / "report/retention.png").stat().st_size > 0
+    # a headline given by the caller wins, without the evaluator's reason
+    assert build_report(loaded, title="t", headline="mean_R@1")["headline_why"] is None

@@ -1,0 +1,123 @@
+"""Each family's records with their images decoded, ready for a recipe or an evaluator.
+
+``load_pairs`` (contrastive), ``load_rerank`` (reranker) and ``load_chat`` (generative) read a JSONL
+file through ``read_records``, decode every image once, and either stop at the first bad record
+(``on_error="fail"``) or skip bad ones and log how many and why. They live here, not in ``recipes/``,
+because training (``recipes/``) and evaluation (``evaluate/``) both read data and neither should
+import the other.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from .images import ImageError
+from .records import ChatRecord, RecordError, RerankRecord, read_records
+
+
+class ImageCache:
+    """Decoded images by (base folder, reference), least recently used dropped past `max_items`;
+    ShapesWorld-sized sets fit in memory."""
+
+    def __init__(self, max_items: int = 50_000):
+        self.max_items = max_items
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, record, ref: str):
+        key = (str(record.base_dir), ref)
+        img = self._items.get(key)
+        if img is None:
+            img = record.open_image(ref)
+            self._items[key] = img
+            if len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return img
+
+    def all(self, record) -> list:
+        """Every image of a record, in order."""
+        return [self.get(record, ref) for _, ref in record.image_refs()]
+
+
+def _report(path: Path, kept: list, errors: list[RecordError], log) -> None:
+    """Log the skipped records by field (the part before the first dot); no usable record is an error."""
+    if errors:
+        reasons: dict[str, int] = {}
+        for e in errors:
+            field = e.field.split(".")[0]
+            reasons[field] = reasons.get(field, 0) + 1
+        log(f"{path}: skipped {len(errors)} bad records ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); first: {errors[0]}")
+    if not kept:
+        raise RecordError(str(path), 0, "file", "no usable records")
+
+
+def _image_field(rec, e: ImageError) -> str:
+    """The field of the record's image that failed (e.g. documents.3.image), else "image"."""
+    return next((field for field, ref in rec.image_refs() if ref in str(e)), "image")
+
+
+def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print):
+    """Pair records and their decoded images: ``(records, images, errors)``."""
+    records, errors = read_records(path, "pair", on_error=on_error)
+    images, kept = [], []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        try:
+            images.append(rec.load_image())
+            kept.append(rec)
+        except ImageError as e:
+            err = RecordError(str(path), rec.line, "image", str(e))
+            if on_error == "fail":
+                raise err from None
+            errors.append(err)
+    _report(path, kept, errors, log)
+    return kept, images, errors
+
+
+def load_rerank(path: Path, on_error: str, max_records: int | None, cache: ImageCache, log=print) -> tuple[list[RerankRecord], list[RecordError]]:
+    """Rerank records with every image decoded into `cache`: ``(records, errors)``."""
+    records, errors = read_records(path, "rerank", on_error=on_error)
+    kept: list[RerankRecord] = []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        try:
+            cache.all(rec)
+            kept.append(rec)
+        except ImageError as e:
+            err = RecordError(str(path), rec.line, _image_field(rec, e), str(e))
+            if on_error == "fail":
+                raise err from None
+            errors.append(err)
+    _report(path, kept, errors, log)
+    return kept, errors
+
+
+def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ImageCache, log=print) -> tuple[list[ChatRecord], list[RecordError]]:
+    """Chat records with their images decoded into `images`; a record without the target text (`response_field`)
+    or with a bad image fails or is skipped: ``(records, errors)``."""
+    records, errors = read_records(path, "chat", on_error=on_error)
+    kept: list[ChatRecord] = []
+    for rec in records:
+        if max_records is not None and len(kept) >= max_records:
+            break
+        err = None
+        if response_field is not None and not getattr(rec, response_field):
+            hint = " (run `mmdistill teacher generate` first for black-box KD)" if response_field == "teacher_response" else ""
+            err = RecordError(str(path), rec.line, response_field, f"missing: training needs the target text{hint}")
+        else:
+            try:
+                images.all(rec)
+            except ImageError as e:
+                err = RecordError(str(path), rec.line, rec.image_refs()[0][0] if rec.image_refs() else "image", str(e))
+        if err is not None:
+            if on_error == "fail":
+                raise err
+            errors.append(err)
+            continue
+        kept.append(rec)
+    _report(path, kept, errors, log)
+    return kept, errors
