@@ -3,20 +3,18 @@
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image, ImageDraw
 
 from mmdistill import api
 from mmdistill.config import RecipeError, load_recipe
+from mmdistill.data.synth import generate_digits
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def mmd(*args, check=True):
@@ -26,22 +24,8 @@ def mmd(*args, check=True):
     return p
 
 
-def digits_folder(root: Path, n_train: int = 160, n_val: int = 60, leak: int = 0, seed: int = 0) -> Path:
-    """Digit images (the numeral drawn at a random spot and shade) captioned "a handwritten digit <word>": 10 captions."""
-    rng = random.Random(seed)
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(n_train + n_val):
-        d = i % 10
-        img = Image.new("RGB", (32, 32), (rng.randint(0, 40),) * 3)
-        ImageDraw.Draw(img).text((rng.randint(2, 18), rng.randint(2, 16)), str(d), fill=(255, 255 - 20 * d, 20 * d))
-        img.save(root / "images" / f"{i:04d}.png")
-        rows.append({"image": f"images/{i:04d}.png", "text": f"a handwritten digit {WORDS[d]}", "meta": {"label": WORDS[d]}})
-    train, val = rows[:n_train], rows[n_train:]
-    val = train[:leak] + val[leak:]
-    for name, part in (("train.jsonl", train), ("val.jsonl", val)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    return root
+def digits_folder(root: Path, n_train: int = 160, n_val: int = 60, leak: int = 0) -> Path:
+    return generate_digits(root, n_train, n_val, leak=leak)
 
 
 def test_data_check_warns_about_repeated_captions_and_leakage(tmp_path):

@@ -684,3 +684,27 @@ def generate(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def generate_digits(out: str | Path, n_train: int = 1400, n_val: int = 400, *, leak: int = 0, size: int = 32, seed: int = 0) -> Path:
+    """A many-to-one pair set shaped like a scanned-digits folder: each image shows a numeral at a random spot and
+    shade, captioned "a handwritten digit <word>" (10 captions over all the pairs; ``meta.label`` the word). Writes
+    ``train.jsonl`` and ``val.jsonl`` (the first `leak` val records copied from train, to test leakage warnings)."""
+    out = Path(out)
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_train + n_val):
+        d = i % 10
+        img = Image.new("RGB", (size, size), (rng.randint(0, 40),) * 3)
+        ImageDraw.Draw(img).text((rng.randint(2, size - 14), rng.randint(2, size - 16)), str(d), fill=(255, 255 - 20 * d, 20 * d))
+        img.save(out / "images" / f"{i:05d}.png")
+        rows.append({"image": f"images/{i:05d}.png", "text": f"a handwritten digit {DIGIT_WORDS[d]}", "meta": {"label": DIGIT_WORDS[d]}})
+    train, val = rows[:n_train], rows[n_train:]
+    val = train[:leak] + val[leak:]
+    for name, part in (("train.jsonl", train), ("val.jsonl", val)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return out
