@@ -120,6 +120,27 @@ def teacher_generate(data: str | Path, out: str | Path, *, teacher: str | None =
     return generate_file(gen, data, out, min_logprob=min_logprob, overwrite=overwrite, limit=limit, log=log)
 
 
+def teacher_cache(recipe: Recipe | str | Path, overrides: list[str] | None, out: str | Path, *, top_k: int = 64, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
+    """Run a recipe's live teacher over its training records once into the store `out` (resumable)."""
+    from .teachers.cache import cache_teacher
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return cache_teacher(recipe, out, top_k=top_k, sample=sample, dtype=dtype, shard_records=shard_records, log=log)
+
+
+def teacher_verify(store: str | Path) -> list[str]:
+    from .teachers.store import verify
+
+    return verify(store)
+
+
+def teacher_inspect(store: str | Path) -> dict[str, Any]:
+    from .teachers.store import inspect
+
+    return inspect(store)
+
+
 def _recipe_module(family: str):
     if family == "reranker":
         from .recipes import reranker

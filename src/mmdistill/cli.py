@@ -29,10 +29,11 @@ def _guard(fn, *args, **kwargs):
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
     from .teachers.generate import TeacherError
+    from .teachers.store import StoreError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -203,6 +204,47 @@ def report(
 
     res = _guard(api.report, runs, out, title=title, baseline=baseline)
     _print_report(res, out)
+
+
+@teacher_app.command("cache")
+def teacher_cache(
+    recipe: Path = typer.Argument(..., help="A recipe with a live teacher (`teacher: {model: ...}`): its teacher runs over its training records."),
+    overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. data.max_records=1000"),
+    out: Path = typer.Option(..., "--out", help="The store folder (created, or continued when it holds this teacher's signals)."),
+    top_k: int = typer.Option(64, "--top-k", help="Generative: teacher ids kept per response token (with their log-probs and the tail mass)."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Generative: instead of the top-k, draw N tokens per position from the teacher (unbiased random-sampling KD)."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16 | fp32 for stored log-probs and features."),
+    shard_records: int = typer.Option(256, "--shard-records", help="Records per shard file (a shard is the unit that a killed run recomputes)."),
+):
+    """Run the recipe's teacher once over its training data and store its signals (resumable; split by rank under accelerate)."""
+    from . import api
+
+    res = _guard(api.teacher_cache, recipe, overrides or [], out, top_k=top_k, sample=sample, dtype=dtype, shard_records=shard_records)
+    typer.echo(f"{out}: {res['stored']} records stored ({res['computed']} computed now)")
+
+
+@teacher_app.command("verify")
+def teacher_verify(store: Path = typer.Argument(..., help="A store folder.")):
+    """Check every shard of a store (present, size, sha256, readable, record counts, no record twice); exit 1 on a problem."""
+    from . import api
+
+    problems = _guard(api.teacher_verify, store)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"{store}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{store}: ok")
+
+
+@teacher_app.command("inspect")
+def teacher_inspect(store: Path = typer.Argument(..., help="A store folder.")):
+    """What a store holds: records, bytes per record / token, its teacher and the settings that shaped it."""
+    import json as _json
+
+    from . import api
+
+    typer.echo(_json.dumps(_guard(api.teacher_inspect, store), indent=2))
 
 
 def _print_report(res, out: Path) -> None:

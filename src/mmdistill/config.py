@@ -53,13 +53,32 @@ class DataConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str = Field(description="Hugging Face model id or local folder of the teacher.")
+    kind: Literal["live", "store"] = Field(
+        "live",
+        description="live: run the teacher model during training (or once into memory with `cache`); store: read its signals "
+        "from a store that `mmdistill teacher cache` wrote (`path`), without loading the teacher.",
+    )
+    model: str | None = Field(None, description="Hugging Face model id or local folder of the teacher (kind=live; with kind=store, checked against the store's teacher when given).")
+    path: Path | None = Field(None, description="kind=store: the store folder written by `mmdistill teacher cache`.")
+    on_missing: Literal["fail", "live"] = Field(
+        "fail", description="kind=store, a training record the store lacks: fail naming it, or compute it with the live teacher (`model`, else the store's) at start-up."
+    )
     trust_remote_code: bool = Field(False, description="Allow the model's own code from the hub (off by default).")
     cache: bool = Field(
         False,
         description="Compute the teacher's signals for every training record once before training instead of live each step "
         "(same result, since training applies no augmentation; much cheaper when the teacher is big).",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.kind == "live" and not self.model:
+            raise ValueError("teacher: kind=live needs `model`")
+        if self.kind == "store" and self.path is None:
+            raise ValueError("teacher: kind=store needs `path` (a folder written by `mmdistill teacher cache`)")
+        if self.kind == "store" and self.cache:
+            raise ValueError("teacher: kind=store reads stored signals; `cache` is for a live teacher (remove it)")
+        return self
 
 
 class StudentConfig(Strict):
@@ -183,7 +202,7 @@ class Recipe(Strict):
             raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
         if self.data.group_sampling != "uniform" and self.data.group_size is None:
             raise ValueError(f"data.group_sampling={self.data.group_sampling} draws documents for a group: set data.group_size too (a reranker recipe)")
-        if self.teacher is not None and self.eval.reference and self.eval.reference.rstrip("/") != self.teacher.model.rstrip("/"):
+        if self.teacher is not None and self.teacher.model and self.eval.reference and self.eval.reference.rstrip("/") != self.teacher.model.rstrip("/"):
             raise ValueError(
                 f"eval.reference ({self.eval.reference}) and teacher.model ({self.teacher.model}) name two different teachers; "
                 "a distilled student is compared with its own teacher: remove eval.reference (it defaults to teacher.model) "
@@ -215,7 +234,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform"}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail"}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

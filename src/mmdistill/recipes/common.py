@@ -94,6 +94,25 @@ def train_summary(result, errors: list, out: Path, write: bool) -> dict:
     return summary
 
 
+def teacher_model(recipe) -> str | None:
+    """The recipe's teacher model: `teacher.model`, else (kind=store) the model the store was made by."""
+    t = recipe.teacher
+    if t is None:
+        return None
+    if t.model:
+        return t.model
+    manifest = Path(t.path) / "manifest.json"
+    return json.loads(manifest.read_text())["teacher"]["model"] if manifest.is_file() else None
+
+
+def build_recipe(recipe, store):
+    """The recipe the student is built from: with a store, a student shaped after the teacher (scratch / inherit
+    without `student.model`) is built from the store's teacher folder (its weights are read only for this)."""
+    if store is None or recipe.student.model or recipe.student.init not in ("scratch", "inherit"):
+        return recipe
+    return recipe.model_copy(update={"student": recipe.student.model_copy(update={"model": store.model})})
+
+
 def evaluate_with(evaluate_folder, recipe, out_path: Path | None = None, *, reference: bool = True, **options) -> dict:
     """Evaluate a run's saved model on `data.val` with the recipe's eval settings and a family's `evaluate_folder`;
     writes `out_path` (default: the run's eval.json). `options`: the family's own settings. A student is compared
@@ -101,7 +120,7 @@ def evaluate_with(evaluate_folder, recipe, out_path: Path | None = None, *, refe
     out = Path(recipe.output_dir)
     role = recipe.role or ("student" if recipe.teacher is not None else "teacher")
     if reference:
-        options["reference"] = recipe.eval.reference or (recipe.teacher.model if recipe.teacher is not None else None)
+        options["reference"] = recipe.eval.reference or teacher_model(recipe)
     return evaluate_folder(
         out / "model", recipe.data.val, out_path=out_path or out / "eval.json", name=recipe.name or out.name, role=role,
         max_items=recipe.eval.max_items, latency=recipe.eval.latency, **options,

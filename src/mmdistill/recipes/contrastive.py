@@ -20,7 +20,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-from .common import check_run_dir, evaluate_with, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class ContrastiveStep(nn.Module):
     P processes compute the same loss as one process with the same global batch.
     """
 
-    def __init__(self, student, loss, s_data: cm.Encoded, teacher=None, t_data: cm.Encoded | None = None, t_cache: Signals | None = None):
+    def __init__(self, student, loss, s_data: cm.Encoded, teacher=None, t_data: cm.Encoded | None = None, t_cache: Signals | None = None, store=None):
         super().__init__()
         self.student = student
         self.loss = loss
@@ -76,12 +76,15 @@ class ContrastiveStep(nn.Module):
         self.t_data = t_data
         self.t_cache = t_cache
         object.__setattr__(self, "_teacher", teacher)
+        object.__setattr__(self, "_store", store)  # a teachers.cache.StoreTeacher
         self.needs_features = needs_features(loss)
 
     def teacher_signals(self, indices: list[int], device) -> Signals | None:
-        if self._teacher is None and self.t_cache is None:
+        if self._teacher is None and self.t_cache is None and self._store is None:
             return None
-        if self.t_cache is not None:
+        if self._store is not None:
+            sig = self._store.contrastive(indices).to(device)
+        elif self.t_cache is not None:
             idx = torch.tensor(indices)
             sig = Signals(
                 image_embeds=self.t_cache.image_embeds[idx].to(device),
@@ -164,17 +167,22 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     texts = [r.text for r in records]
     log(f"train: {len(records)} pairs from {recipe.data.train}" + (f" ({len(errors)} skipped)" if errors else ""))
 
-    teacher = teacher_proc = None
-    if recipe.teacher is not None:
+    teacher = teacher_proc = store = None
+    if recipe.teacher is not None and recipe.teacher.kind == "store":
+        from ..teachers.cache import StoreTeacher
+
+        store = StoreTeacher(recipe, records, log=log)  # embeddings (and features) from the store; no teacher weights
+    elif recipe.teacher is not None:
         teacher, teacher_proc = cm.load_model(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
         _freeze(teacher)
         teacher.to(accelerator.device)
     terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
-    if teacher is None and any(name != "clip" for name in terms):
+    if teacher is None and store is None and any(name != "clip" for name in terms):
         raise RecipeError(f"loss terms {sorted(set(terms) - {'clip'})} need a teacher; add `teacher:` to the recipe")
     try:  # student overrides, presets and loss terms are checked here: a bad one is a recipe error
-        student, s_proc = build_student(recipe, teacher, teacher_proc, texts)
-        loss = build_contrastive_loss(terms, cm.embed_dim(student), cm.embed_dim(teacher) if teacher is not None else None)
+        student, s_proc = build_student(build_recipe(recipe, store), teacher, teacher_proc, texts)
+        t_dim = cm.embed_dim(teacher) if teacher is not None else (store.constants["dims"]["embed"] if store is not None else None)
+        loss = build_contrastive_loss(terms, cm.embed_dim(student), t_dim)
     except cm.PairingError:
         raise
     except ValueError as e:
@@ -189,7 +197,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         teacher = t_data = None
         step = ContrastiveStep(student, loss, s_data, t_cache=t_cache)
     else:
-        step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
+        step = ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data, store=store)
 
     # everything is built and checked: only now does the run folder change
     if accelerator.is_main_process:

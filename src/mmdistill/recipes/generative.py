@@ -34,7 +34,7 @@ from ..engine.schedules import make_schedule
 from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
 from ..losses.features import FeatureLoss
 from ..signals import Signals
-from .common import check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("kd", "vision", "text")
 GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
@@ -182,7 +182,7 @@ class GenerativeStep(nn.Module):
     ``[B, R, V]`` aligned on the response. The teacher sits outside the module tree.
     """
 
-    def __init__(self, student, s_proc, loss: CompositeLoss, records, images: ImageCache, *, path: str, response_field: str, max_length: int, curriculum: Curriculum, teacher=None, t_proc=None):
+    def __init__(self, student, s_proc, loss: CompositeLoss, records, images: ImageCache, *, path: str, response_field: str, max_length: int, curriculum: Curriculum, teacher=None, t_proc=None, store=None):
         super().__init__()
         self.student = student
         self.loss = loss
@@ -196,6 +196,7 @@ class GenerativeStep(nn.Module):
         object.__setattr__(self, "_s_proc", s_proc)
         object.__setattr__(self, "_teacher", teacher)
         object.__setattr__(self, "_t_proc", t_proc)
+        object.__setattr__(self, "_store", store)  # a teachers.cache.StoreTeacher: stored sparse signals instead of a live teacher
 
     def _signals(self, model, proc, recs, imgs, feats, device) -> tuple[Signals, dict]:
         from ..models import generative as gm
@@ -214,7 +215,9 @@ class GenerativeStep(nn.Module):
         imgs = [self.images.all(r) for r in recs]
         s, batch = self._signals(self.student, self._s_proc, recs, imgs, self.s_feats, device)
         t = None
-        if self._teacher is not None:
+        if self._store is not None:
+            t = self._store.generative(picked, batch, self.path, [r.line for r in recs]).to(device)
+        elif self._teacher is not None:
             with torch.no_grad():
                 t, t_batch = self._signals(self._teacher, self._t_proc, recs, imgs, self.t_feats, device)
             t = t.detach()
@@ -341,18 +344,33 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
     if recipe.teacher is None and set(terms) & set(TEACHER_TERMS):
         raise RecipeError(f"loss terms {sorted(set(terms) & set(TEACHER_TERMS))} need a teacher; add `teacher:` to the recipe")
-    teacher = t_proc = None
-    if recipe.teacher is not None:
+    teacher = t_proc = store = None
+    if recipe.teacher is not None and recipe.teacher.kind == "store":
+        from transformers import AutoProcessor
+
+        from ..teachers.cache import StoreTeacher
+
+        store = StoreTeacher(recipe, records, log=log)  # no teacher weights: its stored signals, checked against the recipe
+        try:
+            t_proc = AutoProcessor.from_pretrained(store.model)  # the tokenizer a tiny student shares (the store must be used with it)
+        except (OSError, ValueError):
+            t_proc = None
+    elif recipe.teacher is not None:
         if recipe.teacher.cache:
-            raise RecipeError("teacher.cache is not available for generative models yet (the offline signal store comes later); set teacher.cache: false")
+            raise RecipeError("teacher.cache keeps signals in memory for contrastive and reranker runs; for a generative teacher write a store (`mmdistill teacher cache`) and use teacher: {kind: store, path: ...}")
         teacher, t_proc = gm.load_vlm(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
         freeze(teacher)
         teacher.to(accelerator.device)
     try:
-        student, s_proc = build_student(recipe, teacher, t_proc, records)
+        student, s_proc = build_student(build_recipe(recipe, store), teacher, t_proc, records)
         if teacher is not None:
             gm.check_pairing(teacher, t_proc, student, s_proc, need_logits="kd" in terms)
-        loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=dims(teacher) if teacher is not None else None)
+        if store is not None and "kd" in terms:
+            vocab = store.constants.get("vocab")
+            if vocab is not None and vocab != gm._out_vocab(student):
+                raise PairingError(f"{recipe.teacher.path}: the store's teacher has {vocab} output tokens, the student {gm._out_vocab(student)}; logit KD needs one vocabulary")
+        t_dims = dims(teacher) if teacher is not None else (store.constants["dims"] if store is not None else None)
+        loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=t_dims)
         set_trainable(student, recipe.student.trainable)
         peft_model = None
         if recipe.lora is not None:
@@ -368,7 +386,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     step = GenerativeStep(
         trained, s_proc, loss, records, images,
         path=path, response_field=recipe.data.response_field, max_length=recipe.data.max_length, curriculum=curriculum,
-        teacher=teacher, t_proc=t_proc,
+        teacher=teacher, t_proc=t_proc, store=store,
     )
 
     if accelerator.is_main_process:

@@ -21,7 +21,7 @@ from ..data.records import RerankRecord
 from ..engine.loop import seed_everything, train_loop
 from ..models import reranker as rm
 from ..signals import Signals
-from .common import check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("pointwise", "margin_mse", "listwise_kl", "feature")
 
@@ -84,6 +84,7 @@ class RerankStep(nn.Module):
         path: str,
         teacher: rm.Reranker | None = None,
         t_cache: Signals | None = None,
+        store=None,
         features: bool = False,
         group_size: int | None = None,
         group_sampling: str = "uniform",
@@ -99,6 +100,7 @@ class RerankStep(nn.Module):
         self.path = path
         self.features = features
         self.t_cache = t_cache
+        object.__setattr__(self, "_store", store)  # a teachers.cache.StoreTeacher
         object.__setattr__(self, "_student", student)
         object.__setattr__(self, "_teacher", teacher)
 
@@ -108,6 +110,8 @@ class RerankStep(nn.Module):
         return [sample_group(self.records[i], self.group_size, rng, self.group_sampling) for i in indices]
 
     def teacher_signals(self, indices: list[int], docs: list[list[int]], recs: list[RerankRecord], k_max: int, device) -> Signals | None:
+        if self._store is not None:
+            return self._store.reranker(indices, docs, k_max).to(device)
         if self.t_cache is not None:
             idx = torch.zeros(len(indices), k_max, dtype=torch.long)
             valid = torch.zeros(len(indices), k_max, dtype=torch.bool)
@@ -234,18 +238,23 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
     if recipe.teacher is None and set(terms) & set(TEACHER_TERMS):
         raise RecipeError(f"loss terms {sorted(set(terms) & set(TEACHER_TERMS))} need a teacher; add `teacher:` to the recipe")
-    teacher = None
-    if recipe.teacher is not None:
+    teacher = store = None
+    if recipe.teacher is not None and recipe.teacher.kind == "store":
+        from ..teachers.cache import StoreTeacher
+
+        store = StoreTeacher(recipe, records, log=log)  # scores (and features) from the store; no teacher weights
+    elif recipe.teacher is not None:
         teacher = rm.load_reranker(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code, max_length=recipe.data.max_length)
         freeze(teacher.model)
         teacher.model.to(accelerator.device)
         teacher.images = cache
     try:
         texts = rm.record_texts(records)  # a tiny student's tokenizer is trained on them (plus the prompt frame)
-        student = build_student(recipe, teacher, texts, records)
+        student = build_student(build_recipe(recipe, store), teacher, texts, records)
         student.max_length = recipe.data.max_length
         student.images = cache
-        loss = build_ranking_loss(terms, student.hidden_size(), teacher.hidden_size() if teacher is not None else None)
+        t_hidden = teacher.hidden_size() if teacher is not None else (store.constants["dims"]["hidden"] if store is not None else None)
+        loss = build_ranking_loss(terms, student.hidden_size(), t_hidden)
     except (rm.RerankerError, FileNotFoundError):
         raise
     except ValueError as e:
@@ -258,7 +267,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         log(f"teacher: scoring {len(records)} training queries once (cache)")
         t_cache = precompute_teacher(teacher, records, features, path)
         teacher = None
-    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, features=features, group_size=recipe.data.group_size, group_sampling=recipe.data.group_sampling, seed=recipe.seed)
+    step = RerankStep(student, loss, records, path, teacher=teacher, t_cache=t_cache, store=store, features=features, group_size=recipe.data.group_size, group_sampling=recipe.data.group_sampling, seed=recipe.seed)
 
     if accelerator.is_main_process:
         write_run_dir(out, fp, recipe.model_dump(mode="json"), clear)

@@ -1,0 +1,201 @@
+"""The offline teacher store end to end on tiny models: `teacher cache` (killed and rerun), `verify`, `inspect`,
+distillation from a store for all three families (the same loss as from the live teacher), refusals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def mmd(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def write_recipe(root: Path, name: str, d: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def gen_recipe(root: Path, name: str, **extra) -> dict:
+    d = {
+        "family": "generative",
+        "output_dir": str(root / name),
+        "seed": 0,
+        "data": {"train": str(root / "data/chat_train.jsonl"), "val": str(root / "data/chat_test.jsonl"), "max_records": 40, "max_length": 160},
+        "student": {"init": "tiny", "preset": "vlm-nano"},
+        "loss": {"terms": {"sft": {"weight": 1.0}}},
+        "train": {"max_steps": 3, "batch_size": 8, "warmup_steps": 1, "save_every": 3, "log_every": 1, "lr": 0.003},
+        "eval": {"max_items": 4, "max_new_tokens": 4, "latency": False},
+    }
+    for k, v in extra.items():
+        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
+    return d
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    mmd("data", "synth", root / "data", "--n", 60, "--seed", 5)
+    mmd("train", write_recipe(root, "teacher", gen_recipe(root, "teacher", student={"init": "tiny", "preset": "vlm-nano"})))
+    kd = gen_recipe(root, "kd", teacher={"model": str(root / "teacher/model")},
+                    loss={"terms": {"sft": {"weight": 1.0}, "kd": {"weight": 1.0}, "vision": {"weight": 1.0}, "text": {"weight": 1.0, "options": {"layers": [[-2, -2]]}}}})
+    return root, write_recipe(root, "kd", kd), kd
+
+
+def test_cache_killed_at_random_points_completes_with_every_record_once(world):
+    from mmdistill.data.records import read_records
+    from mmdistill.teachers.store import RecordKeys, TeacherStore, verify
+
+    root, kd_path, _ = world
+    store = root / "store-killed"
+    cmd = [sys.executable, "-m", "mmdistill.cli", "teacher", "cache", str(kd_path), "--out", str(store), "--shard-records", "4"]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):  # several kill points: each run is SIGKILLed a little after its first new shard appears
+        before = len(list(store.glob("shard-*.safetensors"))) if store.exists() else 0
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and len(list(store.glob("shard-*.safetensors"))) <= before:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.08))  # somewhere in the next shard's compute / write / rename / journal
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 3
+    mmd("teacher", "cache", kd_path, "--out", store, "--shard-records", "4")
+    assert verify(store) == []
+    records, _ = read_records(root / "data/chat_train.jsonl")
+    keys = RecordKeys()
+    wanted = {keys.key(r) for r in records[:40]}
+    st = TeacherStore(store)
+    assert set(st.index) == wanted  # none missing, none extra
+    journals = [json.loads(j.read_text()) for j in store.glob("shards-r*.json")]
+    assert sum(s["records"] for j in journals for s in j["shards"]) == len(wanted)  # none stored twice
+
+
+def test_verify_finds_corrupt_truncated_and_missing_shards(world, tmp_path):
+    import shutil
+
+    root, kd_path, _ = world
+    store = tmp_path / "s"
+    mmd("teacher", "cache", kd_path, "--out", store, "--shard-records", "16")
+    assert mmd("teacher", "verify", store).stdout.strip().endswith("ok")
+    info = json.loads(mmd("teacher", "inspect", store).stdout)
+    assert info["records"] == 40 and info["family"] == "generative" and info["bytes_per_token"] > 0
+    assert info["settings"]["top_k"] == 64 and info["settings"]["features"] == {"vision_pooled": True, "text_layers": [-2]}
+    shards = sorted(store.glob("shard-*.safetensors"))
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    data = bytearray((bad / shards[0].name).read_bytes())
+    data[-3] ^= 0xFF
+    (bad / shards[0].name).write_bytes(bytes(data))
+    (bad / shards[1].name).write_bytes((bad / shards[1].name).read_bytes()[:100])
+    (bad / shards[2].name).unlink()
+    p = mmd("teacher", "verify", bad, check=False)
+    assert p.returncode == 1
+    assert f"{shards[0].name}: sha256 differs" in p.stdout
+    assert f"{shards[1].name}: 100 bytes" in p.stdout and "truncated" in p.stdout
+    assert f"{shards[2].name}: missing" in p.stdout
+
+
+def test_distill_from_store_matches_live_teacher_loss(world):
+    """The first step's losses from a store equal those from the live teacher: exactly (fp32) when the store keeps
+    every id (k = V); with k < V the tail bucket merges the rest, so the sparse KL is at most the dense one (the
+    data-processing inequality). The store runs never load the teacher's weights."""
+    from mmdistill.config import recipe_from_dict
+    from mmdistill.recipes import generative as gr
+
+    root, kd_path, kd = world
+    vocab = json.loads((root / "teacher/model/config.json").read_text())["text_config"]["vocab_size"]
+    one = {"max_steps": 1, "batch_size": 8, "warmup_steps": 0, "save_every": 1, "log_every": 1, "lr": 1e-9}
+    live = recipe_from_dict({**kd, "output_dir": str(root / "kd-live"), "train": one})
+    a = gr.run(live, overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    for k in (vocab, 16):
+        store = root / f"store-fp32-k{k}"
+        mmd("teacher", "cache", kd_path, "--out", store, "--dtype", "fp32", "--top-k", k)
+        stored = recipe_from_dict({**kd, "output_dir": str(root / f"kd-store-{k}"), "train": one, "teacher": {"kind": "store", "path": str(store)}})
+        b = gr.run(stored, overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+        for part in ("vision", "text", "sft"):
+            assert b[part] == pytest.approx(a[part], rel=1e-5), part
+        if k == vocab:
+            assert b["kd"] == pytest.approx(a["kd"], rel=1e-4)
+        else:
+            assert 0 < b["kd"] < a["kd"]
+
+
+def test_store_refusals_are_one_line(world, tmp_path):
+    root, kd_path, kd = world
+    store = tmp_path / "st"
+    mmd("teacher", "cache", kd_path, "--out", store)
+    # another teacher (a different config) named beside the store
+    other = gen_recipe(root, "other-teacher", student={"init": "tiny", "preset": "vlm-student"})
+    other["output_dir"] = str(tmp_path / "other-teacher")
+    mmd("train", write_recipe(tmp_path, "other-teacher", other))
+    r = {**kd, "output_dir": str(tmp_path / "x"), "teacher": {"kind": "store", "path": str(store), "model": str(tmp_path / "other-teacher/model")}}
+    p = mmd("distill", write_recipe(tmp_path, "x", r), check=False)
+    assert p.returncode == 2 and "made by another teacher than teacher.model: config" in p.stderr and "Traceback" not in p.stderr
+    # settings that shaped the signals: another max_length
+    r = {**kd, "output_dir": str(tmp_path / "y"), "data": {**kd["data"], "max_length": 200}, "teacher": {"kind": "store", "path": str(store)}}
+    p = mmd("distill", write_recipe(tmp_path, "y", r), check=False)
+    assert p.returncode == 2 and "made under other settings: max_length (store 160, recipe 200)" in p.stderr
+    # a feature the store does not hold
+    r = {**kd, "output_dir": str(tmp_path / "z"), "teacher": {"kind": "store", "path": str(store)},
+         "loss": {"terms": {"kd": {"weight": 1.0}, "text": {"weight": 1.0, "options": {"layers": [[-1, -1]]}}}}}
+    p = mmd("distill", write_recipe(tmp_path, "z", r), check=False)
+    assert p.returncode == 2 and "features.text_layers (the loss reads [-1], the store holds [-2])" in p.stderr
+    # a training record the store lacks: named by file and line; on_missing: live fills it in
+    r = {**kd, "output_dir": str(tmp_path / "w"), "data": {**kd["data"], "max_records": 44}, "teacher": {"kind": "store", "path": str(store)}}
+    p = mmd("distill", write_recipe(tmp_path, "w", r), check=False)
+    assert p.returncode == 2 and "chat_train.jsonl:41: not in the store" in p.stderr and "4 of 44 records missing" in p.stderr
+    r["teacher"]["on_missing"] = "live"
+    p = mmd("distill", write_recipe(tmp_path, "w", r), "--overwrite")
+    assert "4 of 44 records are not in" in p.stdout
+    # caching into a store of another teacher
+    other_kd = {**kd, "teacher": {"model": str(tmp_path / "other-teacher/model")}}
+    p = mmd("teacher", "cache", write_recipe(tmp_path, "o", other_kd), "--out", store, check=False)
+    assert p.returncode == 2 and "holds signals made otherwise (teacher" in p.stderr
+
+
+@pytest.mark.parametrize("family", ["contrastive", "reranker"])
+def test_other_families_distill_from_a_store(tmp_path, family):
+    """Contrastive embeddings and reranker scores from a store give the same first-step loss as the live teacher."""
+    from mmdistill.config import recipe_from_dict
+    from mmdistill.recipes import contrastive as cr
+    from mmdistill.recipes import reranker as rr
+
+    mmd("data", "synth", tmp_path / "data", "--n", 60, "--seed", 2, "--size", 32)
+    if family == "contrastive":
+        base = {"family": "contrastive", "seed": 0, "data": {"train": str(tmp_path / "data/pairs_train.jsonl"), "max_records": 32},
+                "student": {"init": "tiny", "preset": "clip-nano"}, "eval": {"latency": False}}
+        terms = {"clip": {"weight": 1.0}, "sim_kd": {"weight": 1.0}, "fd": {"weight": 10.0}}
+        module = cr
+    else:
+        base = {"family": "reranker", "seed": 0, "data": {"train": str(tmp_path / "data/rerank_train.jsonl"), "max_records": 12, "max_length": 256},
+                "student": {"init": "tiny", "preset": "vlm-nano", "image_size": 32}, "eval": {"latency": False}, "loss": {"terms": {"ce": {"weight": 1.0}}}}
+        terms = {"ce": {"weight": 1.0}, "margin_mse": {"weight": 1.0}, "listwise_kl": {"weight": 1.0}}
+        module = rr
+    one = {"max_steps": 1, "batch_size": 8 if family == "contrastive" else 4, "warmup_steps": 0, "save_every": 1, "log_every": 1, "lr": 1e-9}
+    mmd("train", write_recipe(tmp_path, "t", {**base, "output_dir": str(tmp_path / "t"), "train": {**one, "max_steps": 2, "lr": 1e-3}}))
+    kd = {**base, "output_dir": str(tmp_path / "kd"), "teacher": {"model": str(tmp_path / "t/model")}, "loss": {"terms": terms}, "train": one}
+    mmd("teacher", "cache", write_recipe(tmp_path, "kd", kd), "--out", tmp_path / "store", "--dtype", "fp32")
+    assert mmd("teacher", "verify", tmp_path / "store").returncode == 0
+    a = module.run(recipe_from_dict(kd), overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    b = module.run(recipe_from_dict({**kd, "output_dir": str(tmp_path / "kd2"), "teacher": {"kind": "store", "path": str(tmp_path / "store")}}), overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    assert set(a) == set(b)
+    for part in a:
+        assert b[part] == pytest.approx(a[part], rel=1e-4, abs=1e-6), part
