@@ -136,6 +136,11 @@ def test_distill_from_store_matches_live_teacher_loss(world):
             assert b["kd"] == pytest.approx(a["kd"], rel=1e-4)
         else:
             assert 0 < b["kd"] < a["kd"]
+    # a sampled store (random-sampling KD): trains, and its KD term is the divergence to the draws' frequencies
+    mmd("teacher", "cache", kd_path, "--out", root / "store-sampled", "--sample", 8)
+    sampled = recipe_from_dict({**kd, "output_dir": str(root / "kd-sampled"), "train": one, "teacher": {"kind": "store", "path": str(root / "store-sampled")}})
+    c = gr.run(sampled, overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    assert c["kd"] > 0 and c["sft"] == pytest.approx(a["sft"], rel=1e-5)
 
 
 def test_store_refusals_are_one_line(world, tmp_path):

@@ -110,18 +110,21 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
 
 
 def _sampled(lp: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`n` draws per position from exp(lp) [*, V]; the distinct drawn ids with log of their frequency, padded to n
-    with distinct unused ids at log 0 = -inf. -> ids [*, n], log-weights [*, n]"""
-    flat = lp.reshape(-1, lp.shape[-1])
+    """`n` draws per position from exp(lp) [*, V]; the distinct drawn ids with log of their frequency, padded to
+    w = min(n, V) ids with distinct undrawn ids at log 0 = -inf. -> ids [*, w], log-weights [*, w]"""
+    vocab = lp.shape[-1]
+    width = min(n, vocab)
+    flat = lp.reshape(-1, vocab)
     draws = torch.multinomial(flat.exp(), n, replacement=True, generator=gen)  # [P, n]
-    ids = torch.empty_like(draws)
-    weights = torch.full(draws.shape, float("-inf"))
+    ids = torch.empty(flat.shape[0], width, dtype=torch.long)
+    weights = torch.full((flat.shape[0], width), float("-inf"))
     for p in range(draws.shape[0]):
         uniq, counts = draws[p].unique(return_counts=True)
-        fill = [i for i in range(n + len(uniq)) if i not in set(uniq.tolist())][: n - len(uniq)]
+        drawn = set(uniq.tolist())
+        fill = [i for i in range(vocab) if i not in drawn][: width - len(uniq)]
         ids[p] = torch.cat([uniq, torch.tensor(fill, dtype=uniq.dtype)])
         weights[p, : len(uniq)] = (counts.float() / n).log()
-    return ids.view(*lp.shape[:-1], n), weights.view(*lp.shape[:-1], n)
+    return ids.view(*lp.shape[:-1], width), weights.view(*lp.shape[:-1], width)
 
 
 def _reranker_fn(recipe: Recipe, teacher_path: str, device, *, dtype: torch.dtype, **_):

@@ -1,0 +1,67 @@
+"""The store's pieces without models: content keys, atomic shards and journals, resume, verify, sampled sets."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mmdistill.data.records import read_records
+from mmdistill.teachers.cache import _sampled
+from mmdistill.teachers.store import RecordKeys, StoreError, StoreWriter, TeacherStore, identity_differences, verify
+
+HEADER = {"family": "contrastive", "teacher": {"model": "t", "config_sha256": "a", "tokenizer_sha256": "b"}, "settings": {"dtype": "fp32"}, "constants": {}}
+
+
+def test_keys_follow_content_not_file_names_or_position(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "copy.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    rows = [{"image": "a.png", "text": "red", "id": 1}, {"image": "copy.png", "text": "red", "id": 2, "meta": {"x": 1}}, {"image": "b.png", "text": "red"}, {"image": "a.png", "text": "Red"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs, _ = read_records(tmp_path / "p.jsonl")
+    k = [RecordKeys().key(r) for r in recs]
+    assert k[0] == k[1]  # same bytes and text: same record, whatever its file name, id or position
+    assert len({k[0], k[2], k[3]}) == 3  # other image bytes, other text
+
+
+def test_writer_commits_shards_atomically_and_resumes(tmp_path):
+    w = StoreWriter(tmp_path, HEADER, shard_records=2)
+    for i in range(5):
+        w.add(f"k{i}", {"x": torch.full((3,), float(i))})
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2 and "k4" in w.pending  # the 5th waits for a full shard
+    # a killed run: a shard renamed but never entered in the journal, and a half-written temporary
+    (tmp_path / "shard-r0-000009.safetensors").write_bytes(b"junk")
+    (tmp_path / "shard-r0-000010.safetensors.tmp").write_bytes(b"junk")
+    assert any("not in any journal" in p for p in verify(tmp_path))
+    w2 = StoreWriter(tmp_path, HEADER, shard_records=2)
+    assert w2.done == {"k0", "k1", "k2", "k3"} and not (tmp_path / "shard-r0-000009.safetensors").exists()
+    w2.add("k3", {"x": torch.zeros(3)})  # already stored: ignored
+    w2.add("k4", {"x": torch.full((3,), 4.0)})
+    w2.close()
+    assert verify(tmp_path) == []
+    st = TeacherStore(tmp_path)
+    assert len(st) == 5 and torch.equal(st.get("k4")["x"], torch.full((3,), 4.0)) and torch.equal(st.get("k1")["x"], torch.ones(3))
+    with pytest.raises(StoreError, match="holds signals made otherwise .*teacher"):
+        StoreWriter(tmp_path, {**HEADER, "teacher": {"model": "u"}})
+
+
+def test_identity_differences_name_what_differs():
+    a = {"model": "x", "config_sha256": "c1", "tokenizer_sha256": "t1"}
+    assert identity_differences(a, {"model": "y", "config_sha256": "c1", "tokenizer_sha256": "t1"}) == []  # same files, another path
+    assert identity_differences(a, {"model": "y", "config_sha256": "c2", "tokenizer_sha256": "t2"}) == ["config (store c1, y c2)", "tokenizer / processor (store t1, y t2)"]
+    assert identity_differences({"model": "Qwen/A"}, {"model": "Qwen/B"}) == ["model (store Qwen/A, recipe Qwen/B)"]
+
+
+def test_sampled_set_is_distinct_ids_with_frequencies():
+    lp = torch.log_softmax(torch.randn(2, 3, 50) * 3, dim=-1)
+    ids, w = _sampled(lp, 16, torch.Generator().manual_seed(0))
+    assert ids.shape == w.shape == (2, 3, 16)
+    for row_ids, row_w in zip(ids.view(-1, 16), w.view(-1, 16)):
+        assert len(set(row_ids.tolist())) == 16  # distinct ids (the padding ids carry weight 0)
+        assert row_w.exp().sum().item() == pytest.approx(1.0)
+    # unbiased: over many draws the frequencies approach the teacher's probabilities
+    lp1 = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), dim=-1).expand(4000, 4)
+    ids, w = _sampled(lp1, 8, torch.Generator().manual_seed(1))  # 8 draws over 4 ids: width 4
+    freq = torch.zeros(4).index_add_(0, ids.flatten(), w.exp().flatten()) / 4000
+    assert torch.allclose(freq, lp1[0].exp(), atol=0.01)
