@@ -73,3 +73,33 @@ def test_two_processes_match_one(tmp_path):
     init = load_file(str(tmp_path / "one/checkpoints/step-000001/trainable.safetensors"))
     moved = max(float((a[k] - init[k]).abs().max()) for k in compared)
     assert moved > 100 * worst and moved > 1e-3
+
+
+def test_teacher_cache_in_two_processes_matches_one(tmp_path):
+    """`teacher cache` under torchrun splits the records by rank (a journal and shards per process); the store holds
+    every record once, with the same signals as a one-process store."""
+    import torch
+
+    from mmdistill.teachers.store import TeacherStore, verify
+
+    subprocess.run([sys.executable, "-m", "mmdistill.cli", "data", "synth", tmp_path / "data", "--n", "120", "--size", "32"], check=True, env=ENV, capture_output=True)
+    teacher = {"output_dir": str(tmp_path / "teacher"), "data": {"train": str(tmp_path / "data/pairs_train.jsonl")},
+               "student": {"init": "tiny", "preset": "clip-nano"}, "train": {"max_steps": 2, "batch_size": 16, "warmup_steps": 0}}
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+    subprocess.run([sys.executable, "-m", "mmdistill.cli", "train", tmp_path / "teacher.yaml"], check=True, env=ENV, capture_output=True)
+    kd = {**teacher, "output_dir": str(tmp_path / "kd"), "teacher": {"model": str(tmp_path / "teacher/model")}, "student": {"init": "scratch"},
+          "loss": {"terms": {"clip": {"weight": 1.0}, "sim_kd": {"weight": 1.0}}}}
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd))
+    cache = ["-m", "mmdistill.cli", "teacher", "cache", str(tmp_path / "kd.yaml"), "--dtype", "fp32", "--shard-records", "16", "--out"]
+    one = subprocess.run([sys.executable, *cache, str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *cache, str(tmp_path / "two")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert verify(tmp_path / "two") == []
+    assert {p.name for p in (tmp_path / "two").glob("shards-r*.json")} == {"shards-r0.json", "shards-r1.json"}
+    a, b = TeacherStore(tmp_path / "one"), TeacherStore(tmp_path / "two")
+    assert len(a) == len(b) == 96 and set(a.index) == set(b.index)
+    for key in a.index:
+        for name, t in a.get(key).items():
+            assert torch.allclose(t, b.get(key)[name], atol=1e-6), (key, name)

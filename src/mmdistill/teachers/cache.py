@@ -203,7 +203,7 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 64, sample: i
         raise RecipeError(f"dtype {dtype!r}: choose fp16 or fp32")
     if sample is not None and sample < 1 or top_k < 1:
         raise RecipeError("--top-k and --sample must be positive")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     records, errors = _records(recipe)
     settings = settings_of(recipe, top_k=top_k, sample=sample, dtype=dtype)
     fn, constants, batch = FAMILY_FNS[recipe.family](recipe, recipe.teacher.model, state.device, top_k=top_k, sample=sample, dtype=DTYPES[dtype], seed=recipe.seed)
