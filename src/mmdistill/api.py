@@ -36,6 +36,13 @@ def check_data(path: str | Path, kind: str | None = None, decode_images: bool = 
     return check_file(path, kind, decode_images=decode_images)
 
 
+def import_data(src: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """LLaVA conversation JSON, Parquet / Arrow files or a datasets folder -> mmdistill records (see data/convert.py)."""
+    from .data.convert import import_data as convert
+
+    return convert(src, out, **options)
+
+
 def data_stats(path: str | Path, kind: str | None = None, *, train: str | Path | None = None) -> dict[str, Any]:
     """Statistics of a file's valid records and the warnings they raise; with `train`, the records this
     (evaluation) file shares with that training file (leakage)."""

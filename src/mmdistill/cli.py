@@ -79,6 +79,33 @@ def data_check(
     typer.echo(f"{file}: ok")
 
 
+@data_app.command("import")
+def data_import(
+    src: Path = typer.Argument(..., help="LLaVA conversation JSON / JSONL, a .parquet or .arrow file, or a Hugging Face datasets folder."),
+    out: Path = typer.Argument(..., help="Output folder: <name>.jsonl, images/, and <name>.rejected.jsonl for rows that could not be converted."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="llava | parquet | arrow | hf (default: from the file name)."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="pair | chat (default: chat for LLaVA or when prompt/response are mapped, else pair)."),
+    maps: List[str] = typer.Option([], "--map", help="FIELD=COLUMN, e.g. --map text=caption --map image=jpg (repeatable)."),
+    split: Optional[str] = typer.Option(None, "--split", help="The split of a datasets folder that holds several."),
+    name: str = typer.Option("train", "--name", help="Output file name (train, val, test...)."),
+    fail: bool = typer.Option(False, "--fail", help="Stop at the first row that cannot be converted (default: write it to <name>.rejected.jsonl and go on)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Convert at most N records."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder that relative image paths are taken from (default: the source's folder)."),
+):
+    """Convert data you already have into mmdistill records (images copied beside them, named by content hash)."""
+    from . import api
+
+    fields = {}
+    for m in maps:
+        if "=" not in m:
+            _fail(f"--map {m!r}: expected FIELD=COLUMN")
+        k, v = m.split("=", 1)
+        fields[k.strip()] = v.strip()
+    res = _guard(api.import_data, src, out, fmt=fmt, kind=kind, fields=fields, split=split, name=name, on_error="fail" if fail else "skip", limit=limit, image_root=image_root)
+    typer.echo(f"wrote {res['written']} {res['kind']} records to {res['out']}" + (f"; {res['rejected']} rejected (see {Path(res['out']).with_suffix('')}.rejected.jsonl)" if res["rejected"] else "")
+               + (f"; {res['later_turns_dropped']} later conversation turns not kept (one record per conversation's first exchange)" if res["later_turns_dropped"] else ""))
+
+
 def _train(recipe: Path, overrides: List[str], resume: bool, overwrite: bool, require_teacher: bool):
     from . import api
 
