@@ -28,6 +28,12 @@ class DataConfig(Strict):
     val: Path | None = Field(None, description="JSONL file evaluated at the end of training (and by `mmdistill eval`).")
     zeroshot: Path | None = Field(None, description="zeroshot_<split>.json of ShapesWorld-style zero-shot tasks, evaluated with `val`.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Bad records: stop at the first one, or skip them and report how many and why.")
+    stream: bool = Field(
+        False,
+        description="Decode images when a batch needs them (in a pool of threads) instead of all at the start: a data set "
+        "larger than memory trains; a corrupt image then stops the run at its batch, naming the file and line "
+        "(run `mmdistill data check` first). The batch order, and so resume, is the same either way.",
+    )
     max_records: int | None = Field(None, ge=1, description="Use only the first N valid training records (quick runs).")
     max_length: int = Field(512, ge=8, description="Longest tokenised input (a reranker pair, a chat turn); a longer one is an error naming the record.")
     response_field: Literal["response", "teacher_response"] = Field(
@@ -234,7 +240,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail"}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

@@ -20,15 +20,22 @@ class ImageCache:
     """Decoded images by (base folder, reference), least recently used dropped past `max_items`;
     ShapesWorld-sized sets fit in memory."""
 
-    def __init__(self, max_items: int = 50_000):
+    def __init__(self, max_items: int = 50_000, source: str | None = None):
         self.max_items = max_items
+        self.source = source  # the JSONL file: a bad image met while streaming is an error naming its line
         self._items: OrderedDict = OrderedDict()
 
     def get(self, record, ref: str):
         key = (str(record.base_dir), ref)
         img = self._items.get(key)
         if img is None:
-            img = record.open_image(ref)
+            try:
+                img = record.open_image(ref)
+            except ImageError as e:
+                if self.source is None:
+                    raise
+                field = next((f for f, r in record.image_refs() if r == ref), "image")
+                raise RecordError(self.source, record.line, field, f"{e} (run `mmdistill data check` to find every bad record)") from None
             self._items[key] = img
             if len(self._items) > self.max_items:
                 self._items.popitem(last=False)
@@ -39,6 +46,20 @@ class ImageCache:
     def all(self, record) -> list:
         """Every image of a record, in order."""
         return [self.get(record, ref) for _, ref in record.image_refs()]
+
+
+def decode_pairs(records, source: str, workers: int = 2) -> list:
+    """The images of pair records, decoded in a pool of threads; a bad one is an error naming its line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rec):
+        try:
+            return rec.load_image()
+        except ImageError as e:
+            raise RecordError(source, rec.line, "image", f"{e} (run `mmdistill data check` to find every bad record)") from None
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, records))
 
 
 def _report(path: Path, kept: list, errors: list[RecordError], log) -> None:
@@ -58,9 +79,14 @@ def _image_field(rec, e: ImageError) -> str:
     return next((field for field, ref in rec.image_refs() if ref in str(e)), "image")
 
 
-def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print):
-    """Pair records and their decoded images: ``(records, images, errors)``."""
+def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print, *, decode: bool = True):
+    """Pair records and their decoded images: ``(records, images, errors)``; with ``decode=False`` images is None (the
+    files were only checked to exist: a streaming run decodes them per batch)."""
     records, errors = read_records(path, "pair", on_error=on_error)
+    if not decode:
+        kept = records[:max_records] if max_records is not None else records
+        _report(path, kept, errors, log)
+        return kept, None, errors
     images, kept = [], []
     for rec in records:
         if max_records is not None and len(kept) >= max_records:
@@ -77,15 +103,16 @@ def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=pr
     return kept, images, errors
 
 
-def load_rerank(path: Path, on_error: str, max_records: int | None, cache: ImageCache, log=print) -> tuple[list[RerankRecord], list[RecordError]]:
-    """Rerank records with every image decoded into `cache`: ``(records, errors)``."""
+def load_rerank(path: Path, on_error: str, max_records: int | None, cache: ImageCache, log=print, *, decode: bool = True) -> tuple[list[RerankRecord], list[RecordError]]:
+    """Rerank records with every image decoded into `cache` (``decode=False``: only checked to exist): ``(records, errors)``."""
     records, errors = read_records(path, "rerank", on_error=on_error)
     kept: list[RerankRecord] = []
     for rec in records:
         if max_records is not None and len(kept) >= max_records:
             break
         try:
-            cache.all(rec)
+            if decode:
+                cache.all(rec)
             kept.append(rec)
         except ImageError as e:
             err = RecordError(str(path), rec.line, _image_field(rec, e), str(e))
@@ -96,9 +123,9 @@ def load_rerank(path: Path, on_error: str, max_records: int | None, cache: Image
     return kept, errors
 
 
-def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ImageCache, log=print) -> tuple[list[ChatRecord], list[RecordError]]:
-    """Chat records with their images decoded into `images`; a record without the target text (`response_field`)
-    or with a bad image fails or is skipped: ``(records, errors)``."""
+def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ImageCache, log=print, *, decode: bool = True) -> tuple[list[ChatRecord], list[RecordError]]:
+    """Chat records with their images decoded into `images` (``decode=False``: only checked to exist); a record without
+    the target text (`response_field`) or with a bad image fails or is skipped: ``(records, errors)``."""
     records, errors = read_records(path, "chat", on_error=on_error)
     kept: list[ChatRecord] = []
     for rec in records:
@@ -110,7 +137,8 @@ def load_chat(path: Path, response_field: str | None, on_error: str, max_records
             err = RecordError(str(path), rec.line, response_field, f"missing: training needs the target text{hint}")
         else:
             try:
-                images.all(rec)
+                if decode:
+                    images.all(rec)
             except ImageError as e:
                 err = RecordError(str(path), rec.line, rec.image_refs()[0][0] if rec.image_refs() else "image", str(e))
         if err is not None:

@@ -284,6 +284,24 @@ class Encoded:
         return self.input_ids.shape[0]
 
 
+class LazyEncoded:
+    """Pairs run through a model's processor a batch at a time (``data.stream``): the same ``batch(idx)`` and ``len()``
+    as ``Encoded`` and the same tensors, but only the batch's images are decoded (in a pool of threads)."""
+
+    def __init__(self, processor, records, source: str):
+        self.processor, self.records, self.source = processor, records, source
+
+    def batch(self, idx: Tensor | list[int]) -> dict[str, Tensor]:
+        from ..data.loaders import decode_pairs
+
+        recs = [self.records[int(i)] for i in idx]
+        enc = preprocess_pairs(self.processor, decode_pairs(recs, self.source), [r.text for r in recs])
+        return enc.batch(list(range(len(recs))))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 def preprocess_images(processor, images: list, chunk: int = 512) -> Tensor:
     out = []
     for i in range(0, len(images), chunk):

@@ -163,7 +163,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)  # every process raises the same error
     seed_everything(recipe.seed)
 
-    records, images, errors = load_pairs(recipe.data.train, recipe.data.on_error, recipe.data.max_records, log=log)
+    records, images, errors = load_pairs(recipe.data.train, recipe.data.on_error, recipe.data.max_records, log=log, decode=not recipe.data.stream)
     texts = [r.text for r in records]
     log(f"train: {len(records)} pairs from {recipe.data.train}" + (f" ({len(errors)} skipped)" if errors else ""))
 
@@ -189,8 +189,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         raise RecipeError(f"{recipe.output_dir}: {e}") from None
     student.train()
 
-    s_data = cm.preprocess_pairs(s_proc, images, texts)
-    t_data = cm.preprocess_pairs(teacher_proc, images, texts) if teacher is not None else None
+    if recipe.data.stream:  # each batch's images decoded and processed when the step needs them
+        s_data = cm.LazyEncoded(s_proc, records, str(recipe.data.train))
+        t_data = cm.LazyEncoded(teacher_proc, records, str(recipe.data.train)) if teacher is not None else None
+    else:
+        s_data = cm.preprocess_pairs(s_proc, images, texts)
+        t_data = cm.preprocess_pairs(teacher_proc, images, texts) if teacher is not None else None
     if teacher is not None and recipe.teacher.cache:
         # the cache replaces the live teacher: neither it nor its inputs are kept for training
         t_cache = precompute_teacher(teacher, t_data, needs_features(loss))

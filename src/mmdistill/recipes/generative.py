@@ -335,9 +335,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
     seed_everything(recipe.seed)
 
-    images = ImageCache()
+    images = ImageCache(max_items=4096, source=str(recipe.data.train)) if recipe.data.stream else ImageCache()
     path = str(recipe.data.train)
-    records, errors = load_chat(recipe.data.train, recipe.data.response_field, recipe.data.on_error, recipe.data.max_records, images, log=log)
+    records, errors = load_chat(recipe.data.train, recipe.data.response_field, recipe.data.on_error, recipe.data.max_records, images, log=log, decode=not recipe.data.stream)
     log(f"train: {len(records)} chat records from {path}" + (f" ({len(errors)} skipped)" if errors else ""))
     curriculum = Curriculum(records, recipe.data.curriculum)
 

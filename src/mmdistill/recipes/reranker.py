@@ -230,8 +230,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     clear = check_run_dir(out, fp, resume=resume, overwrite=overwrite)
     seed_everything(recipe.seed)
 
-    cache = rm.ImageCache()
-    records, errors = load_rerank(recipe.data.train, recipe.data.on_error, recipe.data.max_records, cache, log=log)
+    cache = rm.ImageCache(max_items=4096, source=str(recipe.data.train)) if recipe.data.stream else rm.ImageCache()
+    records, errors = load_rerank(recipe.data.train, recipe.data.on_error, recipe.data.max_records, cache, log=log, decode=not recipe.data.stream)
     path = str(recipe.data.train)
     log(f"train: {len(records)} queries from {path}" + (f" ({len(errors)} skipped)" if errors else ""))
 
