@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Recipe, RecipeError, load_recipe, recipe_from_dict
+from .config import RECORD_KIND, Recipe, RecipeError, load_recipe, recipe_from_dict
 
 CONFIG_DIR = Path(str(resources.files("mmdistill") / "configs"))  # configs/ at the repo root links here
 
@@ -180,7 +180,7 @@ def detect_family(data: str | Path) -> str:
                 except ValueError:
                     raise RecordError(str(path), lineno, "line", "not valid JSON") from None
                 kind = detect_kind(obj) if isinstance(obj, dict) else None
-                return {"pair": "contrastive", "rerank": "reranker", "chat": "generative"}.get(kind, "contrastive")
+                return next((fam for fam, k in RECORD_KIND.items() if k == kind), "contrastive")
     raise RecordError(str(path), 0, "file", "no records (the file is empty)")
 
 
@@ -275,8 +275,6 @@ DATA_NAMES = {  # family -> (train names, evaluation names, zero-shot names) a d
 def data_files(family: str, folder: str | Path) -> dict[str, Path]:
     """The train / val (/ zeroshot) files of `family` in a data folder, by the names in DATA_NAMES; one clear line when
     the folder or a needed file is missing. A file named `train.jsonl` must hold records of the family's kind."""
-    from .data.records import detect_kind
-
     folder = Path(folder)
     if not folder.is_dir():
         raise RecipeError(f"{folder}: data folder not found")
@@ -288,14 +286,9 @@ def data_files(family: str, folder: str | Path) -> dict[str, Path]:
         if hit is not None:
             found[key] = hit
     for key in ("train", "val"):
-        first = next((ln for ln in found[key].read_text(encoding="utf-8").splitlines() if ln.strip()), None)
-        try:
-            kind = detect_kind(json.loads(first)) if first else None
-        except ValueError:
-            kind = None  # the record checks report a bad line with its number when the run reads it
-        want = {"contrastive": "pair", "reranker": "rerank", "generative": "chat"}[family]
-        if kind is not None and kind != want:
-            raise RecipeError(f"{found[key]}: holds {kind} records; the {family} family trains on {want} records")
+        held = detect_family(found[key])
+        if held != family:
+            raise RecipeError(f"{found[key]}: holds {RECORD_KIND[held]} records; the {family} family trains on {RECORD_KIND[family]} records")
     return found
 
 

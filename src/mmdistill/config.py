@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+RECORD_KIND = {"contrastive": "pair", "reranker": "rerank", "generative": "chat"}  # the records each family trains on
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line naming the file and key."""
 

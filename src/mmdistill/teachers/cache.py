@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..config import Recipe, RecipeError
+from ..config import RECORD_KIND, Recipe, RecipeError
 from ..signals import Signals
 from .store import RecordKeys, StoreError, StoreWriter, TeacherStore, identity_differences, model_identity
 
@@ -56,8 +56,7 @@ def settings_of(recipe: Recipe, *, top_k: int, sample: int | None, dtype: str) -
 def _records(recipe: Recipe):
     from ..data.records import read_records
 
-    kind = {"contrastive": "pair", "reranker": "rerank", "generative": "chat"}[recipe.family]
-    records, errors = read_records(recipe.data.train, kind, on_error=recipe.data.on_error)
+    records, errors = read_records(recipe.data.train, RECORD_KIND[recipe.family], on_error=recipe.data.on_error)
     if recipe.data.max_records:
         records = records[: recipe.data.max_records]
     return records, errors
