@@ -271,3 +271,16 @@ def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int =
         log(f"== {name}: {recipes[name].output_dir}")
         _recipe_module(recipes[name].family).run(recipes[name], overwrite=True, log=log)
     return report([recipes[k].output_dir for k in REPORTED], out / "report", title=DEMO_TITLES[family])
+
+
+# ---------------------------------------------------------------------------------------------
+# export and serving
+
+
+def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task: str = "auto", int8: bool = False, data: str | Path | None = None, max_items: int = 200, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
+    """Export a model folder (ONNX: CLIP encoders, reranker scores) with a parity check in onnxruntime."""
+    from .export.onnx import ExportError, export_onnx
+
+    if format != "onnx":
+        raise ExportError(f"--format {format!r}: only onnx is supported")
+    return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, log=log)

@@ -25,6 +25,7 @@ def _guard(fn, *args, **kwargs):
     from .data.images import ImageError
     from .data.records import RecordError
     from .engine.loop import TrainingError
+    from .export.onnx import ExportError
     from .models.contrastive import PairingError
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
@@ -32,7 +33,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, ExportError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -217,6 +218,27 @@ def demo(
 
     res = _guard(api.demo, out, family=family, n=n, quick=quick, seed=seed)
     _print_report(res, out / "report")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the .onnx graphs, tokenizer/processor files, manifest.json."),
+    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno (yesno: a VLM / causal LM read as a yes/no reranker, text path)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write ORT dynamic int8 graphs (*.int8.onnx) and check their parity."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out records (pair or rerank JSONL) for the parity check; default: generated inputs."),
+    max_items: int = typer.Option(200, "--max-items", help="Records used from --data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+):
+    """Export to ONNX (CLIP encoders, reranker scores) and check parity against eager PyTorch in onnxruntime."""
+    from . import api
+    from .export.onnx import graph_files, parity_lines
+
+    manifest = _guard(api.export, model, out, format=format, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite)
+    typer.echo(f"wrote {', '.join(graph_files(manifest))} + manifest.json to {out} (opset {manifest['opset']})")
+    for line in parity_lines(manifest):
+        typer.echo(line)
 
 
 def main() -> None:
