@@ -26,6 +26,7 @@ def _guard(fn, *args, **kwargs):
     from .data.records import RecordError
     from .engine.loop import TrainingError
     from .export.onnx import ExportError
+    from .serve.backends import ServeError
     from .models.contrastive import PairingError
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
@@ -33,7 +34,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, ExportError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, ExportError, ServeError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -239,6 +240,33 @@ def export(
     typer.echo(f"wrote {', '.join(graph_files(manifest))} + manifest.json to {out} (opset {manifest['opset']})")
     for line in parity_lines(manifest):
         typer.echo(line)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Model folder (torch) or ONNX export folder (onnx); a run folder holding model/ works too."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+    backend: str = typer.Option("auto", "--backend", help="torch | onnx (auto: onnx for an export folder, else torch)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno | chat."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name clients send (default: the folder name)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MMDISTILL_API_KEY", help="Require Authorization: Bearer KEY on /v1/*."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX backend: run the int8 graphs."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Items per model call (micro-batching)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits for more requests."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="One request per model call."),
+    cache_size: int = typer.Option(4096, "--cache-size", help="LRU result cache entries (0: off)."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413 above)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width x height) accepted."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Chat: most tokens one request may generate."),
+):
+    """Serve a model over HTTP: /v1/embeddings, /v1/rerank, /v1/chat/completions, /v1/models, /health, /metrics."""
+    from . import api
+    from .serve.app import ServeConfig
+
+    cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
+                      cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
+    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, config=cfg)
 
 
 def main() -> None:
