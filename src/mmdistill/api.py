@@ -286,8 +286,8 @@ def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task
     return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, log=log)
 
 
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, config: Any = None, log: Callable = print) -> None:
-    """Serve a model folder (or an ONNX export) over HTTP until interrupted."""
+def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: Any = None, reference: str | Path | None = None, webhook: str | None = None, log: Callable = print) -> None:
+    """Serve a model folder (or an ONNX export) over HTTP until interrupted; `reference` turns on drift monitoring."""
     from .serve.app import serve as run_server
 
-    run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, config=config, log=log)
+    run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=config, reference=reference, webhook=webhook, log=log)

@@ -27,6 +27,7 @@ def _guard(fn, *args, **kwargs):
     from .engine.loop import TrainingError
     from .export.onnx import ExportError
     from .serve.backends import ServeError
+    from .serve.monitor import MonitorError
     from .models.contrastive import PairingError
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
@@ -34,7 +35,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, ExportError, ServeError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, RunDirError, ExportError, ServeError, MonitorError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -259,6 +260,9 @@ def serve(
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413 above)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width x height) accepted."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Chat: most tokens one request may generate."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Rerankers: scores.jsonl (or eval.json) written by `mmdistill eval`; live scores are compared with it (PSI, KS) at /v1/monitor."),
+    webhook: Optional[str] = typer.Option(None, "--webhook", help="URL that receives a JSON POST when score drift is flagged or cleared."),
 ):
     """Serve a model over HTTP: /v1/embeddings, /v1/rerank, /v1/chat/completions, /v1/models, /health, /metrics."""
     from . import api
@@ -266,7 +270,7 @@ def serve(
 
     cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
                       cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
-    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, config=cfg)
+    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook)
 
 
 def main() -> None:

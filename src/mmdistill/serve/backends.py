@@ -222,9 +222,13 @@ class ChatModel:
 # Loading
 
 
-def load_backend(model_dir: str | Path, *, backend: str = "auto", task: str = "auto", int8: bool = False, max_length: int = 512):
-    """An Embedder, RerankScorer or ChatModel for a model folder (torch) or an ONNX export folder (onnx)."""
+def load_backend(model_dir: str | Path, *, backend: str = "auto", task: str = "auto", int8: bool = False, max_length: int = 512, threads: int | None = None):
+    """An Embedder, RerankScorer or ChatModel for a model folder (torch) or an ONNX export folder (onnx).
+
+    `threads`: intra-op threads of torch / onnxruntime (default: theirs)."""
     d = ox.model_folder(model_dir)
+    if threads:
+        torch.set_num_threads(threads)
     if not d.is_dir():
         raise ServeError(f"{d}: no such folder")
     is_onnx = (d / ox.MANIFEST).is_file()
@@ -238,7 +242,7 @@ def load_backend(model_dir: str | Path, *, backend: str = "auto", task: str = "a
         raise ServeError(f"{d} is an ONNX export; serve it with --backend onnx (or serve the source model folder with torch)")
     task = serve_task(d, task)
     if backend == "onnx":
-        runner, processor, _ = ox.load_onnx(d, int8=int8, max_length=max_length)
+        runner, processor, _ = ox.load_onnx(d, int8=int8, max_length=max_length, threads=threads)
         if task == "clip":
             return Embedder(runner, processor, backend="onnx")
         return RerankScorer(runner, backend="onnx")

@@ -181,15 +181,19 @@ def test_bad_folders_give_one_line_errors(tmp_path, tok):
     # a VLM folder with nothing saying it is a reranker: the message says what to do
     from mmdistill.models.tiny import build_tiny_vlm
 
-    build_tiny_vlm(tmp_path / "vlm", TEXTS, preset="vlm-nano", tokenizer=tok)
+    build_tiny_vlm(tmp_path / "run" / "model", TEXTS, preset="vlm-nano", tokenizer=tok)
     with pytest.raises(ox.ExportError, match="--task yesno"):
-        ox.export_onnx(tmp_path / "vlm", tmp_path / "o4", log=lambda *_: None)
+        ox.export_onnx(tmp_path / "run", tmp_path / "o4", log=lambda *_: None)
+    # ... unless the run that trained it was a reranker run (its run.json says so)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"fingerprint": "x", "recipe": {"family": "reranker"}}))
+    assert ox.model_folder(tmp_path / "run") == tmp_path / "run" / "model"
+    assert ox.detect_task(ox.model_folder(tmp_path / "run")) == "yesno"
     with pytest.raises(ox.ExportError, match="no manifest.json"):
         ox.load_onnx(tmp_path / "empty")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        ox.export_onnx(tmp_path / "vlm", tmp_path / "full", task="yesno", log=lambda *_: None)
+        ox.export_onnx(tmp_path / "run", tmp_path / "full", task="yesno", log=lambda *_: None)
     # the CLI turns them into `error: ...` and exit 2
     p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "empty"), "--out", str(tmp_path / "o5")], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "no config.json" in p.stderr and "Traceback" not in p.stderr
