@@ -131,7 +131,7 @@ def main() -> None:
         f"{payload['load_average_start']} at the start, {payload['load_average_end']} at the end (the machine is shared; variants are timed in interleaved rounds)",
         "",
         "Threads: 1 by default because this 2-core machine is shared (other jobs keep its load average near 6): there, torch with 2 intra-op "
-        "threads spin-waits for a preempted core (a 4-pair rerank forward probed at 15 ms with 1 thread, 200 ms with 2).",
+        "threads spin-waits for a preempted core, and in probes ran many times slower than with 1 thread.",
         "",
         "Median latency of one forward over a preprocessed batch (reranker: one query's pairs, left padded; "
         "the yes/no reranker's prompt carries the system prompt, so its pairs are longer). "

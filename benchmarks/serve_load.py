@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="server intra-op threads (see the note in the table)")
+    ap.add_argument("--repeats", type=int, default=2, help="load phases per mode, alternating between the modes")
     ap.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -116,56 +117,64 @@ def main() -> None:
     modes = {"micro-batching": [*common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], "one request at a time": [*common, "--no-batching"]}
     payload: dict = {"machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
     for endpoint, (model_dir, make) in workloads.items():
-        for mode, extra in modes.items():
-            port = free_port()
-            server = start_server(model_dir, port, extra)
-            try:
-                url = f"http://127.0.0.1:{port}{endpoint}"
-                asyncio.run(fire(url, [make(-1 - i) for i in range(8)], 8, args.timeout))  # warm-up
-                bodies = [make(i) for i in range(args.requests)]
-                lat, errors, wall, first = asyncio.run(fire(url, bodies, args.concurrency, args.timeout))
+        # both servers up at once; the load alternates between them (A B A B ...) so that the machine's other
+        # load hits both modes alike
+        servers = {}
+        try:
+            for mode, extra in modes.items():
+                port = free_port()
+                servers[mode] = (port, start_server(model_dir, port, extra))
+                asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", [make(-1 - i) for i in range(8)], 8, args.timeout))  # warm-up
+            for rep in range(args.repeats):
+                for mode, (port, _) in servers.items():
+                    bodies = [make(i + rep * args.requests) for i in range(args.requests)]
+                    lat, errors, wall, first = asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", bodies, args.concurrency, args.timeout))
+                    ms = np.array(lat) * 1000
+                    run = {
+                        "endpoint": endpoint, "mode": mode, "repeat": rep, "errors": errors, "first_errors": first, "ok": len(lat), "wall_s": wall,
+                        "throughput_rps": len(lat) / wall if wall else 0.0,
+                        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None, "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+                        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+                    }
+                    payload["runs"].append(run)
+                    print(run, flush=True)
+            for mode, (port, _) in servers.items():
                 metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            finally:
+                calls = sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_count"))
+                items = sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_sum"))
+                for run in payload["runs"]:
+                    if run["endpoint"] == endpoint and run["mode"] == mode:
+                        run["mean_batch_items"] = items / calls if calls else None  # over all repeats (and the warm-up)
+        finally:
+            for _, server in servers.values():
                 server.send_signal(signal.SIGINT)
                 try:
                     server.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     server.kill()
-            batches = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_count")]
-            items = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_sum")]
-            ms = np.array(lat) * 1000
-            run = {
-                "endpoint": endpoint, "mode": mode, "errors": errors, "first_errors": first, "ok": len(lat), "wall_s": wall,
-                "throughput_rps": len(lat) / wall if wall else 0.0,
-                "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None, "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
-                "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-                "mean_batch_items": (sum(items) / sum(batches)) if sum(batches) else None,
-            }
-            payload["runs"].append(run)
-            print(run, flush=True)
     payload["seconds"] = round(time.time() - t_start)
     payload["load_average_end"] = round(os.getloadavg()[0], 2)
     md = [
         f"### Serving under load: {args.requests} concurrent requests on loopback, with and without micro-batching",
         "",
-        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads}` — machine: {payload['machine']} "
+        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads} --repeats {args.repeats}` — machine: {payload['machine']} "
         f"(server and load generator share it; the server runs {args.threads} intra-op thread(s)) — commit {payload['commit']} — {payload['seconds']} s — 1-min load average {payload['load_average_start']} at the start, {payload['load_average_end']} at the end",
         "",
         "Threads: 1 by default because this 2-core machine is shared (other jobs keep its load average near 6): there, torch with 2 intra-op "
-        "threads spin-waits for a preempted core (a 4-pair rerank forward probed at 15 ms with 1 thread, 200 ms with 2).",
+        "threads spin-waits for a preempted core, and in probes ran many times slower than with 1 thread.",
         "",
         f"Tiny models (seq-cls reranker `vlm-student`, CLIP `clip-student`), result cache off. Rerank: 1 query + {args.docs} documents per request; "
         f"embeddings: 1 text per request. Micro-batching: up to {args.max_batch} items per model call, {args.max_wait_ms:g} ms wait. "
         f"All {args.requests} requests are sent at once (at most {args.concurrency} in flight); latency is per request, send to answer.",
         "",
-        "| endpoint | mode | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| endpoint | mode | repeat | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | throughput vs one at a time (same repeat) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    by = {(r["endpoint"], r["mode"]): r for r in payload["runs"]}
+    by = {(r["endpoint"], r["mode"], r["repeat"]): r for r in payload["runs"]}
+    fmt = lambda x: "—" if x is None else f"{x:.1f}"
     for r in payload["runs"]:
-        base = by[(r["endpoint"], "one request at a time")]["throughput_rps"]
-        fmt = lambda x: "—" if x is None else f"{x:.1f}"
-        md.append(f"| {r['endpoint']} | {r['mode']} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r['mean_batch_items'])} | {r['throughput_rps'] / base:.2f}× |")
+        base = by[(r["endpoint"], "one request at a time", r["repeat"])]["throughput_rps"]
+        md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / base:.2f}× |")
     write(args.results, "serve_load", payload, "\n".join(md) + "\n")
 
 
