@@ -11,6 +11,7 @@ micro-batchers call in a worker thread:
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,12 @@ class Embedder:
         self.backend = backend
         tok = processor.tokenizer
         self.max_tokens = min(int(tok.model_max_length), 77) if tok.model_max_length < 10_000 else 77
+        # the request handlers count tokens on the event loop while the model thread tokenises batches; a fast
+        # tokenizer's padding / truncation settings are shared state, so the handlers get a copy of their own
+        self._count_tok = copy.deepcopy(tok)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.processor.tokenizer(text)["input_ids"])
+        return len(self._count_tok(text)["input_ids"])
 
     def embed_texts(self, texts: list[str]) -> list[list[float]]:
         t = cm.preprocess_texts(self.processor, texts)
@@ -111,6 +115,7 @@ class RerankScorer:
         self.reranker.images = rm.ImageCache(max_items=256)  # served images are data URLs: keep few
         self.backend = backend
         self.takes_images = reranker.has_vision and backend == "torch"
+        self._count_tok = copy.deepcopy(reranker.tokenizer)  # for the handlers (see Embedder)
 
     def _record(self, p: PairIn):
         from ..data.records import parse_record
@@ -130,7 +135,7 @@ class RerankScorer:
 
         text_only = PairIn(p.instruction, text(p.query_text, p.query_image), None, text(p.doc_text, p.doc_image), None)
         text = self.reranker.format_pair(self._record(text_only), 0, [], "<request>")
-        return len(self.reranker.tokenizer(text)["input_ids"])
+        return len(self._count_tok(text)["input_ids"])
 
     def score(self, pairs: list[PairIn]) -> list[float]:
         """Raw scores (logit(yes) - logit(no), or the seq-cls logit) of one-document records in one batch."""
@@ -157,6 +162,7 @@ class ChatModel:
         cfg = getattr(model.config, "text_config", model.config)
         self.context = int(getattr(cfg, "max_position_embeddings", 4096))
         self.lock = threading.Lock()  # generate() calls never overlap
+        self._encode_lock = threading.Lock()  # nor do processor calls (the tokenizer's settings are shared state)
         self._eos = self._eos_ids()
 
     def _eos_ids(self) -> list[int]:
@@ -170,8 +176,9 @@ class ChatModel:
 
     def encode(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
         """messages: [{"role", "content": str | [{"type": "text", "text"} | {"type": "image"}]}]."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        with self._encode_lock:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
     def _gen_kwargs(self, max_tokens: int, temperature: float) -> dict[str, Any]:

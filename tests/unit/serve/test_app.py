@@ -340,3 +340,32 @@ def test_load_backend_errors(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ServeError, match="no config.json"):
         load_backend(tmp_path / "empty")
+
+
+def test_handlers_count_tokens_with_their_own_tokenizer(folders):
+    """A fast tokenizer's padding settings are shared state: counting tokens on the event loop while the model
+    thread pads a batch made some batched calls fail (found by the soak test). The handlers use a copy."""
+    import threading
+
+    emb = load_backend(folders / "clip")
+    assert emb._count_tok is not emb.processor.tokenizer
+    rr = load_backend(folders / "seq_cls")
+    assert rr._count_tok is not rr.reranker.tokenizer
+    errors, stop = [], threading.Event()
+
+    def model_thread():
+        while not stop.is_set():
+            try:
+                emb.embed_texts(["a", "a red circle at the top left", "b c d"])
+            except Exception as e:  # the failure this test guards against
+                errors.append(e)
+
+    t = threading.Thread(target=model_thread)
+    t.start()
+    try:
+        for i in range(1500):
+            assert emb.count_tokens(f"{i} a green circle at the left") > 0
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
