@@ -369,3 +369,36 @@ def test_handlers_count_tokens_with_their_own_tokenizer(folders):
         stop.set()
         t.join()
     assert not errors
+
+
+def test_a_model_call_over_the_timeout_is_a_504_and_the_server_goes_on():
+    """A stand-in reranker backend whose first call is slow (a real model cannot be made slow on demand)."""
+    import threading
+    import time as _time
+
+    class SlowScorer:
+        family, backend, takes_images = "reranker", "torch", False
+
+        class reranker:  # noqa: N801
+            max_length = 512
+
+        def __init__(self):
+            self.calls = 0
+            self.lock = threading.Lock()
+
+        def prompt_tokens(self, p):
+            return 10
+
+        def score(self, pairs):
+            with self.lock:
+                self.calls += 1
+                first = self.calls == 1
+            if first:
+                _time.sleep(1.0)
+            return [float(len(p.doc_text)) for p in pairs]
+
+    c = TestClient(create_app(SlowScorer(), ServeConfig(name="m", timeout_s=0.3, cache_size=0)))
+    _err(c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}), 504, None, "did not answer within 0.3 s")
+    _time.sleep(1.0)  # the slow call finishes in the background
+    r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", "bbb"]})
+    assert r.status_code == 200 and [x["index"] for x in r.json()["results"]] == [1, 0]
