@@ -406,3 +406,23 @@ def init(family: str, data: str | Path, out: str | Path, *, runs: str | Path | N
         head = f"# {name}: `mmdistill {verb} {path}` (written by `mmdistill init {family} --data {data}`; run the files in their number order)\n"
         path.write_text(head + yaml.safe_dump(d, sort_keys=False))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# export and serving
+
+
+def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task: str = "auto", int8: bool = False, data: str | Path | None = None, max_items: int = 200, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
+    """Export a model folder (ONNX: CLIP encoders, reranker scores) with a parity check in onnxruntime."""
+    from .export.onnx import ExportError, export_onnx
+
+    if format != "onnx":
+        raise ExportError(f"--format {format!r}: only onnx is supported")
+    return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, log=log)
+
+
+def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: Any = None, reference: str | Path | None = None, webhook: str | None = None, log: Callable = print) -> None:
+    """Serve a model folder (or an ONNX export) over HTTP until interrupted; `reference` turns on drift monitoring."""
+    from .serve.app import serve as run_server
+
+    run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=config, reference=reference, webhook=webhook, log=log)

@@ -25,6 +25,9 @@ def _guard(fn, *args, **kwargs):
     from .data.images import ImageError
     from .data.records import RecordError
     from .engine.loop import TrainingError
+    from .export.onnx import ExportError
+    from .serve.backends import ServeError
+    from .serve.monitor import MonitorError
     from .models.contrastive import PairingError
     from .models.reranker import RerankerError
     from .recipes.common import RunDirError
@@ -33,7 +36,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -312,6 +315,57 @@ def init(
         _fail(f"unknown family {family!r}; choose one of {', '.join(api.DEMO_RECIPES)}")
     for path in _guard(api.init, family, data, out, runs=runs, overwrite=overwrite):
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the .onnx graphs, tokenizer/processor files, manifest.json."),
+    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno (yesno: a VLM / causal LM read as a yes/no reranker, text path)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write ORT dynamic int8 graphs (*.int8.onnx) and check their parity."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out records (pair or rerank JSONL) for the parity check; default: generated inputs."),
+    max_items: int = typer.Option(200, "--max-items", help="Records used from --data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+):
+    """Export to ONNX (CLIP encoders, reranker scores) and check parity against eager PyTorch in onnxruntime."""
+    from . import api
+    from .export.onnx import graph_files, parity_lines
+
+    manifest = _guard(api.export, model, out, format=format, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite)
+    typer.echo(f"wrote {', '.join(graph_files(manifest))} + manifest.json to {out} (opset {manifest['opset']})")
+    for line in parity_lines(manifest):
+        typer.echo(line)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Model folder (torch) or ONNX export folder (onnx); a run folder holding model/ works too."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+    backend: str = typer.Option("auto", "--backend", help="torch | onnx (auto: onnx for an export folder, else torch)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno | chat."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name clients send (default: the folder name)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MMDISTILL_API_KEY", help="Require Authorization: Bearer KEY on /v1/*."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX backend: run the int8 graphs."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Items per model call (micro-batching)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits for more requests."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="One request per model call."),
+    cache_size: int = typer.Option(4096, "--cache-size", help="LRU result cache entries (0: off)."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413 above)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width x height) accepted."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Chat: most tokens one request may generate."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Rerankers: scores.jsonl (or eval.json) written by `mmdistill eval`; live scores are compared with it (PSI, KS) at /v1/monitor."),
+    webhook: Optional[str] = typer.Option(None, "--webhook", help="URL that receives a JSON POST when score drift is flagged or cleared."),
+):
+    """Serve a model over HTTP: /v1/embeddings, /v1/rerank, /v1/chat/completions, /v1/models, /health, /metrics."""
+    from . import api
+    from .serve.app import ServeConfig
+
+    cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
+                      cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
+    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook)
 
 
 def main() -> None:

@@ -1,0 +1,185 @@
+"""Load test of `mmdistill serve` on loopback: N concurrent requests, with and without micro-batching.
+
+    python benchmarks/serve_load.py --out runs/bench-serve --requests 200
+
+For /v1/rerank (tiny Qwen3 seq-cls reranker `vlm-student`, one query + --docs documents per request) and
+/v1/embeddings (tiny CLIPModel `clip-student`, one text per request), starts the real server
+(`python -m mmdistill.cli serve`, its own process, cache off so every request reaches the model), fires
+--requests requests at once (at most --concurrency in flight) from httpx, and records errors, p50/p95/p99
+latency and throughput; once with micro-batching (--max-batch items, --max-wait-ms) and once with
+--no-batching. Writes benchmarks/results/serve_load.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import git_rev, machine, write
+
+from mmdistill.models import contrastive as cm
+from mmdistill.models import reranker as rm
+
+WORDS = "a the small large red blue green yellow circle square triangle at top left right bottom of image shape".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "mmdistill.cli", "serve", str(model_dir), "--port", str(port), "--cache-size", "0", *extra]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a long run must never block on a full pipe
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start within 180 s")
+
+
+async def fire(url: str, bodies: list[dict], concurrency: int, timeout: float) -> tuple[list[float], int, float, list[str]]:
+    """(latencies s, errors, wall s, first error messages) of all bodies sent at once (bounded in flight)."""
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def one(body):
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, json=body)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                        return
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(b) for b in bodies])
+        wall = time.perf_counter() - t0
+    return lat, len(errors), wall, errors[:3]
+
+
+def sentence(rng, lo=3, hi=10) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-serve"))
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=200, help="requests in flight at most")
+    ap.add_argument("--docs", type=int, default=4, help="documents per rerank request")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1, help="server intra-op threads (see the note in the table)")
+    ap.add_argument("--repeats", type=int, default=2, help="load phases per mode, alternating between the modes")
+    ap.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    t_start = time.time()
+    rng = np.random.default_rng(0)
+    corpus = [sentence(rng) for _ in range(400)] + [rm.SYSTEM_PROMPT]
+    rr_dir, clip_dir = args.out / "reranker-seq_cls", args.out / "clip-student"
+    if not (rr_dir / "config.json").is_file():
+        rm.build_tiny_reranker(rr_dir, corpus, kind="seq_cls", preset="vlm-student")
+    if not (clip_dir / "config.json").is_file():
+        cm.build_tiny_clip(clip_dir, corpus, preset="clip-student", image_size=64, patch_size=8)
+
+    workloads = {
+        "/v1/rerank": (rr_dir, lambda i: {"query": f"{i} " + sentence(rng), "documents": [sentence(rng) for _ in range(args.docs)]}),
+        "/v1/embeddings": (clip_dir, lambda i: {"input": f"{i} " + sentence(rng)}),
+    }
+    common = ["--threads", str(args.threads)]
+    modes = {"micro-batching": [*common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], "one request at a time": [*common, "--no-batching"]}
+    payload: dict = {"machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
+    for endpoint, (model_dir, make) in workloads.items():
+        # both servers up at once; the load alternates between them (A B A B ...) so that the machine's other
+        # load hits both modes alike
+        servers = {}
+        try:
+            for mode, extra in modes.items():
+                port = free_port()
+                servers[mode] = (port, start_server(model_dir, port, extra))
+                asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", [make(-1 - i) for i in range(8)], 8, args.timeout))  # warm-up
+            for rep in range(args.repeats):
+                for mode, (port, _) in servers.items():
+                    bodies = [make(i + rep * args.requests) for i in range(args.requests)]
+                    lat, errors, wall, first = asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", bodies, args.concurrency, args.timeout))
+                    ms = np.array(lat) * 1000
+                    run = {
+                        "endpoint": endpoint, "mode": mode, "repeat": rep, "errors": errors, "first_errors": first, "ok": len(lat), "wall_s": wall,
+                        "throughput_rps": len(lat) / wall if wall else 0.0,
+                        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None, "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+                        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+                    }
+                    payload["runs"].append(run)
+                    print(run, flush=True)
+            for mode, (port, _) in servers.items():
+                metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                calls = sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_count"))
+                items = sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("mmdistill_batch_size_sum"))
+                for run in payload["runs"]:
+                    if run["endpoint"] == endpoint and run["mode"] == mode:
+                        run["mean_batch_items"] = items / calls if calls else None  # over all repeats (and the warm-up)
+        finally:
+            for _, server in servers.values():
+                server.send_signal(signal.SIGINT)
+                try:
+                    server.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    payload["seconds"] = round(time.time() - t_start)
+    payload["load_average_end"] = round(os.getloadavg()[0], 2)
+    md = [
+        f"### Serving under load: {args.requests} concurrent requests on loopback, with and without micro-batching",
+        "",
+        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads} --repeats {args.repeats}` — machine: {payload['machine']} "
+        f"(server and load generator share it; the server runs {args.threads} intra-op thread(s)) — commit {payload['commit']} — {payload['seconds']} s — 1-min load average {payload['load_average_start']} at the start, {payload['load_average_end']} at the end",
+        "",
+        "Threads: 1 by default because this 2-core machine is shared (other jobs keep its load average near 6): there, torch with 2 intra-op "
+        "threads spin-waits for a preempted core, and in probes ran many times slower than with 1 thread.",
+        "",
+        f"Tiny models (seq-cls reranker `vlm-student`, CLIP `clip-student`), result cache off. Rerank: 1 query + {args.docs} documents per request; "
+        f"embeddings: 1 text per request. Micro-batching: up to {args.max_batch} items per model call, {args.max_wait_ms:g} ms wait. "
+        f"All {args.requests} requests are sent at once (at most {args.concurrency} in flight); latency is per request, send to answer.",
+        "",
+        "| endpoint | mode | repeat | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | throughput vs one at a time (same repeat) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    by = {(r["endpoint"], r["mode"], r["repeat"]): r for r in payload["runs"]}
+    fmt = lambda x: "—" if x is None else f"{x:.1f}"
+    for r in payload["runs"]:
+        base = by[(r["endpoint"], "one request at a time", r["repeat"])]["throughput_rps"]
+        md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / base:.2f}× |")
+    write(args.results, "serve_load", payload, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""`mmdistill export` and `mmdistill serve` as a user runs them: export a tiny reranker with int8 and held-out
+records, serve the export on loopback with an API key, call it, stop it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from mmdistill.models import reranker as rm
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+TEXTS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("top", "left")] + [rm.SYSTEM_PROMPT]
+
+
+def mmd(*args):
+    return subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+
+
+def test_export_then_serve_the_export(tmp_path):
+    rm.build_tiny_reranker(tmp_path / "model", TEXTS, kind="seq_cls", preset="vlm-nano")
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(json.dumps({"query": {"text": TEXTS[i]}, "documents": [{"text": TEXTS[i + 1]}, {"text": TEXTS[i + 2]}], "labels": [1, 0]}) for i in range(4)) + "\n")
+    p = mmd("export", tmp_path / "model", "--format", "onnx", "--out", tmp_path / "onnx", "--int8", "--data", data)
+    assert p.returncode == 0, p.stderr
+    assert "reranker.onnx, reranker.int8.onnx + manifest.json" in p.stdout
+    assert "fp32: score_max_abs_diff=" in p.stdout and "ndcg@10: eager=" in p.stdout and "int8:" in p.stdout
+    # the same folder again is refused without --overwrite
+    again = mmd("export", tmp_path / "model", "--out", tmp_path / "onnx")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "serve", str(tmp_path / "onnx"), "--port", str(port), "--api-key", "k", "--name", "rr", "--threads", "1"],
+                              env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.5)
+        assert httpx.get(url + "/health").json() == {"status": "ok", "model": "rr", "family": "reranker", "backend": "onnx"}
+        body = {"model": "rr", "query": "a red circle", "documents": ["a red circle at the top", "a blue square"], "top_n": 1}
+        assert httpx.post(url + "/v1/rerank", json=body).status_code == 401
+        r = httpx.post(url + "/v1/rerank", json=body, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+        log.close()
+    assert "serving" in (tmp_path / "server.log").read_text()

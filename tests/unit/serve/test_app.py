@@ -1,0 +1,404 @@
+"""The HTTP server on tiny models: response formats checked against the eager models, micro-batching,
+the LRU cache, metrics, the API key, and every kind of bad input answered with the right 4xx."""
+
+import asyncio
+import base64
+import io
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mmdistill.data.records import parse_record
+from mmdistill.models import contrastive as cm
+from mmdistill.models import reranker as rm
+from mmdistill.serve.app import ServeConfig, create_app
+from mmdistill.serve.backends import ServeError, load_backend
+
+from .conftest import data_url
+
+INSTR = "Given a query, retrieve relevant documents."
+
+
+def client(folders, name, **cfg):
+    backend = load_backend(folders / name, task="yesno" if name == "yesno" else "auto")
+    return TestClient(create_app(backend, ServeConfig(name=name, **cfg)))
+
+
+@pytest.fixture(scope="module")
+def clip(folders):
+    return client(folders, "clip")
+
+
+@pytest.fixture(scope="module")
+def seq(folders):
+    return client(folders, "seq_cls", max_wait_ms=50)
+
+
+@pytest.fixture(scope="module")
+def yesno(folders):
+    return client(folders, "yesno", max_image_pixels=100_000)
+
+
+def _eager_scores(folders, name, query, docs, kind="auto"):
+    r = rm.load_reranker(str(folders / name), kind=kind)
+    r.model.eval()
+    rec = parse_record({"instruction": INSTR, "query": query, "documents": docs}, "rerank")
+    with torch.no_grad():
+        return r.score_records([rec])[0]
+
+
+def _err(resp, status, param=None, words=""):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    if param is not None:
+        assert err["param"] == param, err
+        assert param.split(".")[0] in err["message"], err  # the message names the field
+    assert words.lower() in err["message"].lower(), err
+    return err
+
+
+# ------------------------------------------------------------------ embeddings
+
+
+def test_embeddings_match_the_eager_dual_encoder(clip, folders):
+    model, proc = cm.load_model(str(folders / "clip"))
+    model.eval()
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    texts = ["a red circle", "a large blue square at the top"]
+    r = clip.post("/v1/embeddings", json={"model": "clip", "input": [texts[0], data_url(img), {"text": texts[1]}, {"image": data_url(img, "JPEG")}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "clip" and [d["index"] for d in body["data"]] == [0, 1, 2, 3]
+    got = torch.tensor([d["embedding"] for d in body["data"]])
+    t = cm.preprocess_texts(proc, texts)
+    with torch.no_grad():
+        want_t = torch.nn.functional.normalize(cm.encode_texts(model, t["input_ids"], t["attention_mask"]), dim=-1)
+        want_i = torch.nn.functional.normalize(cm.encode_images(model, cm.preprocess_images(proc, [img])), dim=-1)[0]
+    assert torch.allclose(got[0], want_t[0], atol=1e-5) and torch.allclose(got[2], want_t[1], atol=1e-5)
+    assert torch.allclose(got[1], want_i, atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert not torch.allclose(got[3], got[1], atol=1e-4)  # the JPEG round trip changes pixels, so its vector
+    assert body["usage"]["prompt_tokens"] == sum(len(proc.tokenizer(x)["input_ids"]) for x in texts)
+    # base64: little-endian float32 bytes of the same vector
+    r64 = clip.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r64.json()["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(vec, got[0].numpy(), atol=1e-6)
+
+
+def test_embeddings_bad_input(clip):
+    big = Image.new("RGB", (2, 2))
+    _err(clip.post("/v1/embeddings", json={"input": []}), 400, "input", "empty")
+    _err(clip.post("/v1/embeddings", json={"input": [[1, 2, 3]]}), 400, "input.0", "token arrays")
+    _err(clip.post("/v1/embeddings", json={"input": ["a", "  "]}), 400, "input.1", "empty")
+    _err(clip.post("/v1/embeddings", json={"input": " ".join(["red"] * 200)}), 400, "input", "over the model's limit")
+    _err(clip.post("/v1/embeddings", json={"input": [{"image": "https://example.com/x.png"}]}), 400, "input.0.image", "remote URLs")
+    _err(clip.post("/v1/embeddings", json={"input": [{"image": "/etc/passwd"}]}), 400, "input.0.image", "local paths")
+    _err(clip.post("/v1/embeddings", json={"input": ["data:image/png;base64,@@@@"]}), 400, "input.0", "base64")
+    _err(clip.post("/v1/embeddings", json={"input": ["data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()]}), 400, "input.0", "not an image")
+    _err(clip.post("/v1/embeddings", json={"input": "x", "encoding_format": "int8"}), 400, "encoding_format")
+    _err(clip.post("/v1/embeddings", json={"input": "x", "model": "gpt-4"}), 404, "model", "unknown model")
+    _err(clip.post("/v1/rerank", json={"query": "a", "documents": ["b"]}), 400, "model", "serves /v1/embeddings")
+    assert clip.post("/v1/embeddings", json={"input": data_url(big)}).status_code == 200
+
+
+# ------------------------------------------------------------------ rerank
+
+
+def test_rerank_matches_the_eager_reranker_sorted_and_cut(seq, folders):
+    docs = ["a red circle at the top", "a blue square", "a small green circle at the left", "large"]
+    r = seq.post("/v1/rerank", json={"model": "seq_cls", "query": "a red circle", "documents": docs, "top_n": 3, "return_documents": True})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    want = _eager_scores(folders, "seq_cls", {"text": "a red circle"}, [{"text": d} for d in docs])
+    prob = [1 / (1 + math.exp(-s)) for s in want]
+    order = sorted(range(4), key=lambda i: -prob[i])[:3]
+    assert [x["index"] for x in res] == order
+    for x in res:
+        assert x["relevance_score"] == pytest.approx(prob[x["index"]], abs=1e-5)
+        assert x["document"] == {"text": docs[x["index"]]}
+    assert len({round(p, 6) for p in prob}) > 1
+
+
+def test_rerank_yesno_with_image_documents(yesno, folders):
+    img = Image.new("RGB", (64, 64), (30, 200, 30))
+    docs = [{"image": data_url(img)}, {"text": "a green square"}, {"text": "red", "image": data_url(img)}]
+    r = yesno.post("/v1/rerank", json={"query": "a green square", "documents": docs})
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    want = _eager_scores(folders, "yesno", {"text": "a green square"}, docs, kind="yesno")
+    for i, s in enumerate(want):
+        assert got[i] == pytest.approx(1 / (1 + math.exp(-s)), abs=1e-5)
+
+
+def test_onnx_backend_gives_the_torch_scores(folders, seq):
+    onnx_client = client(folders, "seq_cls_onnx")
+    assert onnx_client.get("/health").json()["backend"] == "onnx"
+    body = {"query": "a blue square", "documents": ["a blue square at the top", "green", "a small red circle at the left"]}
+    a = {x["index"]: x["relevance_score"] for x in seq.post("/v1/rerank", json=body).json()["results"]}
+    b = {x["index"]: x["relevance_score"] for x in onnx_client.post("/v1/rerank", json={**body, "model": "seq_cls_onnx"}).json()["results"]}
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) <= 1e-5 for i in a)
+    _err(onnx_client.post("/v1/rerank", json={"query": "a", "documents": [{"image": data_url(Image.new("RGB", (8, 8)))}]}), 400, "documents.0.image", "text only")
+
+
+def test_rerank_bad_input_and_the_server_keeps_serving(yesno):
+    ok = {"query": "a red circle", "documents": ["a red circle", "a blue square"]}
+    png = io.BytesIO()
+    Image.new("1", (2000, 2000)).save(png, format="PNG")  # a few KB that decode to 4 M pixels: over this server's 100 k
+    bomb = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    assert len(bomb) < 10_000
+    cases = [
+        (dict(content=b'{"query": "a", "documents": [', headers={"content-type": "application/json"}), 400, "body", "malformed JSON"),
+        (dict(content=b"[1, 2]", headers={"content-type": "application/json"}), 400, "body", "JSON object"),
+        (dict(json={**ok, "model": "nope"}), 404, "model", "unknown model"),
+        (dict(json={"query": "a", "documents": []}), 400, "documents", "empty"),
+        (dict(json={"query": "a"}), 400, "documents", "required"),
+        (dict(json={**ok, "top_n": 3}), 400, "top_n", "outside 1..2"),
+        (dict(json={**ok, "top_n": 0}), 400, "top_n", ""),
+        (dict(json={**ok, "top_n": "2"}), 400, "top_n", "expected int"),
+        (dict(json={"query": "a", "documents": [{"image": "data:image/png;base64,not*base64"}]}), 400, "documents.0.image", "base64"),
+        (dict(json={"query": "a", "documents": [{"image": "data:image/png;base64," + base64.b64encode(b"GIF89a? no").decode()}]}), 400, "documents.0.image", "not an image"),
+        (dict(json={"query": "a", "documents": [{"image": bomb}]}), 400, "documents.0.image", "too large"),
+        (dict(json={"query": {"image": "http://10.0.0.1/x.png"}, "documents": ["a"]}), 400, "query.image", "remote URLs"),
+        (dict(json={"query": "a", "documents": [{"image": "../../secret.png"}]}), 400, "documents.0.image", "local paths"),
+        (dict(json={"query": "a", "documents": [{"video": "x"}]}), 400, "documents.0", ""),
+        (dict(json={"query": "a", "documents": ["a " * 2000]}), 400, "documents.0", "max_length"),
+    ]
+    for kwargs, status, param, words in cases:
+        _err(yesno.post("/v1/rerank", **kwargs), status, param, words)
+    big = b'{"query": "a", "documents": ["' + b"x" * (9 * 1024 * 1024) + b'"]}'
+    _err(yesno.post("/v1/rerank", content=big, headers={"content-type": "application/json"}), 413, "body", "over the limit")
+    assert yesno.post("/v1/chat/completions", json={"model": "yesno", "messages": [{"role": "user", "content": "hi"}]}).status_code == 400
+    r = yesno.post("/v1/rerank", json=ok)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    assert yesno.get("/health").json()["status"] == "ok"
+    text = yesno.get("/metrics").text
+    assert 'mmdistill_requests_total{endpoint="/v1/rerank",status="400"}' in text
+    assert 'mmdistill_requests_total{endpoint="/v1/rerank",status="413"}' in text
+
+
+def test_api_key(folders):
+    c = client(folders, "seq_cls", api_key="s3cret")
+    body = {"query": "a", "documents": ["b"]}
+    _err(c.post("/v1/rerank", json=body), 401, "authorization", "API key")
+    _err(c.post("/v1/rerank", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert c.post("/v1/rerank", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == "seq_cls"
+    _err(c.get("/v1/models"), 401)
+    assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+# ------------------------------------------------------------------ batching, cache, metrics
+
+
+def _metric(app, name, **labels):
+    v = app.state.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if v is None else v
+
+
+async def _concurrent(app, bodies):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        return await asyncio.gather(*[c.post("/v1/rerank", json=b) for b in bodies])
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_requests_are_micro_batched_without_changing_scores(folders, batching):
+    backend = load_backend(folders / "seq_cls")
+    app = create_app(backend, ServeConfig(name="m", batching=batching, max_wait_ms=100, max_batch=64, cache_size=0))
+    bodies = [{"query": f"query {i} a red circle", "documents": [f"doc {i} {j} " + "blue square " * j for j in range(3)]} for i in range(12)]
+    resps = asyncio.run(_concurrent(app, bodies))
+    assert all(r.status_code == 200 for r in resps)
+    calls, items = _metric(app, "mmdistill_batch_size_count", queue="rerank"), _metric(app, "mmdistill_batch_size_sum", queue="rerank")
+    assert items == 36
+    if batching:
+        assert calls < 12  # several requests shared a model call
+    else:
+        assert calls == 12  # one model call per request
+    # every request got its own scores: the same as asking alone (left padding in a bigger batch changes nothing)
+    for body, r in zip(bodies[:3], resps[:3]):
+        want = _eager_scores(folders, "seq_cls", {"text": body["query"]}, [{"text": d} for d in body["documents"]])
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert all(abs(got[i] - 1 / (1 + math.exp(-s))) <= 1e-5 for i, s in enumerate(want))
+
+
+def test_lru_cache_answers_repeats_without_the_model(folders):
+    app = create_app(load_backend(folders / "seq_cls"), ServeConfig(name="m", cache_size=8))
+    c = TestClient(app)
+    body = {"query": "a red circle", "documents": ["a", "b", "c"]}
+    first = c.post("/v1/rerank", json=body).json()["results"]
+    assert _metric(app, "mmdistill_cache_total", queue="rerank", result="miss") == 3
+    second = c.post("/v1/rerank", json={**body, "documents": ["c", "a", "b", "d"]}).json()["results"]
+    assert _metric(app, "mmdistill_cache_total", queue="rerank", result="hit") == 3
+    assert _metric(app, "mmdistill_batch_size_sum", queue="rerank") == 4  # only "d" went to the model
+    by_doc = {body["documents"][x["index"]]: x["relevance_score"] for x in first}
+    for x in second:
+        d = ["c", "a", "b", "d"][x["index"]]
+        if d in by_doc:
+            assert x["relevance_score"] == by_doc[d]
+    text = c.get("/metrics").text
+    assert "mmdistill_relevance_score_bucket" in text and "mmdistill_request_seconds_bucket" in text
+
+
+def test_lru_cache_and_batcher_units():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmdistill.serve.batching import LRUCache, MicroBatcher
+
+    lru = LRUCache(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1
+    lru.put("c", 3)  # evicts b, the least recently used
+    assert lru.get("b") is None and lru.get("a") == 1 and lru.get("c") == 3 and len(lru) == 2
+
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        return [x.upper() for x in items]
+
+    async def main():
+        b = MicroBatcher(fn, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+        got = await asyncio.gather(b.submit(["a", "b"]), b.submit(["c"]), b.submit(["d"]))
+        assert got == [["A", "B"], ["C"], ["D"]]
+        with pytest.raises(RuntimeError, match="model failed"):
+            await b.submit(["boom"])
+        assert await b.submit(["e"]) == ["E"]  # the worker survived the failure
+        await b.close()
+
+    asyncio.run(main())
+    assert calls[0] == ["a", "b", "c", "d"]
+
+
+# ------------------------------------------------------------------ chat
+
+
+@pytest.fixture(scope="module")
+def chat(folders):
+    return client(folders, "chat", max_tokens=64)
+
+
+def test_chat_completion_is_the_greedy_generation(chat, folders):
+    from mmdistill.models.generative import load_vlm
+
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": "what shape is it?"}]}]
+    r = chat.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    # reference: plain transformers generate on the processor's own inputs
+    model, proc = load_vlm(str(folders / "chat"))
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is it?"}]}], add_generation_prompt=True, tokenize=False)
+    enc = proc(text=[text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**enc, max_new_tokens=8, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1] :]
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if eos in new.tolist():
+        new = new[: new.tolist().index(eos) + 1]
+    assert body["choices"][0]["message"]["content"] == proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert body["usage"]["prompt_tokens"] == enc["input_ids"].shape[1] and body["usage"]["completion_tokens"] == len(new)
+    # the same request streamed: SSE chunks that add up to the same text, then [DONE]
+    with chat.stream("POST", "/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 8, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in s.iter_lines() if l.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == body["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+
+def test_chat_bad_input(chat):
+    m = [{"role": "user", "content": "hi"}]
+    _err(chat.post("/v1/chat/completions", json={"messages": m}), 400, "model", "required")
+    _err(chat.post("/v1/chat/completions", json={"model": "other", "messages": m}), 404, "model")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": m, "max_tokens": 65}), 400, "max_tokens", "outside 1..64")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": []}), 400, "messages", "empty")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "robot", "content": "x"}]}), 400, "messages.0.role")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}), 400, "messages.0.content.0.image_url.url", "remote URLs")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "a red circle " * 400}], "max_tokens": 8}), 400, "messages", "context")
+    assert chat.post("/v1/chat/completions", json={"model": "chat", "messages": m, "max_tokens": 2}).status_code == 200
+
+
+def test_load_backend_errors(folders, tmp_path):
+    with pytest.raises(ServeError, match="no such folder"):
+        load_backend(tmp_path / "missing")
+    with pytest.raises(ServeError, match="export it first"):
+        load_backend(folders / "clip", backend="onnx")
+    with pytest.raises(ServeError, match="--backend onnx"):
+        load_backend(folders / "seq_cls_onnx", backend="torch")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServeError, match="no config.json"):
+        load_backend(tmp_path / "empty")
+
+
+def test_handlers_count_tokens_with_their_own_tokenizer(folders):
+    """A fast tokenizer's padding settings are shared state: counting tokens on the event loop while the model
+    thread pads a batch made some batched calls fail (found by the soak test). The handlers use a copy."""
+    import threading
+
+    emb = load_backend(folders / "clip")
+    assert emb._count_tok is not emb.processor.tokenizer
+    rr = load_backend(folders / "seq_cls")
+    assert rr._count_tok is not rr.reranker.tokenizer
+    errors, stop = [], threading.Event()
+
+    def model_thread():
+        while not stop.is_set():
+            try:
+                emb.embed_texts(["a", "a red circle at the top left", "b c d"])
+            except Exception as e:  # the failure this test guards against
+                errors.append(e)
+
+    t = threading.Thread(target=model_thread)
+    t.start()
+    try:
+        for i in range(1500):
+            assert emb.count_tokens(f"{i} a green circle at the left") > 0
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+
+
+def test_a_model_call_over_the_timeout_is_a_504_and_the_server_goes_on():
+    """A stand-in reranker backend whose first call is slow (a real model cannot be made slow on demand)."""
+    import threading
+    import time as _time
+
+    class SlowScorer:
+        family, backend, takes_images = "reranker", "torch", False
+
+        class reranker:  # noqa: N801
+            max_length = 512
+
+        def __init__(self):
+            self.calls = 0
+            self.lock = threading.Lock()
+
+        def prompt_tokens(self, p):
+            return 10
+
+        def score(self, pairs):
+            with self.lock:
+                self.calls += 1
+                first = self.calls == 1
+            if first:
+                _time.sleep(1.0)
+            return [float(len(p.doc_text)) for p in pairs]
+
+    c = TestClient(create_app(SlowScorer(), ServeConfig(name="m", timeout_s=0.3, cache_size=0)))
+    _err(c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}), 504, None, "did not answer within 0.3 s")
+    _time.sleep(1.0)  # the slow call finishes in the background
+    r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", "bbb"]})
+    assert r.status_code == 200 and [x["index"] for x in r.json()["results"]] == [1, 0]
