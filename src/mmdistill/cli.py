@@ -10,7 +10,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill, evaluate and report multimodal models.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in data and record checks.")
 app.add_typer(data_app, name="data")
-teacher_app = typer.Typer(no_args_is_help=True, help="Teacher outputs for black-box (sequence-level) distillation.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Teacher outputs: generated answers for black-box KD, and the signal store (cache, verify, inspect).")
 app.add_typer(teacher_app, name="teacher")
 
 
