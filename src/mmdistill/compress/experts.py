@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prune import run_calibration
+from .prune import PruneError, run_calibration
 
 METHODS = ("frequency", "reap", "reconstruction")
 
 
-class ExpertPruneError(ValueError):
+class ExpertPruneError(PruneError):
     """An expert-pruning request this model cannot take (no MoE layers, a bad fraction, uneven budgets)."""
 
 
