@@ -24,8 +24,8 @@ too, by parameter name, with int8 weights for every method (int8-dynamic: int8 d
 int4/intx configs take only 2-D weights, so under ``int4-weight`` experts are int8 weight-only).
 torchao's quantized 3-D tensors run only through transformers' ``eager`` experts loop (not the
 default ``grouped_mm``), so the saved config.json carries ``"experts_implementation": "eager"``,
-which plain ``from_pretrained`` reads. (The Linear default goes through FqnToConfig's ``_default`` key,
-which torchao 0.18 warns it will deprecate, pytorch/ao#3229.)
+which plain ``from_pretrained`` reads. For a MoE model the config lists every tensor to quantize by
+name (torchao's ``FqnToConfig``); its ``_default`` key would also quantize Linear biases.
 """
 from __future__ import annotations
 
@@ -56,8 +56,13 @@ def _torchao():
     return FqnToConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
 
 
-def torchao_config(method: str, *, moe: bool):
-    """transformers' TorchAoConfig for `method`; `moe` adds the fused expert tensors by name."""
+def torchao_config(method: str, *, linear_weights: list[str] | None = None):
+    """transformers' TorchAoConfig for `method`.
+
+    With `linear_weights` (a MoE model: the parameter names of its Linear weights), the config names
+    every tensor to quantize: those weights plus the fused expert tensors. (FqnToConfig's ``_default``
+    would also send the Linear layers' biases to the quantizer in transformers 5, which int4 rejects.)
+    """
     from transformers import TorchAoConfig
 
     if method not in METHODS:
@@ -69,9 +74,21 @@ def torchao_config(method: str, *, moe: bool):
         linear = experts = Int8Weight()
     else:
         linear, experts = IntxWeight(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP)), Int8Weight()
-    if not moe:
+    if linear_weights is None:
         return TorchAoConfig(quant_type=linear)
-    return TorchAoConfig(quant_type=FqnToConfig({"_default": linear, r"re:.*experts\.gate_up_proj": experts, r"re:.*experts\.down_proj": experts}))
+    names: dict[str, Any] = {name: linear for name in linear_weights}
+    names.update({r"re:.*experts\.gate_up_proj": experts, r"re:.*experts\.down_proj": experts})
+    return TorchAoConfig(quant_type=FqnToConfig(names))
+
+
+def _linear_weights(cls, config) -> list[str]:
+    """Parameter names of the model's Linear weights (not a head tied to the embeddings), from a meta-device copy."""
+    from torch import nn
+
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    embed = model.get_input_embeddings().weight
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is not embed]
 
 
 def _model_class(config):
@@ -102,7 +119,7 @@ def load_quantized(model_dir: str | Path, method: str, *, trust_remote_code: boo
     moe = _has_fused_experts(config)
     kwargs: dict[str, Any] = {"experts_implementation": "eager"} if moe else {}
     cls = _model_class(config)
-    q = torchao_config(method, moe=moe)
+    q = torchao_config(method, linear_weights=_linear_weights(cls, config) if moe else None)
     return cls.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
 
 

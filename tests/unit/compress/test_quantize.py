@@ -106,3 +106,19 @@ def test_bad_quantize_requests(moe_lm, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     with pytest.raises(QuantizeError, match=r"mmdistill\[quantize\]"):
         quantize_folder(src, tmp_path / "q", "int8-weight")
+
+
+def test_int4_on_a_vlm_moe_with_biased_linears(tok, tmp_path):
+    """The vision tower's Linear layers have biases: int4 must quantize their weights and leave the biases alone."""
+    model, _ = build_tiny_vlm(tmp_path / "fp32", [], kind="qwen3_vl_moe", preset="vlm-student", tokenizer=tok, seed=3)
+    ids = torch.randint(0, len(tok) - 20, (2, 12), generator=torch.Generator().manual_seed(2))
+    kw = {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        ref = model.eval()(**kw).logits
+    quantize_folder(tmp_path / "fp32", tmp_path / "q", "int4-weight")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "q").eval()
+    qkv = again.model.visual.blocks[0].attn.qkv
+    assert "Intx" in type(qkv.weight).__name__ and type(qkv.bias).__name__ == "Parameter"
+    assert "Int8" in type(again.model.language_model.layers[0].mlp.experts.down_proj).__name__
+    with torch.no_grad():
+        assert 0 < _rel(again(**kw).logits, ref) < BOUND["int4-weight"]
