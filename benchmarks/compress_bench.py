@@ -83,7 +83,7 @@ def agreement(model, reference: list[torch.Tensor], batches: list[dict]) -> dict
 def latency(model, batch: dict) -> float:
     inputs = gm.model_inputs(model, batch)
     with torch.no_grad():
-        return measure_latency(lambda: model(**inputs), warmup=1, repeats=5)["min_ms"]  # best of 5: the least disturbed by other load
+        return measure_latency(lambda: model(**inputs), warmup=1, repeats=3)["min_ms"]  # best of 3: the least disturbed by other load
 
 
 def main() -> None:
@@ -173,7 +173,7 @@ def main() -> None:
         f"Model: Qwen3VLMoeForConditionalGeneration, text 4 layers × 16 experts (top-4, width 256, hidden 256), vision 2 blocks; "
         f"random init with router std 0.1 (peaked routing, no training). Calibration: {len(samples)} ShapesWorld train chat records, "
         f"one forward each. Agreement: response tokens of {len(test)} held-out test records ({rows[0]['tokens']} tokens) against "
-        f"the original (the dense rows: against the dense fp32 model). Latency: best of 5 full forwards (ms), batch 1 "
+        f"the original (the dense rows: against the dense fp32 model). Latency: best of 3 full forwards (ms), batch 1 "
         f"({one['input_ids'].shape[1]} tokens with 1 image) and batch 4. "
         "Quantized models run transformers' eager experts loop (torchao's tensors do not go through grouped_mm), so their speed "
         "compares with the eager row.",
