@@ -426,3 +426,21 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, b
     from .serve.app import serve as run_server
 
     run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=config, reference=reference, webhook=webhook, log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# compress: prune (experts, depth, width) and quantize model folders
+
+
+def prune(model_dir: str | Path, out: str | Path, *, experts: float | None = None, method: str = "reap", drop_layers: str | None = None, width: str | None = None, calibration: str | Path | None = None, max_samples: int = 64, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
+    """Prune MoE experts / blocks / widths of a model folder on calibration data; see compress/apply.py."""
+    from .compress.apply import prune_folder
+
+    return prune_folder(model_dir, out, experts=experts, method=method, drop_layers=drop_layers, width=width, calibration=calibration, max_samples=max_samples, overwrite=overwrite, log=log)
+
+
+def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False) -> dict[str, Any]:
+    """Quantize a model folder with torchao (int8-dynamic | int8-weight | int4-weight); see compress/quantize.py."""
+    from .compress.quantize import quantize_folder
+
+    return quantize_folder(model_dir, out, method, overwrite=overwrite)

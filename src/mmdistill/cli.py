@@ -33,10 +33,12 @@ def _guard(fn, *args, **kwargs):
     from .recipes.common import RunDirError
     from .teachers.generate import TeacherError
     from .teachers.store import StoreError
+    from .compress.prune import PruneError  # also compress.experts.ExpertPruneError
+    from .compress.quantize import QuantizeError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, PruneError, QuantizeError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -368,7 +370,47 @@ def serve(
     _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook)
 
 
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Model folder (Qwen3-MoE, Qwen3-VL(-MoE), Qwen3-Omni thinker, Qwen3)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the pruned model (loads with plain transformers)."),
+    experts: Optional[float] = typer.Option(None, "--experts", help="Fraction of every MoE layer's experts to prune, e.g. 0.5."),
+    method: str = typer.Option("reap", "--method", help="Expert saliency: reap | frequency | reconstruction."),
+    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help="auto:4 | auto:text:4;vision:1 (by block importance) | text:3,5;vision:1 (these blocks)."),
+    width: Optional[str] = typer.Option(None, "--width", help="Width pruning, e.g. text_config.hidden_size=64,text_config.intermediate_size=160."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Chat JSONL or plain text (one sample per line)."),
+    max_samples: int = typer.Option(64, "--max-samples", help="Calibration samples used (one forward pass each)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
+):
+    """Prune MoE experts, whole blocks and/or widths of a model on calibration data."""
+    from . import api
+
+    res = _guard(api.prune, model, out, experts=experts, method=method, drop_layers=drop_layers, width=width, calibration=calibration, max_samples=max_samples, overwrite=overwrite, log=typer.echo)
+    before, after = res["parameters"]
+    typer.echo(f"pruned model written to {out}: {before:,} -> {after:,} parameters")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Model folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the quantized model (plain from_pretrained loads it; needs torchao)."),
+    method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
+):
+    """Quantize a model folder with torchao for CPU serving."""
+    from . import api
+
+    res = _guard(api.quantize, model, out, method=method, overwrite=overwrite)
+    typer.echo(f"{method} model written to {out}: {res['size_bytes']:,} -> {res['quantized_size_bytes']:,} bytes of weights")
+
+
 def main() -> None:
+    import logging
+
+    # torchao 0.18 (the `quantize` extra) registers Enums with torch's pytree at import, and torch 2.14 logs a
+    # deprecation warning for each; transformers imports torchao in every from_pretrained when it is installed.
+    # Harmless, but two lines of noise on stderr before every error message: silence that one logger.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars from every from_pretrained: noise in a run's log

@@ -147,14 +147,7 @@ def collect_importance(model: nn.Module, calibrate: Callable[[nn.Module], Any]) 
     if vc is not None:
         for name in _mergers(model, lay):
             handles.append(modules[f"{name}.linear_fc2"].register_forward_pre_hook(on_input(f"{name}.mlp")))
-    was_training = model.training
-    model.eval()
-    try:
-        calibrate(model)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_calibration(model, handles, calibrate)
     if not sums:
         raise PruneError("calibration ran no forward pass through the model")
     missing = [k for k in ("text.hidden",) if k not in sums]
@@ -163,6 +156,23 @@ def collect_importance(model: nn.Module, calibrate: Callable[[nn.Module], Any]) 
     if missing:
         raise PruneError(f"calibration did not reach {', '.join(missing)}")
     return {k: v / counts[k] for k, v in sums.items()}
+
+
+def run_calibration(model: nn.Module, handles: list, calibrate: Callable[[nn.Module], Any]) -> None:
+    """Run ``calibrate(model)`` in eval mode with the hooks `handles` registered; remove them and restore the mode after.
+
+    The one calibration loop of compress/: width importance here, expert saliency and block importance
+    (compress/experts.py, compress/depth.py) all register their hooks and come through here.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def _mergers(model: nn.Module, lay: dict[str, Any]) -> list[str]:

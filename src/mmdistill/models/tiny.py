@@ -350,6 +350,58 @@ def build_tiny_seq_cls(out_dir: str | Path | None, texts: Iterable[str], *, pres
     return model, tokenizer
 
 
+def build_tiny_moe_lm(
+    out_dir: str | Path | None,
+    texts: Iterable[str],
+    *,
+    preset: str = "vlm-student",
+    num_experts: int = 8,
+    top_k: int = 2,
+    norm_topk_prob: bool = True,
+    seed: int = 0,
+    tokenizer=None,
+    vocab_size: int = 1000,
+):
+    """A tiny Qwen3MoeForCausalLM (every layer sparse, expert width mlp / 2) + its tokenizer.
+
+    ``norm_topk_prob`` defaults to True as in the released Qwen3-MoE checkpoints (the config class defaults to False).
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    if tokenizer is None:
+        tokenizer = train_qwen_tokenizer(texts, vocab_size=vocab_size)
+    p = VLM_PRESETS[preset]
+    ids = _special_ids(tokenizer)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p["hidden"],
+        intermediate_size=p["mlp"],
+        moe_intermediate_size=p["mlp"] // 2,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        head_dim=p["head_dim"],
+        max_position_embeddings=1024,
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config)
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model, tokenizer
+
+
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

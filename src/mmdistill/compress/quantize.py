@@ -1,0 +1,171 @@
+"""Post-training quantization of a model folder through torchao and transformers' ``TorchAoConfig``.
+
+Why torchao: it is PyTorch's maintained quantization library, it installs from PyPI as a wheel
+(torchao 0.18.0 beside torch 2.14.1, checked on this CPU), and transformers integrates it both
+ways: ``from_pretrained(..., quantization_config=TorchAoConfig(...))`` quantizes while loading, and
+the quantized model saves to safetensors that a plain ``from_pretrained(folder)`` reloads (the
+``quantization_config`` is written into config.json; torchao must be installed to load it).
+optimum-quanto was the fallback; it was not needed.
+
+Methods (CPU):
+
+- ``int8-dynamic``: int8 weights (per output channel) and int8 activations quantized per token at
+  run time (``Int8DynamicActivationInt8WeightConfig``);
+- ``int8-weight``: int8 weights, activations stay fp32 (``Int8WeightOnlyConfig``);
+- ``int4-weight``: 4-bit weights in groups of 32 along the input (``IntxWeightOnlyConfig(int4)``).
+  torchao 0.18's ``Int4WeightOnlyConfig`` has no CPU format (its packings need CUDA or the mslk
+  kernels), so on CPU the int4 values are kept one per int8 byte: the accuracy of int4, the file
+  size of int8. That is what this method gives today; it says so in its summary.
+
+What is quantized: every ``nn.Linear`` (attention, dense MLPs, the vision tower and merger) except
+the LM head / embeddings (``TorchAoConfig`` leaves input/output embeddings alone, so tied heads stay
+tied). MoE experts (transformers stores them as fused 3-D tensors, not Linear layers) are quantized
+too, by parameter name, with int8 weights for every method (int8-dynamic: int8 dynamic; torchao's
+int4/intx configs take only 2-D weights, so under ``int4-weight`` experts are int8 weight-only).
+torchao's quantized 3-D tensors run only through transformers' ``eager`` experts loop (not the
+default ``grouped_mm``), so the saved config.json carries ``"experts_implementation": "eager"``,
+which plain ``from_pretrained`` reads. For a MoE model the config lists every tensor to quantize by
+name (torchao's ``FqnToConfig``); its ``_default`` key would also quantize Linear biases.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
+INT4_GROUP = 32
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class QuantizeError(ValueError):
+    """A quantization request that cannot run (unknown method, backend not installed, bad folder)."""
+
+
+def _torchao():
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import FqnToConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+    except ImportError:
+        raise QuantizeError("quantization needs torchao, which is not installed: pip install 'mmdistill[quantize]' (or pip install torchao)") from None
+    return FqnToConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
+
+
+def torchao_config(method: str, *, linear_weights: list[str] | None = None):
+    """transformers' TorchAoConfig for `method`.
+
+    With `linear_weights` (a MoE model: the parameter names of its Linear weights), the config names
+    every tensor to quantize: those weights plus the fused expert tensors. (FqnToConfig's ``_default``
+    would also send the Linear layers' biases to the quantizer in transformers 5, which int4 rejects.)
+    """
+    from transformers import TorchAoConfig
+
+    if method not in METHODS:
+        raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
+    FqnToConfig, Int8Dynamic, Int8Weight, IntxWeight, PerGroup = _torchao()
+    if method == "int8-dynamic":
+        linear = experts = Int8Dynamic()
+    elif method == "int8-weight":
+        linear = experts = Int8Weight()
+    else:
+        linear, experts = IntxWeight(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP)), Int8Weight()
+    if linear_weights is None:
+        return TorchAoConfig(quant_type=linear)
+    names: dict[str, Any] = {name: linear for name in linear_weights}
+    names.update({r"re:.*experts\.gate_up_proj": experts, r"re:.*experts\.down_proj": experts})
+    return TorchAoConfig(quant_type=FqnToConfig(names))
+
+
+def _linear_weights(cls, config) -> list[str]:
+    """Parameter names of the model's Linear weights (not a head tied to the embeddings), from a meta-device copy."""
+    from torch import nn
+
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    embed = model.get_input_embeddings().weight
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is not embed]
+
+
+def _model_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise QuantizeError(f"config.json names no model class transformers knows (architectures={getattr(config, 'architectures', None)})")
+
+
+def _has_fused_experts(config) -> bool:
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(tc, "num_experts", 0))
+
+
+def folder_size(path: str | Path) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_FILES))
+
+
+def load_quantized(model_dir: str | Path, method: str, *, trust_remote_code: bool = False):
+    """The model in `model_dir`, quantized by `method` as it loads (fp32 compute). Returns the model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    moe = _has_fused_experts(config)
+    kwargs: dict[str, Any] = {"experts_implementation": "eager"} if moe else {}
+    cls = _model_class(config)
+    q = torchao_config(method, linear_weights=_linear_weights(cls, config) if moe else None)
+    return cls.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Quantize the model folder `model_dir` by `method` into the folder `out` (safetensors + the processor files).
+
+    The input folder is never written. Returns a summary: method, sizes, what was quantized.
+    """
+    src, dst = Path(model_dir), Path(out)
+    if method not in METHODS:
+        raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
+    _torchao()
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: not a model folder (no config.json)")
+    if dst.resolve() == src.resolve():
+        raise QuantizeError(f"--out {dst} is the input folder; write the quantized model elsewhere")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    model = load_quantized(src, method)
+    from torchao.utils import TorchAOBaseTensor
+
+    quantized = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if isinstance(p.data, TorchAOBaseTensor) or isinstance(p, TorchAOBaseTensor)})
+    if not quantized:
+        raise QuantizeError(f"{src}: no Linear layer or MoE expert was quantized")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    model.save_pretrained(dst)
+    moe = _has_fused_experts(model.config)
+    if moe:  # torchao's 3-D expert tensors run only through the eager experts loop; plain from_pretrained reads this key
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["experts_implementation"] = "eager"
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in src.iterdir():  # tokenizer / processor / chat template files
+        if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    summary = {
+        "method": method,
+        "backend": "torchao",
+        "source": str(src),
+        "size_bytes": folder_size(src),
+        "quantized_size_bytes": folder_size(dst),
+        "quantized_modules": len(quantized),
+        "moe_experts_quantized": moe,
+    }
+    if method == "int4-weight":
+        summary["note"] = "int4 values are stored one per int8 byte on CPU (torchao 0.18 has no packed CPU int4 format)"
+    (dst / "quantize.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
