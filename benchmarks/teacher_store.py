@@ -49,6 +49,20 @@ def main() -> None:
         info = inspect(folder)
         store_rows[name] = {"cache_seconds": time.perf_counter() - t, "records": info["records"], "bytes_per_record": info["bytes_per_record"], "bytes_per_token": info["bytes_per_token"], "folder": str(folder)}
         print(name, store_rows[name], flush=True)
+    # the KD loss on the same first batch (lr ~ 0, one step): each store against the dense live teacher
+    probe = {"train.max_steps": 1, "train.warmup_steps": 0, "train.lr": 1e-9, "train.save_every": 1}
+    first = {}
+    for name in ["live teacher", *stores]:
+        r = variant(kd, "probe-" + name.replace(" ", "-"), **probe, **({} if name == "live teacher" else {"teacher.kind": "store", "teacher.path": store_rows[name]["folder"]}))
+        first[name] = gr.run(r, overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]["kd"]
+    for name in stores:
+        store_rows[name]["kd_first_batch"] = first[name]
+        store_rows[name]["kd_error"] = first[name] / first["live teacher"] - 1
+    sft = variant(kd, "sft-alone", **{"loss.terms": {"sft": {"weight": 1.0}}})
+    sft = variant(sft.model_copy(update={"teacher": None}), "sft-alone")
+    out = gr.run(sft, overwrite=True, log=lambda *_: None)
+    summary = json.loads((Path(sft.output_dir) / "train_summary.json").read_text())
+    run_rows["SFT alone (no teacher)"] = {"samples_per_s": summary["samples_per_s"], "train_seconds": summary["train_seconds"], "kd": None, "vqa_accuracy": out["eval"]["metrics"]["vqa_accuracy"]}
     for name in ["live teacher", *stores]:
         r = kd if name == "live teacher" else variant(kd, "kd-" + name.replace(" ", "-"), **{"teacher.kind": "store", "teacher.path": store_rows[name]["folder"]})
         if name != "live teacher":
@@ -58,6 +72,7 @@ def main() -> None:
         run_rows[name] = {"samples_per_s": summary["samples_per_s"], "train_seconds": summary["train_seconds"], "kd": out["last"].get("kd"), "vqa_accuracy": out["eval"]["metrics"]["vqa_accuracy"]}
         print(name, run_rows[name], flush=True)
     live = run_rows["live teacher"]["samples_per_s"]
+    plain = run_rows["SFT alone (no teacher)"]["samples_per_s"]
     lines = [
         "### Teacher store vs live teacher (generative KD, ShapesWorld)",
         "",
@@ -66,13 +81,17 @@ def main() -> None:
         f"Teacher: the shipped ShapesWorld VLM teacher recipe at {args.teacher_steps} steps; student: the shipped KD recipe at "
         f"{args.student_steps} steps (sft + forward KL + vision + text terms), {store_rows['top-64 fp16']['records']} training records.",
         "",
-        "| store | cache time (s) | bytes / record | bytes / response token |",
-        "| --- | --- | --- | --- |",
-        *[f"| {k} | {v['cache_seconds']:.1f} | {v['bytes_per_record']:.0f} | {v['bytes_per_token']:.0f} |" for k, v in store_rows.items()],
+        "| store | cache time (s) | bytes / record | bytes / response token | KD loss, first batch | vs dense teacher |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| (live teacher, dense) | — | — | — | {first['live teacher']:.5f} | — |",
+        *[f"| {k} | {v['cache_seconds']:.1f} | {v['bytes_per_record']:.0f} | {v['bytes_per_token']:.0f} | {v['kd_first_batch']:.5f} | {v['kd_error'] * 100:+.1f}% |" for k, v in store_rows.items()],
         "",
-        "| student trained from | samples/s | × live | KD loss (last step) | VQA accuracy |",
-        "| --- | --- | --- | --- | --- |",
-        *[f"| {k} | {v['samples_per_s']:.1f} | {v['samples_per_s'] / live:.2f}× | {v['kd']:.4f} | {v['vqa_accuracy']:.2f} |" for k, v in run_rows.items()],
+        "Bytes per token include every stored signal: the ids (int32) and log-probs (fp16) of the kept tokens, the tail, the response id, "
+        "and the features the recipe's loss reads (the penultimate hidden state per token is most of it).",
+        "",
+        "| student trained from | samples/s | × live teacher | step cost ÷ SFT step | KD loss (last step) | VQA accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {k} | {v['samples_per_s']:.1f} | {v['samples_per_s'] / live:.2f}× | {plain / v['samples_per_s']:.2f}× | {'—' if v['kd'] is None else format(v['kd'], '.4f')} | {v['vqa_accuracy']:.2f} |" for k, v in run_rows.items()],
         "",
         "The KD loss of a top-k store is the divergence over the kept ids plus one tail bucket (at most the dense one); "
         "the sampled store's is the divergence to the draws' frequencies. Compare runs by VQA accuracy.",

@@ -65,3 +65,43 @@ def test_sampled_set_is_distinct_ids_with_frequencies():
     ids, w = _sampled(lp1, 8, torch.Generator().manual_seed(1))  # 8 draws over 4 ids: width 4
     freq = torch.zeros(4).index_add_(0, ids.flatten(), w.exp().flatten()) / 4000
     assert torch.allclose(freq, lp1[0].exp(), atol=0.01)
+
+
+def test_a_disk_that_fills_mid_write_leaves_the_store_valid(tmp_path, monkeypatch):
+    import errno
+
+    import mmdistill.teachers.store as store_mod
+
+    w = StoreWriter(tmp_path, HEADER, shard_records=2)
+    for i in range(2):
+        w.add(f"k{i}", {"x": torch.full((3,), float(i))})
+    real = store_mod.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")  # the write got this far before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "save_file", full_disk)
+    w.add("k2", {"x": torch.zeros(3)})
+    with pytest.raises(OSError, match="No space left"):
+        w.add("k3", {"x": torch.zeros(3)})
+    assert verify(tmp_path) == [] and len(TeacherStore(tmp_path)) == 2  # valid up to the last complete shard
+    monkeypatch.setattr(store_mod, "save_file", real)
+    w2 = StoreWriter(tmp_path, HEADER, shard_records=2)  # the next run clears the partial file and goes on
+    assert not list(tmp_path.glob("*.tmp")) and w2.done == {"k0", "k1"}
+    w2.add("k2", {"x": torch.zeros(3)})
+    w2.add("k3", {"x": torch.zeros(3)})
+    assert verify(tmp_path) == [] and len(TeacherStore(tmp_path)) == 4
+
+
+def test_not_a_store_and_a_lying_manifest(tmp_path):
+    with pytest.raises(StoreError, match="not a teacher store"):
+        TeacherStore(tmp_path)
+    w = StoreWriter(tmp_path / "s", HEADER, shard_records=1)
+    w.add("k0", {"x": torch.zeros(2)})
+    journal = tmp_path / "s/shards-r0.json"
+    data = json.loads(journal.read_text())
+    data["shards"][0]["sha256"] = "0" * 64
+    journal.write_text(json.dumps(data))
+    assert any("sha256 differs" in p for p in verify(tmp_path / "s"))
