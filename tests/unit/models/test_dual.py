@@ -139,3 +139,22 @@ def test_the_student_can_share_the_teachers_tokenizer(tmp_path):
     assert s_proc.tokenizer is t_proc.tokenizer and student.config.text_config.vocab_size == len(t_proc.tokenizer)
     with pytest.raises(Exception, match="tokenizer=teacher needs a `teacher:` section"):
         rc.build_student(_recipe(tmp_path, t_dir, tokenizer="teacher"), None, None, TEXTS)
+
+
+def test_the_shipped_dual_student_is_at_most_15_percent_of_the_shipped_teacher(tmp_path):
+    """configs/contrastive/shapesworld-dual-*.yaml against shapesworld-teacher.yaml, both built on ShapesWorld captions."""
+    from mmdistill import api
+    from mmdistill.config import load_recipe
+    from mmdistill.data.synth import generate
+
+    generate(tmp_path / "sw", n=300, seed=0, size=32)
+    texts = [__import__("json").loads(line)["text"] for line in (tmp_path / "sw/pairs_train.jsonl").read_text().splitlines()]
+    t_recipe = load_recipe(api.shipped_config("contrastive/shapesworld-teacher.yaml"))
+    teacher, t_proc = cm.build_tiny_clip(None, texts, preset=t_recipe.student.preset)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    for name in ("shapesworld-dual-baseline.yaml", "shapesworld-dual-kd.yaml"):
+        recipe = load_recipe(api.shipped_config(f"contrastive/{name}"))
+        student, proc = rc.build_student(recipe, teacher, t_proc, texts)
+        parts = dual.tower_parameters(student)
+        assert parts["total"] <= 0.15 * n_teacher, (name, parts, n_teacher)
+        assert type(student.vision_model).__name__ == "TimmWrapperModel" and proc.tokenizer is not t_proc.tokenizer
