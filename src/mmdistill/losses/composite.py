@@ -263,12 +263,12 @@ class ICLTerm(_ProjectedTerm):
 
 CONTRASTIVE_TERMS: dict[str, type[_ContrastiveTerm]] = {
     "clip": ClipTerm,
-    "siglip": SiglipTerm,
     "sim_kd": SimilarityKDTerm,
     "crd": CRDTerm,
     "fd": FDTerm,
     "icl": ICLTerm,
     "affinity": AffinityTerm,
+    "siglip": SiglipTerm,
 }
 
 
