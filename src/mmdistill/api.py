@@ -185,8 +185,16 @@ def detect_family(data: str | Path) -> str:
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, zeroshot: str | Path | None = None, out: str | Path | None = None, name: str | None = None, role: str = "student", max_items: int | None = 1000, latency: bool = True, reference: str | Path | None = None, **options: Any) -> dict[str, Any]:
-    """Evaluate a model folder on a data file; the family follows from the file's records."""
+    """Evaluate a model folder on a data file; the family follows from the file's records.
+
+    Contrastive `zeroshot`: a zeroshot_<split>.json of tasks, or any other file = the user's class names, one per
+    line, with each record's class in ``meta.label`` (``options["templates"]``: prompt templates with {label})."""
+    if zeroshot is not None and Path(zeroshot).suffix.lower() != ".json":
+        options = {**options, "labels": zeroshot}
+        zeroshot = None
     family = detect_family(data)
+    if family != "contrastive" and "labels" in options:
+        raise RecipeError(f"a labels file for zero-shot accuracy is for pair records (contrastive); {data} holds {family} records")
     if family == "reranker":
         from .evaluate.reranker import evaluate_folder as rerank_eval
 
@@ -197,7 +205,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, zeroshot: str | Path | 
         return gen_eval(model_dir, data, out_path=out, name=name, role=role, max_items=max_items, latency=latency, reference=reference, **options)
     from .evaluate.contrastive import evaluate_folder
 
-    return evaluate_folder(model_dir, data, zeroshot=zeroshot, out_path=out, name=name, role=role, max_items=max_items, latency=latency)
+    return evaluate_folder(model_dir, data, zeroshot=zeroshot, out_path=out, name=name, role=role, max_items=max_items, latency=latency, **options)
 
 
 def report(run_dirs: list[str | Path], out: str | Path, *, title: str = "mmdistill report", baseline: str | None = None, headline: str | None = None) -> dict[str, Any]:

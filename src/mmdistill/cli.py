@@ -207,7 +207,12 @@ def teacher_generate(
 def eval_(
     model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
     data: Path = typer.Option(..., "--data", help="JSONL to evaluate on; its records pick the family: pair (retrieval), rerank (ranking), chat (VQA / captions)."),
-    zeroshot: Optional[Path] = typer.Option(None, "--zeroshot", help="Contrastive: zeroshot_<split>.json for zero-shot accuracy."),
+    zeroshot: Optional[Path] = typer.Option(
+        None, "--zero-shot", "--zeroshot",
+        help="Contrastive: zero-shot accuracy. A labels file (one class name per line; each record's class in meta.label): top-1 / top-5 "
+        "accuracy, a confusion matrix, and top-1 as the headline; or a zeroshot_<split>.json of tasks.",
+    ),
+    template: Optional[List[str]] = typer.Option(None, "--template", help="With a labels file: prompt template(s) with {label}; several are averaged (default 'a photo of a {label}.')."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reranker / generative: a teacher folder to measure agreement with."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (default: RUN/eval.json for a run folder)."),
     max_items: int = typer.Option(1000, "--max-items", help="Records evaluated (contrastive: the gallery size)."),
@@ -220,7 +225,8 @@ def eval_(
     if out is None and model_dir != model:
         out = model / "eval.json"
     name = model.name if model_dir != model else None
-    res = _guard(api.evaluate, model_dir, data, zeroshot=zeroshot, out=out, name=name, role=role, max_items=max_items, reference=reference)
+    extra = {"templates": template} if template else {}
+    res = _guard(api.evaluate, model_dir, data, zeroshot=zeroshot, out=out, name=name, role=role, max_items=max_items, reference=reference, **extra)
     typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res["metrics"].items()))
 
 

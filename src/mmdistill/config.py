@@ -90,8 +90,34 @@ class TeacherConfig(Strict):
         return self
 
 
+class ImageTowerConfig(Strict):
+    timm: str = Field(description="timm architecture name (e.g. resnet10t, mobilenetv3_small_050), built locally with pretrained=False, num_classes=0.")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, e.g. {channels: [16, 32, 48, 64], stem_width: 16} for a narrower resnet10t.")
+    image_size: int = Field(64, ge=16, description="Side (pixels) the student's image processor resizes and crops to.")
+
+
+class TextTowerConfig(Strict):
+    hidden_size: int = Field(64, ge=1, description="BERT hidden width (the text tower's output width).")
+    num_hidden_layers: int = Field(2, ge=1, description="BERT layers.")
+    num_attention_heads: int = Field(2, ge=1, description="BERT attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(256, ge=1, description="BERT MLP width.")
+    tokenizer: str = Field(
+        "wordpiece",
+        description="wordpiece: a WordPiece tokenizer trained here on the training texts (the student's own); teacher: the teacher's tokenizer; "
+        "or a folder / hub id of a tokenizer to load.",
+    )
+    vocab_size: int = Field(1000, ge=16, description="tokenizer=wordpiece: largest vocabulary to train.")
+    max_length: int = Field(64, ge=8, description="Longest tokenised text (BERT position embeddings).")
+
+
+class DualStudentConfig(Strict):
+    image_tower: ImageTowerConfig = Field(description="The image tower: a timm model by name.")
+    text_tower: TextTowerConfig = Field(default_factory=TextTowerConfig, description="The text tower: a tiny BERT with its own tokenizer.")
+    projection_dim: int = Field(description="Shared embedding width both towers project to (linear, no bias).")
+
+
 class StudentConfig(Strict):
-    init: Literal["tiny", "scratch", "inherit", "pretrained", "compose"] = Field(
+    init: Literal["tiny", "scratch", "inherit", "pretrained", "compose", "dual"] = Field(
         "scratch",
         description=(
             "tiny: a tiny model of the real architecture with a tokenizer trained on the data; "
@@ -99,9 +125,12 @@ class StudentConfig(Strict):
             "inherit: shrink the teacher by keeping `layers` and pruning it to narrower widths from `overrides`, "
             "keeping its most important channels, heads and neurons (compress.prune); its weights are the teacher's; "
             "pretrained: load `model` as it is; "
-            "compose (generative): a LLaVA-style model from `parts` (a vision tower, a language model) and a new MLP projector."
+            "compose (generative): a LLaVA-style model from `parts` (a vision tower, a language model) and a new MLP projector; "
+            "dual (contrastive): a heterogeneous dual encoder from `dual` (a timm image tower + a tiny BERT text tower with its own "
+            "tokenizer), saved as a transformers VisionTextDualEncoderModel."
         ),
     )
+    dual: DualStudentConfig | None = Field(None, description="init=dual: the image tower, the text tower and the shared projection width.")
     model: str | None = Field(None, description="Model id or folder the student starts from (scratch/pretrained); default the teacher.")
     preset: str | None = Field(
         None,
@@ -140,6 +169,8 @@ class StudentConfig(Strict):
             raise ValueError("init=inherit needs `layers` (teacher layers to keep) or narrower `overrides`")
         if self.init == "pretrained" and not self.model:
             raise ValueError("init=pretrained needs `model`")
+        if (self.init == "dual") != (self.dual is not None):
+            raise ValueError("init=dual needs a `dual:` section (image_tower, text_tower, projection_dim)" if self.dual is None else "`dual:` is only read with init=dual")
         return self
 
 
@@ -160,7 +191,7 @@ class LossTerm(Strict):
 class LossConfig(Strict):
     terms: dict[str, LossTerm] = Field(
         default_factory=lambda: {"clip": LossTerm()},
-        description="Named loss terms with weights, schedules and options. contrastive: clip, sim_kd, crd, fd, icl, affinity; "
+        description="Named loss terms with weights, schedules and options. contrastive: clip, siglip, sim_kd, crd, fd, icl, affinity; "
         "reranker: bce, ce, pointwise, margin_mse, listwise_kl, feature; generative: sft, kd, vision, text.",
     )
 
@@ -243,7 +274,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False, "student.dual": None}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

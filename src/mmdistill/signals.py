@@ -15,6 +15,7 @@ Shapes (B = batch, T = positions, V = vocabulary, k = kept ids, D = width, K = c
 - ``image_embeds``  [B, D]     projected image embeddings (not normalised)
 - ``text_embeds``   [B, D]     projected text embeddings (not normalised)
 - ``logit_scale``   []         the model's own (exp'ed) similarity scale
+- ``logit_bias``    []         the model's own sigmoid-loss bias (SigLIP; None for CLIP-style models)
 - ``scores``        [B, K]     relevance scores per query group
 """
 
@@ -38,6 +39,7 @@ class Signals:
     text_embeds: Tensor | None = None
     logit_scale: Tensor | None = None
     scores: Tensor | None = None
+    logit_bias: Tensor | None = None
 
     @property
     def is_sparse(self) -> bool:

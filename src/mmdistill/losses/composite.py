@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mmdistill.engine.schedules import Schedule, make_schedule
-from mmdistill.losses.contrastive import affinity_mimic, clip_loss, crd_loss, fd_loss, icl_loss, similarity_kd
+from mmdistill.losses.contrastive import affinity_mimic, clip_loss, crd_loss, fd_loss, icl_loss, siglip_loss, similarity_kd
 from mmdistill.losses.divergence import DIVERGENCES, SPARSE_DIVERGENCES
 from mmdistill.losses.features import FEATURE_KINDS, FeatureLoss, FeatureProjector
 from mmdistill.signals import Signals
@@ -138,6 +138,37 @@ class ClipTerm(_ContrastiveTerm):
         return clip_loss(*_embeds(student, "student", self.name))
 
 
+class SiglipTerm(_ContrastiveTerm):
+    """SigLIP's pairwise sigmoid loss as the student's task loss (``siglip_loss``; no teacher).
+
+    Scale and bias: a student that has its own (a ``SiglipModel``: ``Signals.logit_bias`` is set) uses its
+    ``logit_scale`` and ``logit_bias``; any other student (CLIP, a dual encoder) gets both learned here, as
+    SigLIP initialises them: ``t = exp(t')`` with ``t' = log(init_scale)`` (10) and ``b = init_bias`` (−10).
+    ``own``: "auto" (the above), "model" (require the student's), "learned" (always the term's).
+    """
+
+    name = "siglip"
+    needs_teacher = False
+    OWN = ("auto", "model", "learned")
+
+    def __init__(self, student_dim: int, teacher_dim: int | None = None, *, own: str = "auto", init_scale: float = 10.0, init_bias: float = -10.0) -> None:
+        super().__init__(student_dim, teacher_dim)
+        if own not in self.OWN:
+            raise ValueError(f"contrastive term 'siglip': own {own!r} is not one of {', '.join(self.OWN)}")
+        if init_scale <= 0:
+            raise ValueError(f"contrastive term 'siglip': init_scale must be > 0, got {init_scale}")
+        self.own = own
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale))) if own != "model" else None
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if own != "model" else None
+
+    def forward(self, student: Signals, teacher: Signals | None, batch: dict, progress: float) -> Tensor:
+        img, txt, scale = _embeds(student, "student", self.name)
+        if self.own == "model" or (self.own == "auto" and student.logit_bias is not None):
+            student.require("logit_bias", who="contrastive term 'siglip' (own=model: the student's SigLIP bias)")
+            return siglip_loss(img, txt, scale, student.logit_bias)
+        return siglip_loss(img, txt, self.log_scale.exp().clamp(max=100.0), self.bias)
+
+
 class _TemperatureTerm(_ContrastiveTerm):
     """A teacher-vs-student similarity term with a (possibly scheduled) temperature."""
 
@@ -237,6 +268,7 @@ CONTRASTIVE_TERMS: dict[str, type[_ContrastiveTerm]] = {
     "fd": FDTerm,
     "icl": ICLTerm,
     "affinity": AffinityTerm,
+    "siglip": SiglipTerm,
 }
 
 
@@ -253,7 +285,7 @@ def build_contrastive_loss(
     ``terms``: term name (one of ``CONTRASTIVE_TERMS``) -> ``{"weight": float (default 1.0),
     "schedule": weight-multiplier schedule spec (optional), **term options}``. Options:
     sim_kd / crd / affinity take ``temperature`` (number or schedule spec); icl takes ``scale``;
-    clip and fd take none.
+    siglip takes ``own``, ``init_scale``, ``init_bias``; clip and fd take none.
 
     >>> build_contrastive_loss({"clip": {"weight": 1.0}, "fd": {"weight": 2000.0}}, 64, 128)  # doctest: +SKIP
     """

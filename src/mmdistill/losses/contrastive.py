@@ -12,6 +12,11 @@ multi-process training, gather the embeddings in the caller first.
 Terms (s = student, t = teacher):
 
 - ``clip_loss``: symmetric InfoNCE, ``(CE(logits_i2t, arange) + CE(logits_t2i, arange)) / 2``.
+- ``siglip_loss`` (SigLIP, Zhai et al. 2023): pairwise sigmoid loss
+  ``−(1/B) Σ_i Σ_j log σ(z_ij · (t · norm(img_i) · norm(txt_j) + b))`` with ``z_ij = +1`` on the
+  diagonal and −1 elsewhere, ``t`` the exp'ed scale and ``b`` a learned bias. The ``1/B`` (sum over
+  the B² pairs, divided by the batch size, not by B²) is the paper's Algorithm 1 and the reference
+  implementations' (big_vision; transformers' ``SiglipModel(return_loss=True)``, checked in a test).
 - ``similarity_kd`` (open_clip's ``DistillClipLoss`` distillation term): soft cross-entropy
   ``−Σ_j softmax(t_logits)_ij · log_softmax(s_logits)_ij``, mean over rows, i2t and t2i averaged;
   each model uses its own logit scale. It is a cross-entropy, so its minimum is the teacher's
@@ -80,6 +85,19 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | f
     logits = similarity_logits(image_embeds, text_embeds, logit_scale)  # [B, B]
     labels = _labels(logits.shape[0], logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def siglip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float) -> Tensor:
+    """SigLIP's pairwise sigmoid loss. image_embeds, text_embeds: [B, D]; logit_scale (exp'ed), logit_bias: []. -> []
+
+    ``−(1/B) Σ_ij log σ(z_ij · (scale · norm(img_i)·norm(txt_j) + bias))``, z = +1 on the diagonal, −1 off it.
+    """
+    _check_pair(image_embeds, text_embeds, "siglip_loss")
+    bias = logit_bias.float() if isinstance(logit_bias, Tensor) else float(logit_bias)
+    logits = similarity_logits(image_embeds, text_embeds, logit_scale) + bias  # [B, B]
+    n = logits.shape[0]
+    z = 2 * torch.eye(n, device=logits.device) - 1  # [B, B]: +1 matching pairs, −1 the rest
+    return -F.logsigmoid(z * logits).sum() / n
 
 
 def similarity_kd(

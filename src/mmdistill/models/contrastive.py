@@ -10,6 +10,7 @@ narrower widths, copying the leading slice of every teacher tensor).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     "clip-teacher": dict(hidden=128, layers=3, heads=4, mlp=512, proj=128),
     "clip-student": dict(hidden=64, layers=2, heads=4, mlp=256, proj=64),
     "clip-nano": dict(hidden=32, layers=1, heads=2, mlp=64, proj=32),
+    # SiglipModel of the same sizes (its embedding width is the tower width: SigLIP's vision tower has no projection)
+    "siglip-teacher": dict(hidden=128, layers=3, heads=4, mlp=512, proj=128, arch="siglip"),
+    "siglip-student": dict(hidden=64, layers=2, heads=4, mlp=256, proj=64, arch="siglip"),
+    "siglip-nano": dict(hidden=32, layers=1, heads=2, mlp=64, proj=32, arch="siglip"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
@@ -69,7 +74,8 @@ def build_tiny_clip(
     overrides: dict[str, Any] | None = None,
     vocab_size: int = 1000,
 ):
-    """Build a tiny, randomly initialised CLIPModel + CLIPProcessor; save them to `out_dir` when given.
+    """Build a tiny, randomly initialised CLIPModel + CLIPProcessor (a SiglipModel + SiglipProcessor for the
+    siglip-* presets); save them to `out_dir` when given.
 
     Returns (model, processor). The tokenizer is trained on `texts` here, so nothing is downloaded.
     """
@@ -78,6 +84,8 @@ def build_tiny_clip(
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
     p = TINY_PRESETS[preset]
+    if p.get("arch") == "siglip":
+        return _build_tiny_siglip(out_dir, texts, p, image_size=image_size, patch_size=patch_size, seed=seed, overrides=overrides, vocab_size=vocab_size)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     tower = dict(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=p["mlp"])
     text_cfg = dict(
@@ -105,6 +113,36 @@ def build_tiny_clip(
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def _build_tiny_siglip(out_dir, texts, p: dict[str, Any], *, image_size: int, patch_size: int, seed: int, overrides, vocab_size: int):
+    """A tiny SiglipModel + SiglipProcessor (the same locally trained tokenizer as the CLIP presets)."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    tower = dict(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=p["mlp"])
+    text_cfg = dict(
+        tower,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_size=p["hidden"],  # = the vision width: both embeddings live in one space
+    )
+    config = SiglipConfig(text_config=text_cfg, vision_config=dict(tower, image_size=image_size, patch_size=patch_size))
+    if overrides:
+        config = apply_overrides(config, overrides)
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    with torch.no_grad():  # SigLIP's initialisation of its sigmoid loss: t = exp(t') = 10, b = −10
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    processor = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=tokenizer)
+    if out_dir is not None:
+        model.save_pretrained(Path(out_dir))
+        processor.save_pretrained(Path(out_dir))
     return model, processor
 
 
@@ -165,15 +203,19 @@ def encode(model, batch: dict[str, Tensor], *, features: bool = False) -> Signal
     """One forward of a dual encoder on a collated batch -> Signals.
 
     batch: pixel_values [B, 3, H, W], input_ids [B, L], attention_mask [B, L].
-    Signals: image_embeds [B, D], text_embeds [B, D] (unnormalised), logit_scale [],
+    Signals: image_embeds [B, D], text_embeds [B, D] (unnormalised), logit_scale [], logit_bias [] (SigLIP),
     features {"vision_pooled": [B, Hv] (CLS), "text_pooled": [B, Ht] (masked mean)} when asked.
     """
     img = model.get_image_features(pixel_values=batch["pixel_values"])
     txt = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     sig = Signals(image_embeds=_pooled(img), text_embeds=_pooled(txt), logit_scale=logit_scale(model))
+    if getattr(model, "logit_bias", None) is not None:  # SigLIP: the learned bias of its sigmoid loss
+        sig.logit_bias = model.logit_bias.reshape(())
     if features and not isinstance(img, Tensor):
-        # tower features before the projection: the vision CLS state, the masked mean of text states
-        sig.features["vision_pooled"] = img.last_hidden_state[:, 0]
+        # tower features before the projection: the vision CLS state (a CNN tower's feature map [B, C, h, w]:
+        # its spatial mean), the masked mean of text states
+        v = img.last_hidden_state
+        sig.features["vision_pooled"] = v.mean((2, 3)) if v.dim() == 4 else v[:, 0]
         m = batch["attention_mask"].unsqueeze(-1).to(txt.last_hidden_state.dtype)  # [B, L, 1]
         sig.features["text_pooled"] = (txt.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1.0)
     return sig

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import Recipe, RecipeError
 from ..data.loaders import load_pairs
 from ..engine.loop import seed_everything, train_loop
-from ..losses.composite import build_contrastive_loss
+from ..losses.composite import CONTRASTIVE_TERMS, build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
 from .common import build_recipe, check_run_dir, evaluate_with, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
@@ -127,8 +127,35 @@ def precompute_teacher(teacher, t_data: cm.Encoded, features: bool, batch_size: 
 # building models
 
 
+def build_dual(recipe: Recipe, teacher_proc, texts: list[str]):
+    """init=dual: a timm image tower + a tiny BERT text tower (models/dual.py), with the tokenizer the recipe names."""
+    from transformers import AutoTokenizer
+
+    from ..models.dual import build_dual_student
+
+    d = recipe.student.dual
+    it, tt = d.image_tower, d.text_tower
+    tokenizer = None
+    if tt.tokenizer == "teacher":
+        if teacher_proc is None:
+            raise RecipeError(f"{recipe.output_dir}: student.dual.text_tower.tokenizer=teacher needs a `teacher:` section")
+        tokenizer = teacher_proc.tokenizer
+    elif tt.tokenizer != "wordpiece":
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tt.tokenizer)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"student.dual.text_tower.tokenizer: cannot load {tt.tokenizer!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return build_dual_student(
+        texts, timm_name=it.timm, model_args=it.model_args, image_size=it.image_size, projection_dim=d.projection_dim,
+        hidden_size=tt.hidden_size, num_hidden_layers=tt.num_hidden_layers, num_attention_heads=tt.num_attention_heads,
+        intermediate_size=tt.intermediate_size, vocab_size=tt.vocab_size, max_length=tt.max_length, tokenizer=tokenizer, seed=recipe.seed,
+    )
+
+
 def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
     s = recipe.student
+    if s.init == "dual":
+        return build_dual(recipe, teacher_proc, texts)
     if s.init == "tiny":
         return cm.build_tiny_clip(None, texts, preset=s.preset or "clip-student", seed=recipe.seed, overrides=s.overrides or None)
     if s.init == "pretrained":
@@ -177,8 +204,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         _freeze(teacher)
         teacher.to(accelerator.device)
     terms = {name: {"weight": t.weight, **({"schedule": t.schedule} if t.schedule else {}), **t.options} for name, t in recipe.loss.terms.items()}
-    if teacher is None and store is None and any(name != "clip" for name in terms):
-        raise RecipeError(f"loss terms {sorted(set(terms) - {'clip'})} need a teacher; add `teacher:` to the recipe")
+    task_terms = {name for name, cls in CONTRASTIVE_TERMS.items() if not cls.needs_teacher}  # clip, siglip
+    if teacher is None and store is None and set(terms) - task_terms:
+        raise RecipeError(f"loss terms {sorted(set(terms) - task_terms)} need a teacher; add `teacher:` to the recipe")
     try:  # student overrides, presets and loss terms are checked here: a bad one is a recipe error
         student, s_proc = build_student(build_recipe(recipe, store), teacher, teacher_proc, texts)
         t_dim = cm.embed_dim(teacher) if teacher is not None else (store.constants["dims"]["embed"] if store is not None else None)

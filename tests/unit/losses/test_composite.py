@@ -133,7 +133,7 @@ def test_recipe_errors_are_clear():
         build_contrastive_loss({"icl": {"scale": "fixed"}}, 8, 8)
     with pytest.raises(ValueError, match=r"'crd'.*temperature must stay > 0"):
         build_contrastive_loss({"crd": {"temperature": {"kind": "linear", "start": 2, "end": 0}}}, 8, 8)
-    assert set(CONTRASTIVE_TERMS) == {"clip", "sim_kd", "crd", "fd", "icl", "affinity"}
+    assert set(CONTRASTIVE_TERMS) == {"clip", "sim_kd", "crd", "fd", "icl", "affinity", "siglip"}
 
 
 def test_missing_signals_give_clear_errors():

@@ -1,0 +1,160 @@
+"""Heterogeneous dual-encoder students: a timm image tower + a tiny BERT with its own WordPiece tokenizer,
+saved as a VisionTextDualEncoderModel that plain transformers reloads, driven by the CLIP adapter and recipe."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from mmdistill.config import recipe_from_dict
+from mmdistill.losses.composite import build_contrastive_loss
+from mmdistill.models import contrastive as cm
+from mmdistill.models import dual
+from mmdistill.recipes import contrastive as rc
+
+TEXTS = [f"a {s} {c} {k} at the {p}" for s in ("small", "large") for c in ("red", "blue", "green") for k in ("circle", "square") for p in ("top left", "center")]
+TIMM = dict(timm_name="resnet10t", model_args={"channels": [8, 16, 16, 32], "stem_width": 8})
+
+
+def _images(n=4, size=40):
+    return [Image.new("RGB", (size, size), (30 * i, 200 - 20 * i, 90)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dual")
+    model, proc = dual.build_dual_student(TEXTS, **TIMM, image_size=32, projection_dim=24, hidden_size=16, num_attention_heads=2, intermediate_size=32, out_dir=d)
+    return d, model, proc
+
+
+def test_dual_student_saves_as_a_folder_plain_transformers_reloads(student):
+    d, model, proc = student
+    loaded, lproc = AutoModel.from_pretrained(d), AutoProcessor.from_pretrained(d)
+    assert type(loaded).__name__ == "VisionTextDualEncoderModel"
+    assert type(loaded.vision_model).__name__ == "TimmWrapperModel" and type(loaded.text_model).__name__ == "BertModel"
+    assert loaded.config.vision_config.architecture == "resnet10t"
+    assert loaded.config.vision_config.hidden_size == 32 == loaded.vision_model.timm_model.num_features
+    # the processor is the student's own: WordPiece with BERT framing, not the CLIP teacher's BPE
+    enc = lproc(text=TEXTS[:2], images=_images(2), return_tensors="pt", padding=True)
+    ids = enc["input_ids"][0].tolist()
+    assert lproc.tokenizer.convert_ids_to_tokens(ids[0]) == "[CLS]" and "[SEP]" in lproc.tokenizer.convert_ids_to_tokens(ids)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = loaded.get_image_features(pixel_values=enc["pixel_values"]).pooler_output
+        b = model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output
+        t = loaded.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    assert a.shape == (2, 24) and t.shape == (2, 24)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_clip_adapter_encodes_the_dual_student(student):
+    d, _, _ = student
+    model, proc = cm.load_model(str(d))
+    model.eval()
+    data = cm.preprocess_pairs(proc, _images(3), TEXTS[:3])
+    with torch.no_grad():
+        sig = cm.encode(model, data.batch([0, 1, 2]), features=True)
+    assert sig.image_embeds.shape == sig.text_embeds.shape == (3, 24)
+    assert cm.embed_dim(model) == 24 and float(sig.logit_scale) == pytest.approx(1 / 0.07, rel=1e-3)
+    # tower features before the projections: the CNN's pooled map [B, C] and BERT's masked mean [B, H]
+    assert sig.features["vision_pooled"].shape == (3, 32) and sig.features["text_pooled"].shape == (3, 16)
+    assert sig.logit_bias is None
+
+
+def test_an_unknown_timm_name_names_close_matches():
+    with pytest.raises(dual.DualTowerError, match=r"'resnet10' is not a timm model; close matches: .*resnet10t"):
+        dual.build_dual_student(TEXTS, timm_name="resnet10")
+    with pytest.raises(dual.DualTowerError, match="rejects them"):
+        dual.build_dual_student(TEXTS, timm_name="resnet10t", model_args={"no_such_option": 1})
+
+
+def test_unset_tower_widths_are_clear_errors(monkeypatch):
+    with pytest.raises(dual.DualTowerError, match="projection_dim is unset"):
+        dual.build_dual_student(TEXTS, **TIMM, projection_dim=None)
+    with pytest.raises(dual.DualTowerError, match="text_tower.hidden_size is unset"):
+        dual.build_dual_student(TEXTS, **TIMM, hidden_size=0)
+    # a timm model that reports no pooled width (num_features) cannot be projected
+    import timm
+
+    real = timm.create_model
+
+    def no_width(*a, **k):
+        m = real(*a, **k)
+        m.num_features = None
+        return m
+
+    monkeypatch.setattr(timm, "create_model", no_width)
+    with pytest.raises(dual.DualTowerError, match="reports no output width"):
+        dual.build_dual_student(TEXTS, **TIMM)
+
+
+def _recipe(tmp_path, teacher_dir, **student):
+    return recipe_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "data": {"train": str(tmp_path / "x.jsonl")},
+            "teacher": {"model": str(teacher_dir)},
+            "student": {"init": "dual", "dual": {"image_tower": {"timm": "resnet10t", "model_args": TIMM["model_args"], "image_size": 32}, "text_tower": {"hidden_size": 16, **student}, "projection_dim": 24}},
+            "loss": {"terms": {"clip": {}, "sim_kd": {}, "fd": {"weight": 10.0}, "crd": {}, "icl": {}, "affinity": {}}},
+        }
+    )
+
+
+def test_teacher_signals_come_from_the_teachers_own_tokenization(tmp_path):
+    """KD with a student on another tokenizer: the step feeds each model its own processor's ids, every
+    contrastive term runs (fd / icl with learned projections 24 -> 32), and the student's weights move."""
+    t_dir = tmp_path / "teacher"
+    teacher, t_proc = cm.build_tiny_clip(t_dir, TEXTS, preset="clip-nano", image_size=32, patch_size=8)
+    teacher.eval()
+    recipe = _recipe(tmp_path, t_dir)
+    student, s_proc = rc.build_student(recipe, teacher, t_proc, TEXTS)
+    images = _images(6)
+    s_data, t_data = cm.preprocess_pairs(s_proc, images, TEXTS[:6]), cm.preprocess_pairs(t_proc, images, TEXTS[:6])
+    assert s_data.input_ids.shape != t_data.input_ids.shape or not torch.equal(s_data.input_ids, t_data.input_ids)
+    terms = {n: {"weight": t.weight, **t.options} for n, t in recipe.loss.terms.items()}
+    loss = build_contrastive_loss(terms, cm.embed_dim(student), cm.embed_dim(teacher))
+    step = rc.ContrastiveStep(student, loss, s_data, teacher=teacher, t_data=t_data)
+    idx = [0, 2, 4, 5]
+    # what the teacher sees, built independently: its own processor on the raw texts
+    own = t_proc.tokenizer([TEXTS[i] for i in idx], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        ref = cm.encode(teacher, {"pixel_values": cm.preprocess_images(t_proc, [images[i] for i in idx]), "input_ids": own["input_ids"], "attention_mask": own["attention_mask"]})
+    got = step.teacher_signals(idx, torch.device("cpu"))
+    assert torch.allclose(got.text_embeds, ref.text_embeds, atol=1e-5) and torch.allclose(got.image_embeds, ref.image_embeds, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-2)
+    out = step(idx, 0.0)
+    assert set(out) == {"loss", "clip", "sim_kd", "fd", "crd", "icl", "affinity"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    opt.step()
+    moved = [n for n, p in student.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("vision_model.") for n in moved) and any(n.startswith("text_model.") for n in moved)
+    assert "visual_projection.weight" in moved and "text_projection.weight" in moved
+
+
+def test_the_student_can_share_the_teachers_tokenizer(tmp_path):
+    t_dir = tmp_path / "teacher"
+    teacher, t_proc = cm.build_tiny_clip(t_dir, TEXTS, preset="clip-nano", image_size=32, patch_size=8)
+    student, s_proc = rc.build_student(_recipe(tmp_path, t_dir, tokenizer="teacher"), teacher, t_proc, TEXTS)
+    assert s_proc.tokenizer is t_proc.tokenizer and student.config.text_config.vocab_size == len(t_proc.tokenizer)
+    with pytest.raises(Exception, match="tokenizer=teacher needs a `teacher:` section"):
+        rc.build_student(_recipe(tmp_path, t_dir, tokenizer="teacher"), None, None, TEXTS)
+
+
+def test_the_shipped_dual_student_is_at_most_15_percent_of_the_shipped_teacher(tmp_path):
+    """configs/contrastive/shapesworld-dual-*.yaml against shapesworld-teacher.yaml, both built on ShapesWorld captions."""
+    from mmdistill import api
+    from mmdistill.config import load_recipe
+    from mmdistill.data.synth import generate
+
+    generate(tmp_path / "sw", n=300, seed=0, size=32)
+    texts = [__import__("json").loads(line)["text"] for line in (tmp_path / "sw/pairs_train.jsonl").read_text().splitlines()]
+    t_recipe = load_recipe(api.shipped_config("contrastive/shapesworld-teacher.yaml"))
+    teacher, t_proc = cm.build_tiny_clip(None, texts, preset=t_recipe.student.preset)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    for name in ("shapesworld-dual-baseline.yaml", "shapesworld-dual-kd.yaml"):
+        recipe = load_recipe(api.shipped_config(f"contrastive/{name}"))
+        student, proc = rc.build_student(recipe, teacher, t_proc, texts)
+        parts = dual.tower_parameters(student)
+        assert parts["total"] <= 0.15 * n_teacher, (name, parts, n_teacher)
+        assert type(student.vision_model).__name__ == "TimmWrapperModel" and proc.tokenizer is not t_proc.tokenizer
