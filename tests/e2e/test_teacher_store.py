@@ -62,7 +62,8 @@ def test_cache_killed_at_random_points_completes_with_every_record_once(world):
 
     root, kd_path, _ = world
     store = root / "store-killed"
-    cmd = [sys.executable, "-m", "mmdistill.cli", "teacher", "cache", str(kd_path), "--out", str(store), "--shard-records", "4"]
+    n = 120  # 15 teacher batches of 8: each killed run gets through one or two, so every kill lands mid-store
+    cmd = [sys.executable, "-m", "mmdistill.cli", "teacher", "cache", str(kd_path), f"data.max_records={n}", "--out", str(store), "--shard-records", "4"]
     rng = random.Random(0)
     kills = 0
     for _ in range(4):  # several kill points: each run is SIGKILLed a little after its first new shard appears
@@ -77,11 +78,11 @@ def test_cache_killed_at_random_points_completes_with_every_record_once(world):
             kills += 1
         p.wait()
     assert kills >= 3
-    mmd("teacher", "cache", kd_path, "--out", store, "--shard-records", "4")
+    mmd("teacher", "cache", kd_path, f"data.max_records={n}", "--out", store, "--shard-records", "4")
     assert verify(store) == []
     records, _ = read_records(root / "data/chat_train.jsonl")
     keys = RecordKeys()
-    wanted = {keys.key(r) for r in records[:40]}
+    wanted = {keys.key(r) for r in records[:n]}
     st = TeacherStore(store)
     assert set(st.index) == wanted  # none missing, none extra
     journals = [json.loads(j.read_text()) for j in store.glob("shards-r*.json")]
