@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prune import PruneError, run_calibration
+from .prune import PruneError, load_sliced, run_calibration
 
 METHODS = ("frequency", "reap", "reconstruction")
 
@@ -207,11 +207,7 @@ def prune_experts(model: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
         if t.shape != param.shape:
             raise ExpertPruneError(f"prune_experts: {name} sliced to {tuple(t.shape)}, expected {tuple(param.shape)}")
         new_state[name] = t.detach().clone()
-    pruned.load_state_dict(new_state)
-    pruned.to(next(model.parameters()).dtype)
-    if getattr(model, "generation_config", None) is not None:
-        pruned.generation_config = copy.deepcopy(model.generation_config)
-    return pruned.train(model.training)
+    return load_sliced(pruned, new_state, model).train(model.training)
 
 
 def prune_moe(model: nn.Module, calibrate: Callable[[nn.Module], Any], *, fraction: float, method: str = "reap") -> tuple[nn.Module, dict[str, Any]]:

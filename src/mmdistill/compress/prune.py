@@ -257,6 +257,11 @@ def prune_widths(model: nn.Module, widths: dict[str, int], importance: dict[str,
         if t.shape != param.shape:
             raise PruneError(f"prune_widths: {name} sliced to {tuple(t.shape)}, expected {tuple(param.shape)}")
         new_state[name] = t.detach().clone()
+    return load_sliced(pruned, new_state, model)
+
+
+def load_sliced(pruned: nn.Module, new_state: dict[str, torch.Tensor], model: nn.Module) -> nn.Module:
+    """Load the sliced tensors into the smaller model; keep the original's dtype and generation config."""
     pruned.load_state_dict(new_state)
     pruned.to(next(model.parameters()).dtype)
     if getattr(model, "generation_config", None) is not None:

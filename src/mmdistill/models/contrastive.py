@@ -87,16 +87,8 @@ def build_tiny_clip(
     if p.get("arch") == "siglip":
         return _build_tiny_siglip(out_dir, texts, p, image_size=image_size, patch_size=patch_size, seed=seed, overrides=overrides, vocab_size=vocab_size)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    tower = dict(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=p["mlp"])
-    text_cfg = dict(
-        tower,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=p["proj"],
-    )
+    tower, text_cfg = _tiny_towers(p, tokenizer)
+    text_cfg["projection_dim"] = p["proj"]
     vision_cfg = dict(tower, image_size=image_size, patch_size=patch_size, projection_dim=p["proj"])
     config = CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=p["proj"])
     if overrides:
@@ -116,11 +108,8 @@ def build_tiny_clip(
     return model, processor
 
 
-def _build_tiny_siglip(out_dir, texts, p: dict[str, Any], *, image_size: int, patch_size: int, seed: int, overrides, vocab_size: int):
-    """A tiny SiglipModel + SiglipProcessor (the same locally trained tokenizer as the CLIP presets)."""
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
-
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+def _tiny_towers(p: dict[str, Any], tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tiny preset's tower sizes, and the text tower's config for a locally trained tokenizer (ids and lengths)."""
     tower = dict(hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=p["mlp"])
     text_cfg = dict(
         tower,
@@ -129,8 +118,17 @@ def _build_tiny_siglip(out_dir, texts, p: dict[str, Any], *, image_size: int, pa
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_size=p["hidden"],  # = the vision width: both embeddings live in one space
     )
+    return tower, text_cfg
+
+
+def _build_tiny_siglip(out_dir, texts, p: dict[str, Any], *, image_size: int, patch_size: int, seed: int, overrides, vocab_size: int):
+    """A tiny SiglipModel + SiglipProcessor (the same locally trained tokenizer as the CLIP presets)."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    tower, text_cfg = _tiny_towers(p, tokenizer)
+    text_cfg["projection_size"] = p["hidden"]  # = the vision width: both embeddings live in one space
     config = SiglipConfig(text_config=text_cfg, vision_config=dict(tower, image_size=image_size, patch_size=patch_size))
     if overrides:
         config = apply_overrides(config, overrides)
