@@ -10,6 +10,8 @@ Shapes (B = batch, T = positions, V = vocabulary, k = kept ids, D = width, K = c
 - ``topk_ids``      [B, T, k]  sparse form: kept token ids
 - ``topk_logprobs`` [B, T, k]  sparse form: their log-probabilities (at temperature 1)
 - ``tail_logmass``  [B, T]     sparse form: log of the probability mass not in ``topk_ids``
+- ``tail_grid``     [B, T, G]  sparse form: log Σ_tail p^β on a grid of β = 1/T (exact tail tempering)
+- ``tail_betas``    [G]        the grid's β values, increasing
 - ``mask``          [B, T]     bool, which positions count (response tokens)
 - ``features``      name -> [B, D] or [B, T, D] (e.g. "vision_pooled", "text_pooled")
 - ``image_embeds``  [B, D]     projected image embeddings (not normalised)
@@ -33,6 +35,8 @@ class Signals:
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
     tail_logmass: Tensor | None = None
+    tail_grid: Tensor | None = None
+    tail_betas: Tensor | None = None
     mask: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
     image_embeds: Tensor | None = None

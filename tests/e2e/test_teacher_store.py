@@ -144,6 +144,39 @@ def test_distill_from_store_matches_live_teacher_loss(world):
     assert c["kd"] > 0 and c["sft"] == pytest.approx(a["sft"], rel=1e-5)
 
 
+def test_store_tempers_the_tail_for_the_recipes_temperature_range(world, tmp_path):
+    """A KD term at T > 1 (the shipped schedule 2 -> 1): the store keeps the tail's tempered mass on a grid of
+    1/T over that range, training reads it (the tempered buckets: at most the dense loss), and a recipe whose
+    temperature leaves the stored range is refused, naming the setting."""
+    from mmdistill.config import recipe_from_dict
+    from mmdistill.recipes import generative as gr
+    from mmdistill.teachers.store import TeacherStore
+
+    root, _, kd = world
+    terms = {**kd["loss"]["terms"], "kd": {"weight": 1.0, "options": {"temperature": {"kind": "linear", "start": 2.0, "end": 1.0}, "scale_t2": True}}}
+    kd2 = {**kd, "loss": {"terms": terms}}
+    path = write_recipe(tmp_path, "kd2", kd2)
+    store = tmp_path / "store-t2"
+    mmd("teacher", "cache", path, "--out", store, "--dtype", "fp32", "--top-k", 16)
+    st = TeacherStore(store)
+    assert st.manifest["settings"]["tail_temperatures"] == [1.0, 2.0]
+    betas = st.manifest["constants"]["tail_betas"]
+    assert betas[0] == pytest.approx(0.5) and betas[-1] == pytest.approx(1.0) and len(betas) == 5
+    row = st.get(next(iter(st.index)))
+    assert row["tail_grid"].shape == (row["tail_logmass"].shape[0], 5)
+    assert torch.allclose(row["tail_grid"][:, -1], row["tail_logmass"], atol=1e-4)  # β = 1 is the tail mass itself
+    assert (row["tail_grid"][:, 0] > row["tail_grid"][:, -1]).all()  # tempering raises the tail (β < 1)
+    one = {"max_steps": 1, "batch_size": 8, "warmup_steps": 0, "save_every": 1, "log_every": 1, "lr": 1e-9}
+    a = gr.run(recipe_from_dict({**kd2, "output_dir": str(tmp_path / "live"), "train": one}), overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    b = gr.run(recipe_from_dict({**kd2, "output_dir": str(tmp_path / "st"), "train": one, "teacher": {"kind": "store", "path": str(store)}}),
+               overwrite=True, log=lambda *_: None, evaluate_after=False)["last"]
+    assert 0 < b["kd"] <= a["kd"] * (1 + 1e-5)
+    hot = {**kd2, "output_dir": str(tmp_path / "hot"), "teacher": {"kind": "store", "path": str(store)},
+           "loss": {"terms": {**terms, "kd": {"weight": 1.0, "options": {"temperature": 4.0}}}}}
+    p = mmd("distill", write_recipe(tmp_path, "hot", hot), check=False)
+    assert p.returncode == 2 and "tail_temperatures (the KD temperature runs over [4.0, 4.0]" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_store_refusals_are_one_line(world, tmp_path):
     root, kd_path, kd = world
     store = tmp_path / "st"

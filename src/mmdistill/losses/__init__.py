@@ -36,6 +36,8 @@ from mmdistill.losses.divergence import (
     sparse_skew_reverse_kl,
     sparse_tvd,
     tail_logmass_from_topk,
+    tempered_tail_grid,
+    interpolate_tail,
     tvd,
 )
 from mmdistill.losses.features import FeatureLoss, FeatureProjector, feature_cosine, feature_mse
@@ -72,5 +74,7 @@ __all__ = [
     "sparse_skew_reverse_kl",
     "sparse_tvd",
     "tail_logmass_from_topk",
+    "tempered_tail_grid",
+    "interpolate_tail",
     "tvd",
 ]

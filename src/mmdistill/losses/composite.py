@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mmdistill.engine.schedules import Schedule, make_schedule
 from mmdistill.losses.contrastive import affinity_mimic, clip_loss, crd_loss, fd_loss, icl_loss, siglip_loss, similarity_kd
-from mmdistill.losses.divergence import DIVERGENCES, SPARSE_DIVERGENCES
+from mmdistill.losses.divergence import DIVERGENCES, SPARSE_DIVERGENCES, interpolate_tail
 from mmdistill.losses.features import FEATURE_KINDS, FeatureLoss, FeatureProjector
 from mmdistill.signals import Signals
 
@@ -338,7 +338,8 @@ class LogitDistillTerm(nn.Module):
     """Token-level divergence between student logits and the teacher's dense or sparse logits.
 
     Reads ``student.logits [B, T, V]`` and either ``teacher.logits [B, T, V]`` or the sparse form
-    (``topk_ids``, ``topk_logprobs``, ``tail_logmass``); the mask is ``student.mask`` (else
+    (``topk_ids``, ``topk_logprobs``, ``tail_logmass``, and ``tail_grid`` / ``tail_betas`` for exact tail
+    tempering at T ≠ 1); the mask is ``student.mask`` (else
     ``teacher.mask``, else all positions). ``batch["num_items"]`` (the global count of counted
     positions), when present, is the denominator (gradient accumulation). ``divergence`` is a key of
     ``DIVERGENCES``; ``beta`` (jsd) / ``alpha`` (skew) via ``options``; ``temperature`` may be a schedule.
@@ -385,6 +386,8 @@ class LogitDistillTerm(nn.Module):
         if teacher.is_sparse:
             teacher.require("topk_logprobs", who=who + ", sparse teacher")
             fn = SPARSE_DIVERGENCES[self.divergence]
+            if teacher.tail_grid is not None and kwargs["temperature"] != 1.0:
+                kwargs["tail_tempered"] = interpolate_tail(teacher.tail_grid, teacher.tail_betas, kwargs["temperature"])
             return fn(student.logits, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logmass, mask, **kwargs)
         teacher.require("logits", who=who + ", teacher")
         return DIVERGENCES[self.divergence](student.logits, teacher.logits, mask, **kwargs)

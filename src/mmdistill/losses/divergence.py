@@ -45,19 +45,23 @@ Sparse teacher (DistillKit-style tail bucket): both distributions are collapsed 
 the ``k`` kept ids plus one tail bucket for everything else. The student side is exact:
 ``log p_s[ids]`` from the full log-softmax and ``log p_s[tail] = logsumexp(z[not ids]) − logsumexp(z)``
 (a masked logsumexp, stable even when the tail is tiny). With ``k = V`` (tail mass 0) the sparse forms
-equal the dense ones. Temperature on the teacher side is an approximation: the stored temperature-1
-log-probs of the ``k + 1`` buckets are divided by ``T`` and renormalised over the buckets, i.e. the
-tail is treated as one token. This is exact for the kept ids' relative probabilities and exact when
-``T = 1``, but at ``T > 1`` it gives the tail less mass than the true tempered distribution would
-(the true tail is many small tokens, each raised by tempering). The teacher log-probs are always
-renormalised over the buckets, which also repairs small rounding from quantised storage.
+equal the dense ones. Temperature on the teacher side: the tempered teacher's buckets are
+``[lp_kept / T, log Σ_tail p_j^(1/T)]`` renormalised, where ``lp`` are the stored temperature-1
+log-probs. The tail term needs the tail's individual probabilities, which a store no longer has, so a
+store keeps it precomputed on a grid of ``β = 1/T`` (``tempered_tail_grid``) and the loss interpolates it
+(``tail_tempered``; ``interpolate_tail``); exact at the grid points, and a slight overestimate between
+them (the tail's log-partition ``log Σ p_j^β`` is convex in β). Without it (``tail_tempered=None``)
+the tail is tempered as if it were one token (``tail_logmass / T``): exact at ``T = 1``, but at ``T > 1``
+it gives the tail less mass than the true tempered distribution (the true tail is many small tokens,
+each raised by tempering). The teacher log-probs are always renormalised over the buckets, which also
+repairs small rounding from quantised storage.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -240,12 +244,45 @@ def _sparse_student_logprobs(logits: Tensor, ids: Tensor, temperature: float) ->
     return torch.cat([kept, tail], dim=-1).clamp_min(LOG_FLOOR)
 
 
-def _sparse_teacher_logprobs(topk_logprobs: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:
-    """Teacher log-probs over kept ids + tail bucket at ``temperature`` (renormalised). -> [n, k + 1]"""
-    lt = torch.cat([topk_logprobs.float(), tail_logmass.float().unsqueeze(-1)], dim=-1).clamp_min(LOG_FLOOR)
-    if temperature != 1.0:
-        lt = lt / temperature
+def _sparse_teacher_logprobs(topk_logprobs: Tensor, tail_logmass: Tensor, temperature: float, tail_tempered: Tensor | None = None) -> Tensor:
+    """Teacher log-probs over kept ids + tail bucket at ``temperature`` (renormalised). -> [n, k + 1]
+    ``tail_tempered`` [n] = log Σ_tail p_j^(1/T) (exact tail tempering); None: the tail tempered as one token."""
+    kept = topk_logprobs.float().clamp_min(LOG_FLOOR)
+    if temperature == 1.0:
+        tail = tail_logmass.float()
+    elif tail_tempered is not None:
+        kept, tail = kept / temperature, tail_tempered.float()
+    else:
+        kept, tail = kept / temperature, tail_logmass.float().clamp_min(LOG_FLOOR) / temperature
+    lt = torch.cat([kept, tail.clamp_min(LOG_FLOOR).unsqueeze(-1)], dim=-1)
     return lt.log_softmax(-1).clamp_min(LOG_FLOOR)
+
+
+def tempered_tail_grid(logprobs: Tensor, topk_ids: Tensor, betas: Sequence[float]) -> Tensor:
+    """``log Σ_{j not in topk_ids} p_j^β`` for each β of ``betas`` (β = 1/T), from the full temperature-1
+    log-probs: what a store keeps so that the loss can temper the tail bucket exactly.
+    logprobs [*L, V], topk_ids [*L, k] -> [*L, G]"""
+    tail = logprobs.float().scatter(-1, topk_ids.long(), float("-inf"))  # [*L, V], kept ids removed
+    return torch.stack([(tail * float(b)).logsumexp(-1) for b in betas], dim=-1)
+
+
+def interpolate_tail(grid: Tensor, betas: Tensor | Sequence[float], temperature: float) -> Tensor:
+    """``log Σ_tail p_j^(1/T)`` at ``temperature`` by linear interpolation in β = 1/T between the grid's
+    points (``tempered_tail_grid``). grid [*L, G], betas [G] increasing -> [*L]. A temperature outside the
+    grid's range is an error (the store was made for other temperatures)."""
+    b = torch.as_tensor(betas, dtype=torch.float32).flatten()
+    beta = 1.0 / float(temperature)
+    lo, hi = float(b[0]), float(b[-1])
+    if not lo - 1e-6 <= beta <= hi + 1e-6:
+        raise ValueError(f"temperature {temperature:g} is outside the stored tail grid (T from {1 / hi:g} to {1 / lo:g})")
+    if b.numel() == 1:
+        return grid[..., 0]
+    j = int(torch.searchsorted(b, torch.tensor(beta)).clamp(1, b.numel() - 1))
+    w = (beta - float(b[j - 1])) / max(float(b[j] - b[j - 1]), 1e-12)
+    a, c = grid[..., j - 1].float(), grid[..., j].float()
+    both_empty = torch.isneginf(a) & torch.isneginf(c)  # no tail at all (k = V): stays -inf
+    out = torch.lerp(a.clamp_min(LOG_FLOOR), c.clamp_min(LOG_FLOOR), min(max(w, 0.0), 1.0))
+    return out.masked_fill(both_empty, float("-inf"))
 
 
 def tail_logmass_from_topk(topk_logprobs: Tensor) -> Tensor:
@@ -266,6 +303,7 @@ def _sparse(
     chunk_size: int | None,
     num_items: int | Tensor | None,
     reduction: str,
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     _check_options(temperature, chunk_size, reduction)
     lead = student_logits.shape[:-1]
@@ -281,18 +319,26 @@ def _sparse(
         tail_logmass = tail_logmass_from_topk(topk_logprobs)
     elif tail_logmass.shape != lead:
         raise ValueError(f"tail_logmass has shape {tuple(tail_logmass.shape)}; expected {tuple(lead)}")
+    if tail_tempered is not None and tail_tempered.shape != lead:
+        raise ValueError(f"tail_tempered has shape {tuple(tail_tempered.shape)}; expected {tuple(lead)}")
+    if tail_tempered is None:
+        tail_tempered = torch.zeros(()).expand(lead)  # unused placeholder (one-token tempering)
+        one_token = True
+    else:
+        one_token = False
     rows = _select_rows(mask, lead, student_logits.device)
     s = _flat(student_logits, lead, rows)  # [n, V]
     ids = _flat(topk_ids.long(), lead, rows)  # [n, k]
     lp = _flat(topk_logprobs, lead, rows)  # [n, k]
     tail = _flat(tail_logmass, lead, rows)  # [n]
+    tail_t = _flat(tail_tempered, lead, rows)  # [n]
 
-    def fn(s_chunk: Tensor, ids_chunk: Tensor, lp_chunk: Tensor, tail_chunk: Tensor) -> Tensor:
+    def fn(s_chunk: Tensor, ids_chunk: Tensor, lp_chunk: Tensor, tail_chunk: Tensor, tail_t_chunk: Tensor) -> Tensor:
         ls = _sparse_student_logprobs(s_chunk, ids_chunk, temperature)  # [c, k + 1]
-        lt = _sparse_teacher_logprobs(lp_chunk, tail_chunk, temperature)  # [c, k + 1]
+        lt = _sparse_teacher_logprobs(lp_chunk, tail_chunk, temperature, None if one_token else tail_t_chunk)  # [c, k + 1]
         return per_position(ls, lt)
 
-    values = _chunked(fn, chunk_size, s, ids, lp, tail)  # [n]
+    values = _chunked(fn, chunk_size, s, ids, lp, tail, tail_t)  # [n]
     return _reduce(values, rows, lead, temperature**2 if scale_t2 else 1.0, num_items, reduction)
 
 
@@ -440,16 +486,18 @@ def sparse_forward_kl(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """Forward KL against a sparse teacher, over the k kept ids + one tail bucket.
 
     student_logits [*L, V]; topk_ids, topk_logprobs [*L, k]; tail_logmass [*L] (None: derived as
-    ``log(1 − Σ exp(topk_logprobs))``); mask [*L]. Equals ``forward_kl`` when k = V.
-    See the module docstring for the tail bucket and the temperature approximation.
+    ``log(1 − Σ exp(topk_logprobs))``); mask [*L]; tail_tempered [*L] = log Σ_tail p_t^(1/T) at this
+    temperature (``interpolate_tail``; None: the tail tempered as one token). Equals ``forward_kl`` when k = V.
+    See the module docstring for the tail bucket and temperature.
     """
     return _sparse(
         _forward_kl, student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
-        temperature, scale_t2, chunk_size, num_items, reduction,
+        temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 
@@ -465,11 +513,12 @@ def sparse_reverse_kl(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """Reverse KL ``KL(p_s ‖ p_t)`` over the kept ids + tail bucket. Shapes as ``sparse_forward_kl``."""
     return _sparse(
         _reverse_kl, student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
-        temperature, scale_t2, chunk_size, num_items, reduction,
+        temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 
@@ -486,12 +535,13 @@ def sparse_generalized_jsd(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """Generalized JSD(β) (TRL convention, see ``generalized_jsd``) over the kept ids + tail bucket."""
     _check_unit("beta", beta)
     return _sparse(
         partial(_jsd, beta=float(beta)), student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
-        temperature, scale_t2, chunk_size, num_items, reduction,
+        temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 
@@ -508,12 +558,13 @@ def sparse_skew_kl(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """Skew KL ``KL(p_t ‖ α p_t + (1 − α) p_s)`` over the kept ids + tail bucket."""
     _check_unit("alpha", alpha)
     return _sparse(
         partial(_skew_kl, alpha=float(alpha)), student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
-        temperature, scale_t2, chunk_size, num_items, reduction,
+        temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 
@@ -530,12 +581,13 @@ def sparse_skew_reverse_kl(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """Skew reverse KL ``KL(p_s ‖ α p_s + (1 − α) p_t)`` over the kept ids + tail bucket."""
     _check_unit("alpha", alpha)
     return _sparse(
         partial(_skew_reverse_kl, alpha=float(alpha)), student_logits, topk_ids, topk_logprobs, tail_logmass,
-        mask, temperature, scale_t2, chunk_size, num_items, reduction,
+        mask, temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 
@@ -551,11 +603,12 @@ def sparse_tvd(
     chunk_size: int | None = None,
     num_items: int | Tensor | None = None,
     reduction: str = "mean",
+    tail_tempered: Tensor | None = None,
 ) -> Tensor:
     """TVD ``½ Σ |p_t − p_s|`` over the kept ids + tail bucket (a lower bound of the full TVD)."""
     return _sparse(
         _tvd, student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
-        temperature, scale_t2, chunk_size, num_items, reduction,
+        temperature, scale_t2, chunk_size, num_items, reduction, tail_tempered,
     )
 
 

@@ -45,11 +45,35 @@ def _features(recipe: Recipe) -> dict[str, Any]:
     return {"pooled": any(getattr(CONTRASTIVE_TERMS.get(n), "needs_features", False) for n in names)}
 
 
+TAIL_GRID = 5  # β points the tempered tail is stored at, over the recipe's KD temperature range
+
+
+def kd_temperatures(recipe: Recipe) -> list[float] | None:
+    """[lowest, highest] temperature of the recipe's logit-KD term (its schedule's two ends), or None at T = 1."""
+    from ..engine.schedules import make_schedule
+
+    term = recipe.loss.terms.get("kd")
+    if term is None:
+        return None
+    sch = make_schedule(term.options.get("temperature", 1.0))
+    lo, hi = sorted((float(sch.start), float(sch.end)))
+    return None if lo == hi == 1.0 else [lo, hi]
+
+
+def tail_betas(temperatures: list[float]) -> list[float]:
+    """The β = 1/T grid (increasing) the tempered tail is stored at, for a [lowest, highest] temperature range."""
+    lo, hi = 1.0 / temperatures[1], 1.0 / temperatures[0]
+    return [lo] if lo == hi else torch.linspace(lo, hi, TAIL_GRID).tolist()
+
+
 def settings_of(recipe: Recipe, *, top_k: int, sample: int | None, dtype: str) -> dict[str, Any]:
     """The recipe fields (and cache options) that shape the stored signals: a store made under other settings is refused."""
     out: dict[str, Any] = {"features": _features(recipe), "dtype": dtype, "max_length": recipe.data.max_length}
     if recipe.family == "generative":
         out.update(response_field=recipe.data.response_field, **({"sample": sample} if sample else {"top_k": top_k}))
+        temps = kd_temperatures(recipe)
+        if temps and not sample:
+            out["tail_temperatures"] = temps
     return out
 
 
@@ -65,7 +89,8 @@ def _records(recipe: Recipe):
 # ----------------------------------------------------------------------------- computing signals, per family
 
 
-def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sample: int | None, dtype: torch.dtype, seed: int):
+def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sample: int | None, dtype: torch.dtype, seed: int, tail_temperatures: list[float] | None = None):
+    from ..losses.divergence import tail_logmass_from_topk, tempered_tail_grid
     from ..models import generative as gm
     from ..recipes.generative import signals_with_features
 
@@ -74,6 +99,9 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
     feats = _features(recipe)
     gen = torch.Generator().manual_seed(seed)
     constants = {"vocab": int(teacher.lm_head.out_features), "dims": {"hidden": gm.hidden_size(teacher), "vision": gm.vision_feature_size(teacher)}}
+    betas = tail_betas(tail_temperatures) if tail_temperatures else None  # settings_of: top-k stores of a tempered KD term
+    if betas:
+        constants["tail_betas"] = betas
 
     @torch.no_grad()
     def fn(recs) -> list[dict[str, Tensor]]:
@@ -90,9 +118,8 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
             tail = torch.full(ids.shape[:-1], float("-inf"))
         else:
             lps, ids = lp.topk(top_k, dim=-1)  # [B, R, k]
-            from ..losses.divergence import tail_logmass_from_topk
-
             tail = tail_logmass_from_topk(lps)  # [B, R]
+        grid = tempered_tail_grid(lp, ids, betas) if betas else None  # [B, R, G]
         rows = []
         for i in range(len(recs)):
             m = sig.mask[i].bool().cpu()
@@ -100,6 +127,8 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
                 "topk_ids": ids[i][m].int(), "topk_logprobs": lps[i][m].to(dtype), "tail_logmass": tail[i][m].float(),
                 "response_ids": batch["response_ids"][i].cpu()[m].int(),
             }
+            if grid is not None:
+                row["tail_grid"] = grid[i][m].float()
             for name, value in sig.features.items():
                 row[f"features.{name}"] = (value[i] if name == "vision_pooled" else value[i][m.to(value.device)]).to(dtype).cpu()
             rows.append(row)
@@ -180,7 +209,7 @@ FAMILY_FNS: dict[str, Callable] = {"generative": _generative_fn, "reranker": _re
 
 def compute_rows(recipe: Recipe, teacher_path: str, records: Sequence, device="cpu", *, settings: dict[str, Any]) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
     """The live teacher's per-record signals for `records` (what a store would hold), and the store constants."""
-    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, teacher_path, device, top_k=settings.get("top_k", 0), sample=settings.get("sample"), dtype=DTYPES[settings["dtype"]], seed=recipe.seed)
+    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, teacher_path, device, top_k=settings.get("top_k", 0), sample=settings.get("sample"), dtype=DTYPES[settings["dtype"]], seed=recipe.seed, tail_temperatures=settings.get("tail_temperatures"))
     rows: list[dict[str, Tensor]] = []
     for i in range(0, len(records), batch):
         rows += fn(list(records[i : i + batch]))
@@ -205,7 +234,7 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 64, sample: i
     state = PartialState(cpu=not torch.cuda.is_available())
     records, errors = _records(recipe)
     settings = settings_of(recipe, top_k=top_k, sample=sample, dtype=dtype)
-    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, recipe.teacher.model, state.device, top_k=top_k, sample=sample, dtype=DTYPES[dtype], seed=recipe.seed)
+    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, recipe.teacher.model, state.device, top_k=top_k, sample=sample, dtype=DTYPES[dtype], seed=recipe.seed, tail_temperatures=settings.get("tail_temperatures"))
     header = {"family": recipe.family, "teacher": model_identity(recipe.teacher.model), "settings": settings, "constants": constants, "data": str(recipe.data.train)}
     if state.is_main_process:
         writer = StoreWriter(out, header, shard_records=shard_records, rank=0)
@@ -255,6 +284,11 @@ class StoreTeacher:
         want = settings_of(recipe, top_k=0, sample=None, dtype=m["settings"]["dtype"])
         have = m["settings"]
         problems = [f"{k} (store {have.get(k)!r}, recipe {want[k]!r})" for k in ("max_length", "response_field") if k in want and have.get(k) != want[k]]
+        need_t = want.get("tail_temperatures")
+        if need_t and "top_k" in have:
+            got = have.get("tail_temperatures")
+            if not got or need_t[0] < got[0] - 1e-6 or need_t[1] > got[1] + 1e-6:
+                problems.append(f"tail_temperatures (the KD temperature runs over {need_t}; the store tempers its tail for {got})")
         for name, needed in want["features"].items():
             stored = have["features"].get(name)
             if needed and (not stored or (isinstance(needed, list) and not set(needed) <= set(stored))):
@@ -327,6 +361,8 @@ class StoreTeacher:
         ids = torch.arange(k, dtype=torch.long).expand(B, R, k).clone()  # distinct ids at the uncounted positions
         lps = torch.full((B, R, k), -float(torch.log(torch.tensor(float(k)))))
         tail = torch.full((B, R), float("-inf"))
+        betas = self.constants.get("tail_betas")
+        grid = torch.full((B, R, len(betas)), float("-inf")) if betas else None
         feats: dict[str, Tensor] = {}
         for b, row in enumerate(rows):
             m = rmask[b]
@@ -335,6 +371,8 @@ class StoreTeacher:
             ids[b][m] = row["topk_ids"].long()
             lps[b][m] = row["topk_logprobs"].float()
             tail[b][m] = row["tail_logmass"].float()
+            if grid is not None:
+                grid[b][m] = row["tail_grid"].float()
             for name, value in row.items():
                 if not name.startswith("features."):
                     continue
@@ -343,4 +381,5 @@ class StoreTeacher:
                     feats.setdefault(key, torch.zeros(B, value.shape[-1]))[b] = value.float()
                 else:
                     feats.setdefault(key, torch.zeros(B, R, value.shape[-1]))[b][m] = value.float()
-        return Signals(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, mask=rmask, features=feats)
+        return Signals(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, mask=rmask, features=feats,
+                       tail_grid=grid, tail_betas=torch.tensor(betas) if betas else None)

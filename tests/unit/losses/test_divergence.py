@@ -15,8 +15,10 @@ from mmdistill.losses.divergence import (
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
+    interpolate_tail,
     sparse_forward_kl,
     tail_logmass_from_topk,
+    tempered_tail_grid,
     tvd,
 )
 
@@ -167,6 +169,62 @@ def test_sparse_topk_matches_bucketed_reference(name):
     assert torch.allclose(got.double(), want, atol=1e-5)
     # the collapsed divergence never exceeds the full one (data processing inequality)
     assert (got <= DIVERGENCES[name](s, t, reduction="none") + 1e-5).all()
+
+
+def _bucketed_tempered(s, t, ids, temperature):
+    """float64 brute force: both distributions tempered first, then collapsed to the kept ids + the rest."""
+    ps, pt = (s.double() / temperature).softmax(-1), (t.double() / temperature).softmax(-1)
+    rest = torch.ones_like(ps, dtype=torch.bool).scatter(-1, ids, False)
+    qs = torch.cat([ps.gather(-1, ids), (ps * rest).sum(-1, keepdim=True)], -1)
+    qt = torch.cat([pt.gather(-1, ids), (pt * rest).sum(-1, keepdim=True)], -1)
+    return qs.log(), qt.log()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("temperature", [0.7, 2.0, 4.0])
+def test_sparse_exact_tail_tempering_matches_tempered_buckets(name, temperature):
+    s, t = _logits(0), _logits(1)
+    ids, lp, tail = _sorted_sparse(t, k=4)
+    grid = tempered_tail_grid(t.log_softmax(-1), ids, [1.0 / temperature])  # [B, T, 1]
+    got = SPARSE_DIVERGENCES[name](s, ids, lp, tail, temperature=temperature, tail_tempered=grid[..., 0], reduction="none")
+    qs, qt = _bucketed_tempered(s, t, ids, temperature)
+    want = _reference(name, qs, qt)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got, want)
+    # the one-token approximation is a different (wrong) number at T != 1
+    approx = SPARSE_DIVERGENCES[name](s, ids, lp, tail, temperature=temperature, reduction="none")
+    assert not torch.allclose(approx.double(), want, atol=1e-3)
+
+
+def test_tail_grid_interpolation_is_exact_at_points_and_bounded_between():
+    t = _logits(1)
+    ids, lp, tail = _sorted_sparse(t, k=4)
+    betas = torch.linspace(0.5, 1.0, 5).tolist()
+    grid = tempered_tail_grid(t.log_softmax(-1), ids, betas)
+    assert torch.allclose(grid[..., -1], tail, atol=1e-5)  # β = 1: the tail's own mass
+    for b in betas:
+        exact = tempered_tail_grid(t.log_softmax(-1), ids, [b])[..., 0]
+        assert torch.allclose(interpolate_tail(grid, betas, 1.0 / b), exact, atol=1e-5)
+    for temp in (1.1, 1.5, 1.9):  # between points: the chord of a convex function, above it but close
+        exact = tempered_tail_grid(t.log_softmax(-1), ids, [1.0 / temp])[..., 0]
+        got = interpolate_tail(grid, betas, temp)
+        assert (got >= exact - 1e-5).all() and (got - exact).abs().max() < 0.05
+    with pytest.raises(ValueError, match="outside the stored tail grid"):
+        interpolate_tail(grid, betas, 3.0)
+
+
+def test_kd_term_tempers_the_tail_from_the_signals_grid():
+    from mmdistill.losses.composite import LogitDistillTerm
+    from mmdistill.signals import Signals
+
+    s, t = _logits(0), _logits(1)
+    ids, lp, tail = _sorted_sparse(t, k=4)
+    betas = torch.linspace(0.5, 1.0, 5)
+    grid = tempered_tail_grid(t.log_softmax(-1), ids, betas.tolist())
+    term = LogitDistillTerm("forward_kl", temperature=2.0)
+    teacher = Signals(topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, tail_grid=grid, tail_betas=betas)
+    got = term(Signals(logits=s), teacher, {}, 0.0)
+    qs, qt = _bucketed_tempered(s, t, ids, 2.0)
+    assert torch.allclose(got.double(), _reference("forward_kl", qs, qt).mean(), atol=1e-5)
 
 
 def test_sparse_tail_defaults_to_the_missing_mass():
