@@ -103,3 +103,15 @@ def test_teacher_cache_in_two_processes_matches_one(tmp_path):
     for key in a.index:
         for name, t in a.get(key).items():
             assert torch.allclose(t, b.get(key)[name], atol=1e-6), (key, name)
+    # training from the store: 2 processes end at the weights of 1 process with the same global batch
+    runs = {}
+    for n in (1, 2):
+        r = {**kd, "output_dir": str(tmp_path / f"from-store-{n}"), "teacher": {"kind": "store", "path": str(tmp_path / "one")},
+             "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 0, "lr": 0.003, "save_every": 3}}
+        (tmp_path / f"fs{n}.yaml").write_text(yaml.safe_dump(r))
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())] if n == 2 else [sys.executable]
+        p = subprocess.run([*launch, "-m", "mmdistill.cli", "distill", str(tmp_path / f"fs{n}.yaml")], env=ENV, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[n] = load_file(str(tmp_path / f"from-store-{n}/checkpoints/step-000003/trainable.safetensors"))
+    compared = [k for k in runs[1] if not k.endswith("k_proj.bias")]  # see test_two_processes_match_one
+    assert max(float((runs[1][k] - runs[2][k]).abs().max()) for k in compared) < 2e-5

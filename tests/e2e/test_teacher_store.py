@@ -238,3 +238,33 @@ def test_other_families_distill_from_a_store(tmp_path, family):
     assert set(a) == set(b)
     for part in a:
         assert b[part] == pytest.approx(a[part], rel=1e-4, abs=1e-6), part
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing_else(world, tmp_path, monkeypatch):
+    """train.gradient_checkpointing: each student decoder block runs again in backward, and the step's losses are
+    the same as without it (no dropout: the recomputation is exact)."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
+
+    from mmdistill.config import recipe_from_dict
+    from mmdistill.recipes import generative as gr
+
+    root, _, kd = world
+    calls = {"n": 0}
+    forward = mq.Qwen3VLTextMLP.forward  # inside each decoder block (the block's own forward carries the checkpointing)
+
+    def counted(self, *a, **k):
+        if torch.is_grad_enabled() and self.training:
+            calls["n"] += 1
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(mq.Qwen3VLTextMLP, "forward", counted)
+    two = {"max_steps": 2, "batch_size": 8, "warmup_steps": 0, "save_every": 2, "log_every": 1, "lr": 0.003}
+    out = {}
+    for ckpt in (False, True):
+        calls["n"] = 0
+        r = recipe_from_dict({**kd, "output_dir": str(tmp_path / f"ckpt-{ckpt}"), "train": {**two, "gradient_checkpointing": ckpt}})
+        out[ckpt] = (gr.run(r, overwrite=True, log=lambda *_: None, evaluate_after=False)["last"], calls["n"])
+    (plain, n_plain), (ckpt, n_ckpt) = out[False], out[True]
+    assert n_plain > 0 and n_ckpt == 2 * n_plain, (n_plain, n_ckpt)
+    for part in ("loss", "sft", "kd", "vision", "text"):
+        assert ckpt[part] == pytest.approx(plain[part], rel=1e-5), part

@@ -55,6 +55,17 @@ def freeze(model) -> None:
         p.requires_grad_(False)
 
 
+def gradient_checkpointing(model, recipe) -> None:
+    """``train.gradient_checkpointing``: recompute the model's block activations in backward (non-reentrant)."""
+    if not recipe.train.gradient_checkpointing:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        from ..config import RecipeError
+
+        raise RecipeError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+
+
 def make_accelerator(precision: str):
     """The Accelerator every recipe trains under: AMP on GPU, fp32 on CPU; DDP tolerates parameters a loss never reads."""
     import torch

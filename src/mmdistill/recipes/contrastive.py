@@ -20,7 +20,7 @@ from ..engine.loop import seed_everything, train_loop
 from ..losses.composite import CONTRASTIVE_TERMS, build_contrastive_loss
 from ..models import contrastive as cm
 from ..signals import Signals
-from .common import build_recipe, check_run_dir, evaluate_with, freeze as _freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze as _freeze, gradient_checkpointing, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +215,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         raise
     except ValueError as e:
         raise RecipeError(f"{recipe.output_dir}: {e}") from None
+    gradient_checkpointing(student, recipe)
     student.train()
 
     if recipe.data.stream:  # each batch's images decoded and processed when the step needs them

@@ -34,7 +34,7 @@ from ..engine.schedules import make_schedule
 from ..losses.composite import CompositeLoss, FeatureDistillTerm, LogitDistillTerm, LossTerm
 from ..losses.features import FeatureLoss
 from ..signals import Signals
-from .common import build_recipe, check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze, gradient_checkpointing, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("kd", "vision", "text")
 GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
@@ -372,6 +372,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         t_dims = dims(teacher) if teacher is not None else (store.constants["dims"] if store is not None else None)
         loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=t_dims)
         set_trainable(student, recipe.student.trainable)
+        gradient_checkpointing(student, recipe)
         peft_model = None
         if recipe.lora is not None:
             from ..compress.lora import LoraSettings, apply_lora

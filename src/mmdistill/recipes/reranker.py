@@ -21,7 +21,7 @@ from ..data.records import RerankRecord
 from ..engine.loop import seed_everything, train_loop
 from ..models import reranker as rm
 from ..signals import Signals
-from .common import build_recipe, check_run_dir, evaluate_with, freeze, make_accelerator, save_loss_modules, train_summary, write_run_dir
+from .common import build_recipe, check_run_dir, evaluate_with, freeze, gradient_checkpointing, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
 TEACHER_TERMS = ("pointwise", "margin_mse", "listwise_kl", "feature")
 
@@ -259,6 +259,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         raise
     except ValueError as e:
         raise RecipeError(f"{recipe.output_dir}: {e}") from None
+    gradient_checkpointing(student.model, recipe)
     student.model.train()
     features = any(getattr(t, "needs_features", False) for t in loss.term_modules.values())  # RankFeatureTerm sets it
 
