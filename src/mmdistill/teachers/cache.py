@@ -219,6 +219,52 @@ def compute_rows(recipe: Recipe, teacher_path: str, records: Sequence, device="c
 # ----------------------------------------------------------------------------- `mmdistill teacher cache`
 
 
+class CacheProgress:
+    """Records/s (and response tokens/s for a generative teacher) with an ETA: a rich progress bar on a terminal,
+    a plain log line every ~10 s (and at the end) otherwise."""
+
+    def __init__(self, total: int, log: Callable, *, show: bool = True, every_s: float = 10.0):
+        import sys
+        import time
+
+        self.total, self.log, self.show, self.every_s = total, log, show, every_s
+        self.done = self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self._clock = time.perf_counter
+        self.bar = None
+        if show and sys.stdout.isatty() and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]teacher cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("cache", total=total, info="")
+            self.bar.start()
+
+    def line(self) -> str:
+        dt = max(self._clock() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        tok = f", {self.tokens / dt:.0f} tokens/s" if self.tokens else ""
+        return f"{self.done}/{self.total} records, {rate:.1f} records/s{tok}, ETA {eta:.0f} s"
+
+    def advance(self, records: int, tokens: int = 0) -> None:
+        self.done += records
+        self.tokens += tokens
+        if not self.show:
+            return
+        if self.bar is not None:
+            dt = max(self._clock() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=records, info=f"{self.done / dt:.1f} rec/s" + (f" {self.tokens / dt:.0f} tok/s" if self.tokens else ""))
+        elif self._clock() - self.last >= self.every_s or self.done >= self.total:
+            self.last = self._clock()
+            self.log(f"teacher cache: {self.line()}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+
 def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 64, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
     """Run the recipe's teacher over its training records once and write their signals to the store `out`.
     Resumable: a rerun skips every record already stored. Several processes (accelerate / torchrun) split the
@@ -250,12 +296,16 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 64, sample: i
             todo.append((k, r))
     mine = todo[state.process_index :: state.num_processes]
     log(f"teacher cache: {len(records)} records, {len(records) - len(todo)} already stored, {len(mine)} to compute here" + (f" ({len(errors)} bad records skipped)" if errors else ""))
-    for i in range(0, len(mine), batch):
-        part = mine[i : i + batch]
-        for (k, _), row in zip(part, fn([r for _, r in part])):
-            writer.add(k, row)
-        if (i // batch) % 20 == 0:
-            log(f"teacher cache: {min(i + batch, len(mine))}/{len(mine)}")
+    bar = CacheProgress(len(mine), log, show=state.is_main_process)
+    try:
+        for i in range(0, len(mine), batch):
+            part = mine[i : i + batch]
+            rows = fn([r for _, r in part])
+            for (k, _), row in zip(part, rows):
+                writer.add(k, row)
+            bar.advance(len(part), sum(int(r["topk_ids"].shape[0]) for r in rows if "topk_ids" in r))
+    finally:
+        bar.close()
     writer.close()
     state.wait_for_everyone()
     return {"records": len(records), "computed": len(mine), "stored": len(TeacherStore(out)), "skipped_records": len(errors)}

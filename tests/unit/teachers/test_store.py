@@ -105,3 +105,24 @@ def test_not_a_store_and_a_lying_manifest(tmp_path):
     data["shards"][0]["sha256"] = "0" * 64
     journal.write_text(json.dumps(data))
     assert any("sha256 differs" in p for p in verify(tmp_path / "s"))
+
+
+def test_cache_progress_logs_rate_and_eta_when_not_a_terminal():
+    from mmdistill.teachers.cache import CacheProgress
+
+    lines, now = [], [0.0]
+    bar = CacheProgress(100, lines.append, every_s=10.0)
+    bar._clock = lambda: now[0]
+    bar.t0 = bar.last = 0.0
+    now[0] = 5.0
+    bar.advance(20, tokens=400)  # 5 s: under the interval, nothing printed
+    assert lines == []
+    now[0] = 10.0
+    bar.advance(20, tokens=400)  # 40 records in 10 s
+    assert lines == ["teacher cache: 40/100 records, 4.0 records/s, 80 tokens/s, ETA 15 s"]
+    now[0] = 12.0
+    bar.advance(60)  # the end is always logged
+    assert lines[-1].startswith("teacher cache: 100/100 records") and "ETA 0 s" in lines[-1]
+    quiet = CacheProgress(10, lines.append, show=False)
+    quiet.advance(10)
+    assert len(lines) == 2
