@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
@@ -78,6 +79,8 @@ def test_two_processes_match_one(tmp_path):
 def test_teacher_cache_in_two_processes_matches_one(tmp_path):
     """`teacher cache` under torchrun splits the records by rank (a journal and shards per process); the store holds
     every record once, with the same signals as a one-process store."""
+    import json
+
     import torch
 
     from mmdistill.teachers.store import TeacherStore, verify
@@ -109,9 +112,11 @@ def test_teacher_cache_in_two_processes_matches_one(tmp_path):
         r = {**kd, "output_dir": str(tmp_path / f"from-store-{n}"), "teacher": {"kind": "store", "path": str(tmp_path / "one")},
              "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 0, "lr": 0.003, "save_every": 3}}
         (tmp_path / f"fs{n}.yaml").write_text(yaml.safe_dump(r))
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())] if n == 2 else [sys.executable]
+        cfg = Path(__file__).parents[2] / "configs/accelerate/ddp.yaml"  # the shipped config, through accelerate's own launcher
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port", str(free_port())] if n == 2 else [sys.executable]
         p = subprocess.run([*launch, "-m", "mmdistill.cli", "distill", str(tmp_path / f"fs{n}.yaml")], env=ENV, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         runs[n] = load_file(str(tmp_path / f"from-store-{n}/checkpoints/step-000003/trainable.safetensors"))
+    assert json.loads((tmp_path / "from-store-2/checkpoints/step-000003/state.json").read_text())["world_size"] == 2
     compared = [k for k in runs[1] if not k.endswith("k_proj.bias")]  # see test_two_processes_match_one
     assert max(float((runs[1][k] - runs[2][k]).abs().max()) for k in compared) < 2e-5

@@ -130,6 +130,19 @@ class _Logger:
             self.tb.close()
 
 
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _check_distributed(accelerator) -> None:
+    """Data parallel (DDP, one or many processes, CPU or GPU) is what the loop implements. Sharded training (FSDP,
+    DeepSpeed ZeRO) needs gathered state dicts for the checkpoints and the final folder, which the loop does not
+    write yet: refused with one line rather than a crash at the first save."""
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind in SHARDED:
+        raise TrainingError(f"accelerate is set up for {kind}: mmdistill trains data-parallel only (configs/accelerate/ddp.yaml); "
+                            "sharded training (FSDP / DeepSpeed ZeRO) is not supported yet")
+
+
 def train_loop(
     module: nn.Module,
     *,
@@ -172,6 +185,7 @@ def train_loop(
             start_step = resumed_from = int(state["step"])
             if state.get("scaler") and accelerator.scaler is not None:  # fp16 loss scale, for an exact resume
                 accelerator.scaler.load_state_dict(state["scaler"])
+    _check_distributed(accelerator)
     model, optimizer = accelerator.prepare(module, optimizer)
 
     logger = _Logger(out_dir, resumed_from, accelerator.is_main_process)

@@ -109,3 +109,27 @@ def test_warmup_cosine_shape():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] >= 0.1 - 1e-9
+
+
+def test_sharded_accelerate_setups_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mmdistill.engine.loop import TrainingError, _check_distributed
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(TrainingError, match=f"set up for {kind.name}: mmdistill trains data-parallel only"):
+            _check_distributed(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        _check_distributed(SimpleNamespace(distributed_type=kind))
+
+
+def test_shipped_accelerate_configs_load_with_accelerate():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).parents[3] / "configs/accelerate"
+    kinds = {p.name: load_config_from_file(str(p)).distributed_type for p in sorted(root.glob("*.yaml"))}
+    assert {k: getattr(v, "name", str(v)) for k, v in kinds.items()} == {"ddp.yaml": "MULTI_GPU"}
