@@ -82,8 +82,8 @@ def _image_field(rec, e: ImageError) -> str:
 def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=print, *, decode: bool = True):
     """Pair records and their decoded images: ``(records, images, errors)``; with ``decode=False`` images is None (the
     files were only checked to exist: a streaming run decodes them per batch)."""
-    records, errors = read_records(path, "pair", on_error=on_error)
-    if not decode:
+    records, errors = read_records(path, "pair", on_error=on_error, lazy=not decode)
+    if not decode:  # a RecordFile: line offsets in memory, each record parsed again when a batch needs it
         kept = records[:max_records] if max_records is not None else records
         _report(path, kept, errors, log)
         return kept, None, errors
@@ -105,14 +105,17 @@ def load_pairs(path: Path, on_error: str, max_records: int | None = None, log=pr
 
 def load_rerank(path: Path, on_error: str, max_records: int | None, cache: ImageCache, log=print, *, decode: bool = True) -> tuple[list[RerankRecord], list[RecordError]]:
     """Rerank records with every image decoded into `cache` (``decode=False``: only checked to exist): ``(records, errors)``."""
-    records, errors = read_records(path, "rerank", on_error=on_error)
+    records, errors = read_records(path, "rerank", on_error=on_error, lazy=not decode)
     kept: list[RerankRecord] = []
+    if not decode:  # streaming: every record's images were checked to exist; keep the lazy RecordFile
+        kept = records[:max_records] if max_records is not None else records
+        _report(path, kept, errors, log)
+        return kept, errors
     for rec in records:
         if max_records is not None and len(kept) >= max_records:
             break
         try:
-            if decode:
-                cache.all(rec)
+            cache.all(rec)
             kept.append(rec)
         except ImageError as e:
             err = RecordError(str(path), rec.line, _image_field(rec, e), str(e))
@@ -126,10 +129,11 @@ def load_rerank(path: Path, on_error: str, max_records: int | None, cache: Image
 def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ImageCache, log=print, *, decode: bool = True) -> tuple[list[ChatRecord], list[RecordError]]:
     """Chat records with their images decoded into `images` (``decode=False``: only checked to exist); a record without
     the target text (`response_field`) or with a bad image fails or is skipped: ``(records, errors)``."""
-    records, errors = read_records(path, "chat", on_error=on_error)
+    records, errors = read_records(path, "chat", on_error=on_error, lazy=not decode)
     kept: list[ChatRecord] = []
-    for rec in records:
-        if max_records is not None and len(kept) >= max_records:
+    good: list[int] = []  # streaming: the indices of the kept records in the lazy RecordFile
+    for i, rec in enumerate(records):
+        if max_records is not None and len(good) >= max_records:
             break
         err = None
         if response_field is not None and not getattr(rec, response_field):
@@ -146,6 +150,10 @@ def load_chat(path: Path, response_field: str | None, on_error: str, max_records
                 raise err
             errors.append(err)
             continue
-        kept.append(rec)
+        good.append(i)
+        if decode:
+            kept.append(rec)
+    if not decode:
+        kept = records.take(good)
     _report(path, kept, errors, log)
     return kept, errors

@@ -21,10 +21,12 @@ Every problem is a :class:`RecordError` whose ``str()`` is one line,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
+import numpy as np
 from PIL import Image
 from pydantic import (
     AfterValidator,
@@ -360,7 +362,8 @@ def read_records(
     on_error: str = "fail",
     check_images: bool = True,
     max_errors: int | None = None,
-) -> tuple[list[Record], list[RecordError]]:
+    lazy: bool = False,
+) -> tuple[list[Record] | "RecordFile", list[RecordError]]:
     """Read and validate a JSONL file.
 
     ``kind``: "pair" | "rerank" | "chat", or None to detect it from the first
@@ -372,17 +375,30 @@ def read_records(
     folder without decoding them (corrupt images surface when loaded, or with
     :func:`check_file` ``decode_images=True``).
 
-    Returns ``(records, errors)``; each record knows its ``line`` and ``base_dir``.
+    Returns ``(records, errors)``; each record knows its ``line`` and ``base_dir``. ``lazy=True``: the same
+    validation, but ``records`` is a :class:`RecordFile` that keeps only each good line's byte span and parses a
+    record again when it is indexed (a set larger than memory).
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     name = str(path)
     records: list[Record] = []
     errors: list[RecordError] = []
-    for record, errs in _scan(path, kind, check_images):
+    spans: list[tuple[int, int]] | None = [] if lazy else None
+    good: list[tuple[int, int, int]] = []  # lazy: (offset, length, line) of each good record
+    for record, errs in _scan(path, kind, check_images, spans):
         if record is not None:
-            records.append(record)
+            if lazy:
+                good.append((*spans[-1], record.line))
+                kind = record.kind
+                if len(records) == 0:
+                    records.append(record)  # one record kept: the "no records" check below
+                spans.clear()
+            else:
+                records.append(record)
             continue
+        if spans is not None:
+            spans.clear()
         if on_error == "fail":
             raise errs[0]
         errors.extend(errs)
@@ -392,7 +408,60 @@ def read_records(
         if errors:
             raise RecordError(name, 0, "file", f"no valid records ({len(errors)} errors; first: {errors[0]})")
         raise RecordError(name, 0, "file", "no records (the file is empty)")
+    if lazy:
+        return RecordFile(path, kind, np.asarray(good, dtype=np.int64).reshape(-1, 3)), errors
     return records, errors
+
+
+class RecordFile(Sequence):
+    """The good records of a validated JSONL file, read on demand: in memory only an array of (byte offset, byte
+    length, line number) per record (24 bytes); ``records[i]`` reads and parses line i again (``os.pread``: safe from
+    several threads). A slice is another RecordFile. Made by ``read_records(..., lazy=True)``."""
+
+    def __init__(self, path: str | Path, kind: str, spans: "np.ndarray"):
+        self.path, self.kind, self.spans = Path(path), kind, spans
+        self.base_dir = self.path.resolve().parent
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.spans.shape[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return RecordFile(self.path, self.kind, self.spans[i])
+        offset, length, line = (int(v) for v in self.spans[i])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        raw = os.pread(self._fd, length, offset)
+        name = str(self.path)
+        try:
+            obj = json.loads(raw.decode("utf-8-sig" if offset == 0 else "utf-8"), parse_constant=_reject_constant)
+        except ValueError as e:
+            raise RecordError(name, line, "json", f"changed since it was read ({e})") from None
+        record, errs = _validate(obj, self.kind, name, line)
+        if errs:
+            raise RecordError(name, line, errs[0].field, f"changed since it was read: {errs[0].message}")
+        record._line = line
+        record._base_dir = self.base_dir
+        return record
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def take(self, indices) -> "RecordFile":
+        """The records at `indices` (in that order), still lazy."""
+        return RecordFile(self.path, self.kind, self.spans[np.asarray(indices, dtype=np.int64)].reshape(-1, 3))
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):  # picklable (worker processes reopen the file)
+        return {**self.__dict__, "_fd": None}
 
 
 def check_file(path: str | Path, kind: str | None = None, *, decode_images: bool = False) -> list[RecordError]:
@@ -430,9 +499,10 @@ def check_file(path: str | Path, kind: str | None = None, *, decode_images: bool
     return errors
 
 
-def _scan(path: str | Path, kind: str | None, check_images: bool) -> Iterator[tuple[Record | None, list[RecordError]]]:
+def _scan(path: str | Path, kind: str | None, check_images: bool, spans: list | None = None) -> Iterator[tuple[Record | None, list[RecordError]]]:
     """Validate a JSONL file line by line; yield ``(record, [])`` or ``(None, errors)``
-    per non-blank line. Raises RecordError (line 0) if the file cannot be opened."""
+    per non-blank line. Raises RecordError (line 0) if the file cannot be opened. ``spans``, when given, gets the
+    (byte offset, byte length) of every line read so far (the last one is the yielded record's)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)} or None, got {kind!r}")
     path = Path(path)
@@ -444,8 +514,12 @@ def _scan(path: str | Path, kind: str | None, check_images: bool) -> Iterator[tu
     base_dir = path.resolve().parent
     image_cache: dict[str, str | None] = {}  # ref -> reason it is bad, or None if fine
 
+    offset = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if spans is not None:
+                spans.append((start, len(raw)))
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:

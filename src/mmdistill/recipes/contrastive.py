@@ -9,6 +9,7 @@ as a plain Hugging Face folder -> evaluate -> eval.json.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -152,6 +153,19 @@ def build_dual(recipe: Recipe, teacher_proc, texts: list[str]):
     )
 
 
+class _Texts(Sequence):
+    """The captions of lazily read records (``data.stream``), read when used rather than held."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i].text
+
+
 def build_student(recipe: Recipe, teacher, teacher_proc, texts: list[str]):
     s = recipe.student
     if s.init == "dual":
@@ -191,7 +205,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     seed_everything(recipe.seed)
 
     records, images, errors = load_pairs(recipe.data.train, recipe.data.on_error, recipe.data.max_records, log=log, decode=not recipe.data.stream)
-    texts = [r.text for r in records]
+    texts = _Texts(records) if recipe.data.stream else [r.text for r in records]
     log(f"train: {len(records)} pairs from {recipe.data.train}" + (f" ({len(errors)} skipped)" if errors else ""))
 
     teacher = teacher_proc = store = None

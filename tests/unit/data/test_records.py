@@ -265,3 +265,31 @@ def test_check_file_file_level_problems(folder):
     assert [e.message for e in check_file(folder / "nope.jsonl")] == ["file not found"]
     assert [e.field for e in check_file(write(folder, "{oops"))] == ["json", "file"]
     assert check_file(write(folder, PAIR)) == []
+
+
+# ----------------------------------------------------------------- lazy (streaming) reading
+
+
+def test_lazy_records_equal_eager_ones_and_keep_only_offsets(folder):
+    rows = [PAIR, "", "{not json", {"image": "missing.png", "text": "x"}, {**PAIR, "text": "été, 2"}, {**PAIR, "text": "three"}]
+    path = write(folder, *rows)
+    eager, e_err = read_records(path, "pair", on_error="skip")
+    lazy, l_err = read_records(path, "pair", on_error="skip", lazy=True)
+    assert [str(e) for e in l_err] == [str(e) for e in e_err] and len(l_err) == 2
+    assert len(lazy) == len(eager) == 3
+    assert [(r.line, r.text, r.image) for r in lazy] == [(r.line, r.text, r.image) for r in eager] == [(1, "a red circle", "a.png"), (5, "été, 2", "a.png"), (6, "three", "a.png")]
+    assert lazy.spans.nbytes == 3 * 3 * 8  # offsets, lengths, lines: nothing else kept per record
+    assert lazy[2].load_image().size == (8, 8)
+    assert [r.line for r in lazy[1:]] == [5, 6] and [r.line for r in lazy.take([2, 0])] == [6, 1]
+    again = pickle.loads(pickle.dumps(lazy))
+    assert again[1].text == "été, 2"
+    with pytest.raises(RecordError, match=r"data.jsonl:3: json: invalid JSON"):
+        read_records(path, "pair", lazy=True)
+
+
+def test_lazy_record_whose_line_changed_since_it_was_read(folder):
+    path = write(folder, PAIR, {**PAIR, "text": "b"})
+    lazy, _ = read_records(path, "pair", lazy=True)
+    path.write_text(json.dumps(PAIR) + "\n" + '{"image": "a.png", "txt": "b"}\n')
+    with pytest.raises(RecordError, match=r"data.jsonl:2: .*changed since it was read"):
+        lazy[1]
