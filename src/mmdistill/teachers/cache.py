@@ -144,14 +144,9 @@ def _sampled(lp: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     width = min(n, vocab)
     flat = lp.reshape(-1, vocab)
     draws = torch.multinomial(flat.exp(), n, replacement=True, generator=gen)  # [P, n]
-    ids = torch.empty(flat.shape[0], width, dtype=torch.long)
-    weights = torch.full((flat.shape[0], width), float("-inf"))
-    for p in range(draws.shape[0]):
-        uniq, counts = draws[p].unique(return_counts=True)
-        drawn = set(uniq.tolist())
-        fill = [i for i in range(vocab) if i not in drawn][: width - len(uniq)]
-        ids[p] = torch.cat([uniq, torch.tensor(fill, dtype=uniq.dtype)])
-        weights[p, : len(uniq)] = (counts.float() / n).log()
+    counts = torch.zeros(flat.shape[0], vocab).scatter_add_(1, draws, torch.ones(draws.shape))  # [P, V]
+    top, ids = counts.topk(width, dim=-1)  # every drawn id (at most n of them) first, then undrawn ones (count 0)
+    weights = (top / n).log()  # -inf for the undrawn padding
     return ids.view(*lp.shape[:-1], width), weights.view(*lp.shape[:-1], width)
 
 
@@ -334,7 +329,10 @@ class StoreTeacher:
         want = settings_of(recipe, top_k=0, sample=None, dtype=m["settings"]["dtype"])
         have = m["settings"]
         problems = [f"{k} (store {have.get(k)!r}, recipe {want[k]!r})" for k in ("max_length", "response_field") if k in want and have.get(k) != want[k]]
-        need_t = want.get("tail_temperatures")
+        need_t = kd_temperatures(recipe) if recipe.family == "generative" else None
+        if need_t and "sample" in have:
+            log(f"teacher: {where} is a sampled store and the KD temperature runs over {need_t}: the draws' frequencies are "
+                "tempered as a distribution, which biases the loss at T != 1 (a top-k store tempers exactly)")
         if need_t and "top_k" in have:
             got = have.get("tail_temperatures")
             if not got or need_t[0] < got[0] - 1e-6 or need_t[1] > got[1] + 1e-6:
