@@ -127,7 +127,7 @@ def teacher_generate(data: str | Path, out: str | Path, *, teacher: str | None =
     return generate_file(gen, data, out, min_logprob=min_logprob, overwrite=overwrite, limit=limit, log=log)
 
 
-def teacher_cache(recipe: Recipe | str | Path, overrides: list[str] | None, out: str | Path, *, top_k: int = 64, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
+def teacher_cache(recipe: Recipe | str | Path, overrides: list[str] | None, out: str | Path, *, top_k: int = 16, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
     """Run a recipe's live teacher over its training records once into the store `out` (resumable)."""
     from .teachers.cache import cache_teacher
 

@@ -260,7 +260,7 @@ class CacheProgress:
 
 
 
-def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 64, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
+def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 16, sample: int | None = None, dtype: str = "fp16", shard_records: int = 256, log: Callable = print) -> dict[str, Any]:
     """Run the recipe's teacher over its training records once and write their signals to the store `out`.
     Resumable: a rerun skips every record already stored. Several processes (accelerate / torchrun) split the
     records by rank and write their own shards. Returns a summary."""
