@@ -258,20 +258,24 @@ class TeacherStore:
         return len(self.index)
 
     def _handle(self, file: str):
-        f = self._open.get(file)
-        if f is None:
+        """An open shard and its names grouped by record key (listed once per opening, not once per record)."""
+        entry = self._open.get(file)
+        if entry is None:
             f = safe_open(str(self.folder / file), framework="pt")
-            self._open[file] = f
+            names: dict[str, list[str]] = {}
+            for name in f.keys():
+                key, _, signal = name.partition("/")
+                names.setdefault(key, []).append(signal)
+            entry = self._open[file] = (f, names)
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(file)
-        return f
+        return entry
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        f = self._handle(self.index[key])
-        prefix = key + "/"
-        return {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+        f, names = self._handle(self.index[key])
+        return {signal: f.get_tensor(f"{key}/{signal}") for signal in names[key]}
 
 
 def verify(folder: str | Path) -> list[str]:
