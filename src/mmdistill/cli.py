@@ -35,10 +35,11 @@ def _guard(fn, *args, **kwargs):
     from .teachers.store import StoreError
     from .compress.prune import PruneError  # also compress.experts.ExpertPruneError
     from .compress.quantize import QuantizeError
+    from .ui.runs import UIError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, PruneError, QuantizeError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, PruneError, QuantizeError, UIError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -374,6 +375,23 @@ def serve(
     cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
                       cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
     _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook)
+
+
+@app.command()
+def ui(
+    student: Optional[Path] = typer.Argument(None, help="Student model folder (or ONNX export folder) to compare; omit to only browse and start runs."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher model folder, shown beside the student."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder whose run and report folders the UI lists, and under which it starts runs."),
+    port: int = typer.Option(7860, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+    backend: str = typer.Option("auto", "--backend", help="torch | onnx (auto: onnx for an export folder, else torch)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno | chat."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
+):
+    """Web UI (Gradio): teacher and student side by side, run reports with their plots, start and watch runs."""
+    from . import api
+
+    _guard(api.ui, student, teacher, runs=runs, host=host, port=port, backend=backend, task=task, threads=threads, log=typer.echo)
 
 
 @app.command()
