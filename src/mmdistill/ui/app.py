@@ -117,7 +117,7 @@ def _runs_tab(gr, root: Path) -> None:
         folder = gr.Dropdown(choices=choices(), label=f"Run or report folder (under {root})", elem_id="run-folder", allow_custom_value=True, scale=4)
         refresh = gr.Button("Refresh", elem_id="refresh-runs", scale=1)
     report = gr.Markdown(elem_id="report")
-    plots = gr.Gallery(label="Plots", elem_id="plots", columns=2, height="auto")
+    plots = gr.Gallery(label="Plots", elem_id="plots", columns=2, height="auto", object_fit="contain")
 
     def show(f):
         if not f:

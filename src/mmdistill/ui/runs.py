@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,9 @@ def describe(folder: str | Path) -> tuple[str, list[tuple[Path, str]]]:
     pngs = [(p, p.name) for p in sorted(folder.glob("*.png"))]
     report = folder / "report.md"
     if report.is_file():
-        return report.read_text(encoding="utf-8"), pngs
+        # the report's own image links are relative file names a browser cannot follow here: the plots are shown below it
+        text = re.sub(r"(?m)^!\[[^\]]*\]\((?!https?:)[^)]*\)\s*$", "", report.read_text(encoding="utf-8"))
+        return text, pngs
     lines = [f"## {folder.name}", ""]
     recipe = _recipe(folder)
     if recipe:
@@ -116,13 +120,20 @@ def training_logs(folder: str | Path) -> list[Path]:
     return sorted(logs, key=lambda p: p.stat().st_mtime)
 
 
+def _records(log: Path) -> list[dict[str, Any]]:
+    """The training lines of a log; a live run's last line may be half written: skipped without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_log(log)
+
+
 def progress(folder: str | Path) -> dict[str, Any] | None:
     """Where the newest training log under `folder` stands: run, step, max_steps, loss (None: no log yet)."""
     logs = training_logs(folder)
     if not logs:
         return None
     log = logs[-1]
-    records = _read_log(log)
+    records = _records(log)
     max_steps = (_recipe(log.parent).get("train") or {}).get("max_steps")
     last = records[-1] if records else {}
     return {"run": log.parent.name, "log": str(log), "step": last.get("step", 0), "max_steps": max_steps,
@@ -141,7 +152,7 @@ def loss_figure(folder: str | Path):
     """A matplotlib Figure of loss (solid) and loss parts (dashed) vs step for every log under `folder`; None without logs."""
     from matplotlib.figure import Figure
 
-    logs = [(log.parent.name, _read_log(log)) for log in training_logs(folder)]
+    logs = [(log.parent.name, _records(log)) for log in training_logs(folder)]
     logs = [(name, recs) for name, recs in logs if recs]
     if not logs:
         return None
@@ -149,7 +160,7 @@ def loss_figure(folder: str | Path):
     ax = fig.add_subplot()
     for i, (name, recs) in enumerate(logs):
         color = f"C{i % 10}"
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color=color, label=f"{name}: loss")
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color=color, marker="o", markersize=3, label=f"{name}: loss")
         parts = [k for k in recs[-1] if k not in NOT_LOSS_PARTS and not k.endswith("_s") and isinstance(recs[-1][k], (int, float))]
         for part in parts:
             pts = [(r["step"], r[part]) for r in recs if isinstance(r.get(part), (int, float))]
