@@ -219,7 +219,7 @@ def main() -> None:
         f"All {args.requests} requests are sent at once (at most {args.concurrency} in flight); latency is per request, send to answer.",
         "",
         "Server CPU ms per request: CPU time (user + system, all threads) the server process spent during the phase, divided by the "
-        "requests; client CPU: the same for this load generator ({'a minimal HTTP/1.1 client on asyncio streams, one connection per request' if args.client == 'raw' else 'httpx'}), which runs on the same 2 cores. Throughput is capped by whichever "
+        f"requests; client CPU: the same for this load generator ({'a minimal HTTP/1.1 client on asyncio streams, one connection per request' if args.client == 'raw' else 'httpx'}), which runs on the same 2 cores. Throughput is capped by whichever "
         "of the two runs out of CPU first; the server CPU per request is what micro-batching changes.",
         "",
         "| endpoint | mode | repeat | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | throughput vs one at a time (same repeat) | server CPU ms / request | server CPU vs one at a time | client CPU ms / request |",
