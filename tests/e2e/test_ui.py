@@ -48,10 +48,25 @@ def models(tmp_path_factory):
     rm.build_tiny_reranker(d / "rr-student", TEXTS, kind="yesno", preset="vlm-nano", tokenizer=tok, seed=2)
     build_tiny_vlm(d / "vlm-teacher", TEXTS, preset="vlm-nano", tokenizer=tok, seed=3)
     build_tiny_vlm(d / "vlm-student", TEXTS, preset="vlm-nano", tokenizer=tok, seed=4)
+    for name, seed in (("vlm-teacher", 3), ("vlm-student", 4)):
+        _untie_head(d / name, seed)
     img = Image.new("RGB", (64, 64), (250, 250, 250))
     img.paste((220, 30, 30), (16, 16, 48, 48))
     img.save(d / "red-square.png")
     return d
+
+
+def _untie_head(folder: Path, seed: int) -> None:
+    """A random output head of its own: with tied embeddings an untrained tiny VLM echoes its last input token
+    (the newline after `assistant`), so every answer would be blank and the page could not be checked."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(folder)
+    m.config.tie_word_embeddings = False
+    m.config.text_config.tie_word_embeddings = False
+    m.lm_head.weight = torch.nn.Parameter(torch.randn(m.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    m.save_pretrained(folder)
 
 
 def _free_port() -> int:
@@ -184,6 +199,7 @@ def test_vlms_answer_side_by_side(models, tmp_path):
     from mmdistill.ui.compare import Comparer
 
     expected = Comparer(models / "vlm-student", models / "vlm-teacher", threads=1).chat("what shape is it?", Image.open(models / "red-square.png"), 12)
+    assert all(r["answer"].strip() for r in expected) and expected[0]["answer"] != expected[1]["answer"], expected
     ui = UI(tmp_path, models / "vlm-student", "--teacher", models / "vlm-teacher")
     try:
         ui.el("#image input[type='file']").send_keys(str(models / "red-square.png"))
@@ -206,6 +222,7 @@ def test_vlms_answer_side_by_side(models, tmp_path):
         ui.close()
 
 
+@pytest.mark.slow
 def test_start_a_demo_watch_it_then_browse_its_report(tmp_path):
     runs = tmp_path / "runs"
     ui = UI(tmp_path, "--runs", runs)
