@@ -15,6 +15,7 @@ Every element the browser tests look for has an ``elem_id``.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,7 @@ def _train_tab(gr, root: Path, state: dict[str, Job | None]) -> None:
 
 
 def build_ui(comparer: Comparer | None, runs_root: str | Path = "runs"):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     import gradio as gr
 
     root = Path(runs_root)
