@@ -86,6 +86,48 @@ async def fire(url: str, bodies: list[dict], concurrency: int, timeout: float) -
     return lat, len(errors), wall, errors[:3]
 
 
+async def fire_raw(url: str, bodies: list[dict], concurrency: int, timeout: float) -> tuple[list[float], int, float, list[str]]:
+    """As `fire`, through a minimal HTTP/1.1 client on asyncio streams (one connection per request, bodies
+    serialised before the clock starts): a few times less CPU per request than httpx, so that on a machine
+    the server shares with its load generator the generator is not what limits the throughput."""
+    import json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    payloads = [json.dumps(b).encode() for b in bodies]
+    head = f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    errors: list[str] = []
+
+    async def one(data: bytes):
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(u.hostname, u.port), timeout)
+                writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                raw = await asyncio.wait_for(reader.read(-1), timeout)  # the server closes after the answer
+                writer.close()
+            except (OSError, asyncio.TimeoutError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+            status = int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else 0
+            if status != 200:
+                errors.append(f"{status} {raw[-200:]!r}")
+                return
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(d) for d in payloads])
+    return lat, len(errors), time.perf_counter() - t0, errors[:3]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sentence(rng, lo=3, hi=10) -> str:
     return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))
 
@@ -101,6 +143,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="server intra-op threads (see the note in the table)")
     ap.add_argument("--repeats", type=int, default=2, help="load phases per mode, alternating between the modes")
     ap.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator: a minimal asyncio HTTP client (raw) or httpx")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     t_start = time.time()
@@ -118,7 +161,7 @@ def main() -> None:
     }
     common = ["--threads", str(args.threads)]
     modes = {"micro-batching": [*common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], "one request at a time": [*common, "--no-batching"]}
-    payload: dict = {"machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
+    payload: dict = {"client": args.client, "machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
     for endpoint, (model_dir, make) in workloads.items():
         # both servers up at once; the load alternates between them (A B A B ...) so that the machine's other
         # load hits both modes alike
@@ -129,15 +172,20 @@ def main() -> None:
                 servers[mode] = (port, start_server(model_dir, port, extra))
                 asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", [make(-1 - i) for i in range(8)], 8, args.timeout))  # warm-up
             for rep in range(args.repeats):
-                for mode, (port, _) in servers.items():
+                for mode, (port, server) in servers.items():
                     bodies = [make(i + rep * args.requests) for i in range(args.requests)]
-                    lat, errors, wall, first = asyncio.run(fire(f"http://127.0.0.1:{port}{endpoint}", bodies, args.concurrency, args.timeout))
+                    server_cpu0, client_cpu0 = cpu_s(server.pid), time.process_time()
+                    send = fire_raw if args.client == "raw" else fire
+                    lat, errors, wall, first = asyncio.run(send(f"http://127.0.0.1:{port}{endpoint}", bodies, args.concurrency, args.timeout))
+                    server_cpu, client_cpu = cpu_s(server.pid) - server_cpu0, time.process_time() - client_cpu0
                     ms = np.array(lat) * 1000
                     run = {
                         "endpoint": endpoint, "mode": mode, "repeat": rep, "errors": errors, "first_errors": first, "ok": len(lat), "wall_s": wall,
                         "throughput_rps": len(lat) / wall if wall else 0.0,
                         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None, "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
                         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+                        # CPU time per request: the server process (all threads) and this load generator
+                        "server_cpu_ms_per_request": server_cpu * 1000 / args.requests, "client_cpu_ms_per_request": client_cpu * 1000 / args.requests,
                     }
                     payload["runs"].append(run)
                     print(run, flush=True)
@@ -160,7 +208,7 @@ def main() -> None:
     md = [
         f"### Serving under load: {args.requests} concurrent requests on loopback, with and without micro-batching",
         "",
-        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads} --repeats {args.repeats}` — machine: {payload['machine']} "
+        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads} --repeats {args.repeats} --client {args.client}` — machine: {payload['machine']} "
         f"(server and load generator share it; the server runs {args.threads} intra-op thread(s)) — commit {payload['commit']} — {payload['seconds']} s — 1-min load average {payload['load_average_start']} at the start, {payload['load_average_end']} at the end",
         "",
         "Threads: 1 by default because this 2-core machine is shared (other jobs keep its load average near 6): there, torch with 2 intra-op "
@@ -170,14 +218,19 @@ def main() -> None:
         f"embeddings: 1 text per request. Micro-batching: up to {args.max_batch} items per model call, {args.max_wait_ms:g} ms wait. "
         f"All {args.requests} requests are sent at once (at most {args.concurrency} in flight); latency is per request, send to answer.",
         "",
-        "| endpoint | mode | repeat | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | throughput vs one at a time (same repeat) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Server CPU ms per request: CPU time (user + system, all threads) the server process spent during the phase, divided by the "
+        f"requests; client CPU: the same for this load generator ({'a minimal HTTP/1.1 client on asyncio streams, one connection per request' if args.client == 'raw' else 'httpx'}), which runs on the same 2 cores. Throughput is capped by whichever "
+        "of the two runs out of CPU first; the server CPU per request is what micro-batching changes.",
+        "",
+        "| endpoint | mode | repeat | errors | p50 ms | p95 ms | p99 ms | throughput req/s | items per model call | throughput vs one at a time (same repeat) | server CPU ms / request | server CPU vs one at a time | client CPU ms / request |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by = {(r["endpoint"], r["mode"], r["repeat"]): r for r in payload["runs"]}
     fmt = lambda x: "—" if x is None else f"{x:.1f}"
     for r in payload["runs"]:
-        base = by[(r["endpoint"], "one request at a time", r["repeat"])]["throughput_rps"]
-        md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / base:.2f}× |")
+        one = by[(r["endpoint"], "one request at a time", r["repeat"])]
+        md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / one['throughput_rps']:.2f}× "
+                  f"| {r['server_cpu_ms_per_request']:.2f} | {r['server_cpu_ms_per_request'] / one['server_cpu_ms_per_request']:.2f}× | {r['client_cpu_ms_per_request']:.2f} |")
     write(args.results, "serve_load", payload, "\n".join(md) + "\n")
 
 

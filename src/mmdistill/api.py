@@ -1,4 +1,4 @@
-"""The Python API that the CLI (and later the web UI) call."""
+"""The Python API that the CLI and the web UI call."""
 
 from __future__ import annotations
 
@@ -429,11 +429,20 @@ def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task
     return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, log=log)
 
 
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: Any = None, reference: str | Path | None = None, webhook: str | None = None, log: Callable = print) -> None:
-    """Serve a model folder (or an ONNX export) over HTTP until interrupted; `reference` turns on drift monitoring."""
+def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: Any = None, reference: str | Path | None = None, webhook: str | None = None,
+          teacher: str | Path | None = None, teacher_name: str | None = None, log: Callable = print) -> None:
+    """Serve a model folder (or an ONNX export) over HTTP until interrupted; `reference` turns on drift monitoring;
+    `teacher` serves a second folder beside it (requests pick one by `model`)."""
     from .serve.app import serve as run_server
 
-    run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=config, reference=reference, webhook=webhook, log=log)
+    run_server(model_dir, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=config, reference=reference, webhook=webhook, teacher=teacher, teacher_name=teacher_name, log=log)
+
+
+def ui(student: str | Path | None = None, teacher: str | Path | None = None, *, runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, backend: str = "auto", task: str = "auto", threads: int | None = None, log: Callable = print) -> None:
+    """The web UI (Gradio) until interrupted: `student` beside `teacher`, the run folders under `runs`, runs started from it."""
+    from .ui.app import launch
+
+    launch(student, teacher, runs=runs, host=host, port=port, task=task, backend=backend, threads=threads, log=log)
 
 
 # ---------------------------------------------------------------------------------------------

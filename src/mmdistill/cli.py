@@ -35,10 +35,11 @@ def _guard(fn, *args, **kwargs):
     from .teachers.store import StoreError
     from .compress.prune import PruneError  # also compress.experts.ExpertPruneError
     from .compress.quantize import QuantizeError
+    from .ui.runs import UIError
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, PruneError, QuantizeError, FileNotFoundError, FileExistsError) as e:
+    except (RecipeError, RecordError, ImageError, TrainingError, PairingError, RerankerError, TeacherError, StoreError, RunDirError, ExportError, ServeError, MonitorError, PruneError, QuantizeError, UIError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command with --resume to continue from the last checkpoint", 130)
@@ -366,6 +367,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Rerankers: scores.jsonl (or eval.json) written by `mmdistill eval`; live scores are compared with it (PSI, KS) at /v1/monitor."),
     webhook: Optional[str] = typer.Option(None, "--webhook", help="URL that receives a JSON POST when score drift is flagged or cleared."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A teacher folder served beside the model (same family); requests pick one by `model`."),
+    teacher_name: Optional[str] = typer.Option(None, "--teacher-name", help="Model name of the teacher (default: its folder name)."),
 ):
     """Serve a model over HTTP: /v1/embeddings, /v1/rerank, /v1/chat/completions, /v1/models, /health, /metrics."""
     from . import api
@@ -373,7 +376,24 @@ def serve(
 
     cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
                       cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
-    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook)
+    _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook, teacher=teacher, teacher_name=teacher_name)
+
+
+@app.command()
+def ui(
+    student: Optional[Path] = typer.Argument(None, help="Student model folder (or ONNX export folder) to compare; omit to only browse and start runs."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher model folder, shown beside the student."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder whose run and report folders the UI lists, and under which it starts runs."),
+    port: int = typer.Option(7860, "--port", help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+    backend: str = typer.Option("auto", "--backend", help="torch | onnx (auto: onnx for an export folder, else torch)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno | chat."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
+):
+    """Web UI (Gradio): teacher and student side by side, run reports with their plots, start and watch runs."""
+    from . import api
+
+    _guard(api.ui, student, teacher, runs=runs, host=host, port=port, backend=backend, task=task, threads=threads, log=typer.echo)
 
 
 @app.command()

@@ -61,3 +61,43 @@ def test_export_then_serve_the_export(tmp_path):
         server.wait(timeout=30)
         log.close()
     assert "serving" in (tmp_path / "server.log").read_text()
+
+
+def test_serve_with_the_teacher_beside_it(tmp_path):
+    """`mmdistill serve STUDENT --teacher TEACHER`: both in /v1/models, each request answered by the model it names."""
+    rm.build_tiny_reranker(tmp_path / "student" / "model", TEXTS, kind="seq_cls", preset="vlm-nano", seed=1)
+    rm.build_tiny_reranker(tmp_path / "teacher" / "model", TEXTS, kind="seq_cls", preset="vlm-nano", seed=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    # both folders are called "model": the teacher gets a name of its own
+    server = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "serve", str(tmp_path / "student" / "model"), "--teacher", str(tmp_path / "teacher" / "model"),
+                               "--port", str(port), "--threads", "1"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.5)
+        models = {m["id"]: m["role"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert models == {"model": "student", "model-teacher": "teacher"}
+        body = {"query": "a red circle", "documents": ["a red circle at the top", "a blue square", "a green circle at the left"]}
+        scores = {}
+        for name in models:
+            r = httpx.post(url + "/v1/rerank", json={**body, "model": name})
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+            scores[name] = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert scores["model"] != scores["model-teacher"]  # two different models answered
+        assert httpx.post(url + "/v1/rerank", json=body).json()["model"] == "model"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+        log.close()
+    assert "beside it as 'model-teacher'" in (tmp_path / "server.log").read_text()

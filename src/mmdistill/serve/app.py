@@ -146,10 +146,14 @@ def _image(ref: Any, field: str, cfg: ServeConfig):
         raise ApiError(400, f"{field}: {e.reason}", field) from None
 
 
-def _check_model(obj: dict, cfg: ServeConfig, *, required: bool) -> None:
+def _check_model(obj: dict, models: dict[str, Any], *, required: bool) -> tuple[str, Any]:
+    """(name, backend) of the model a request names; the first (the student) when it names none."""
     model = _field(obj, "model", (str,), required=required)
-    if model is not None and model != cfg.name:
-        raise ApiError(404, f"model: unknown model {model!r}; this server serves {cfg.name!r}", "model", "model_not_found")
+    if model is None:
+        return next(iter(models.items()))
+    if model not in models:
+        raise ApiError(404, f"model: unknown model {model!r}; this server serves {', '.join(repr(m) for m in models)}", "model", "model_not_found")
+    return model, models[model]
 
 
 def _key(*parts: Any) -> str:
@@ -164,14 +168,23 @@ def _sigmoid(x: float) -> float:
 # The app
 
 
-def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
-    """The FastAPI app serving `backend` under `cfg`; `monitor` (a DriftMonitor) watches rerank scores."""
+def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher=None, teacher_name: str = "teacher"):
+    """The FastAPI app serving `backend` under `cfg`; `monitor` (a DriftMonitor) watches its rerank scores.
+
+    `teacher`: a second backend served beside it as `teacher_name` (requests pick one by `model`; without
+    `model` they go to `backend`). Each model has its own micro-batchers and cache entries; model calls of
+    both share the one model thread."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = cfg or ServeConfig()
+    served = {cfg.name: backend}
+    if teacher is not None:
+        if teacher_name == cfg.name:
+            raise ValueError(f"the teacher's name {teacher_name!r} is the student's; give them different names")
+        served[teacher_name] = teacher
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model call at a time
     cache = LRUCache(cfg.cache_size)
@@ -193,6 +206,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
             batchers[queue] = MicroBatcher(chunked(fn), executor, max_batch=max_batch, max_wait_s=max_wait,
                                            on_batch=lambda n, q=queue: metrics.batch.labels(q).observe(n))
         return batchers[queue]
+
+    def qname(model: str, queue: str) -> str:
+        """The batcher / cache / metrics queue of a model: the student's keep their plain names."""
+        return queue if model == cfg.name else f"{model}/{queue}"
 
     async def cached(queue: str, fn, items: list, keys: list[str]) -> list:
         """Results for `items`: cache hits directly, the misses through the queue's micro-batcher."""
@@ -232,34 +249,63 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
     async def _crash(request, e: Exception):  # a bug or a model failure: 500 with one line, the server goes on
         return JSONResponse(_error_body(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"), status_code=500)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        path = request.url.path if request.url.path in ENDPOINTS else "other"
-        t0 = time.perf_counter()
-        try:
-            if cfg.api_key and path.startswith("/v1/"):
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-                if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                    raise ApiError(401, "authorization: missing or wrong API key (send Authorization: Bearer <key>)", "authorization", "invalid_api_key")
-            response = await call_next(request)
-        except ApiError as e:
-            response = JSONResponse(_error_body(e.status, e.message, e.param, e.code), status_code=e.status)
-        except Exception as e:  # a bug or a model failure: 500 with one line, the server goes on
-            response = await _crash(request, e)
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        return response
+    class Observe:
+        """Pure ASGI middleware: the API key, then request counts and latency by endpoint and status.
 
-    def need(family: str, endpoint: str):
+        (Not Starlette's BaseHTTPMiddleware / @app.middleware("http"): that one runs every request through an
+        extra task group and memory streams, which cost as much CPU per request as the tiny models' batched
+        forward in a profile of the load test.) An exception no handler answered becomes a one-line 500 here and
+        the server goes on."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            t0 = time.perf_counter()
+            status = [0]
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                if cfg.api_key and path.startswith("/v1/"):
+                    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                    given = headers.get("authorization", "")
+                    token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+                    if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                        raise ApiError(401, "authorization: missing or wrong API key (send Authorization: Bearer <key>)", "authorization", "invalid_api_key")
+                await self.inner(scope, receive, send_status)
+            except Exception as e:
+                if status[0]:  # the response has started (a stream): nothing more can be sent
+                    raise
+                if isinstance(e, ApiError):
+                    response = JSONResponse(_error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+                else:  # a bug or a model failure: 500 with one line, the server goes on
+                    response = await _crash(None, e)
+                await response(scope, receive, send_status)
+            finally:
+                metrics.requests.labels(path, str(status[0] or 500)).inc()
+                metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+    app.add_middleware(Observe)
+
+    def need(name: str, backend, family: str, endpoint: str):
         if backend.family != family:
             serves = {"contrastive": "/v1/embeddings", "reranker": "/v1/rerank", "generative": "/v1/chat/completions"}[backend.family]
-            raise ApiError(400, f"model: {cfg.name!r} is a {backend.family} model; it serves {serves}, not {endpoint}", "model", "wrong_endpoint")
+            raise ApiError(400, f"model: {name!r} is a {backend.family} model; it serves {serves}, not {endpoint}", "model", "wrong_endpoint")
 
     # ------------------------------------------------------------------ info
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.name, "family": backend.family, "backend": backend.backend}
+        out = {"status": "ok", "model": cfg.name, "family": backend.family, "backend": backend.backend}
+        if teacher is not None:
+            out["teacher"] = teacher_name
+        return out
 
     @app.get("/metrics")
     async def prometheus():
@@ -267,7 +313,8 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": cfg.name, "object": "model", "created": 0, "owned_by": "mmdistill", "family": backend.family, "backend": backend.backend}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mmdistill", "family": b.family, "backend": b.backend,
+                                            "role": "student" if b is backend else "teacher"} for name, b in served.items()]}
 
     @app.get("/v1/monitor")
     async def monitor_summary():
@@ -284,8 +331,8 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         obj = await _read_json(request, cfg)
-        _check_model(obj, cfg, required=False)
-        need("contrastive", "/v1/embeddings")
+        name, backend = _check_model(obj, served, required=False)
+        need(name, backend, "contrastive", "/v1/embeddings")
         raw = _field(obj, "input", (str, list), required=True)
         fmt = _field(obj, "encoding_format", (str,), default="float")
         if fmt not in ("float", "base64"):
@@ -324,10 +371,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
             texts.append((i, x))
         vectors: list[Any] = [None] * len(inputs)
         if texts:
-            for (i, _), v in zip(texts, await cached("text", backend.embed_texts, [t for _, t in texts], [t for _, t in texts])):
+            for (i, _), v in zip(texts, await cached(qname(name, "text"), backend.embed_texts, [t for _, t in texts], [t for _, t in texts])):
                 vectors[i] = v
         if images:
-            for (i, _, _), v in zip(images, await cached("image", backend.embed_images, [im for _, im, _ in images], [h for _, _, h in images])):
+            for (i, _, _), v in zip(images, await cached(qname(name, "image"), backend.embed_images, [im for _, im, _ in images], [h for _, _, h in images])):
                 vectors[i] = v
 
         def encode(v):
@@ -335,10 +382,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
 
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         # a JSONResponse directly: FastAPI's jsonable_encoder would walk every float of every vector
-        return JSONResponse({"object": "list", "data": data, "model": cfg.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ------------------------------------------------------------------ rerank
-    def rerank_item(x: Any, field: str) -> tuple[str | None, str | None]:
+    def rerank_item(backend, x: Any, field: str) -> tuple[str | None, str | None]:
         if isinstance(x, str):
             if not x.strip():
                 raise ApiError(400, f"{field}: empty string", field)
@@ -359,9 +406,9 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
     @app.post("/v1/rerank")
     async def rerank(request: Request):
         obj = await _read_json(request, cfg)
-        _check_model(obj, cfg, required=False)
-        need("reranker", "/v1/rerank")
-        q_text, q_image = rerank_item(_field(obj, "query", (str, dict), required=True), "query")
+        name, backend = _check_model(obj, served, required=False)
+        need(name, backend, "reranker", "/v1/rerank")
+        q_text, q_image = rerank_item(backend, _field(obj, "query", (str, dict), required=True), "query")
         docs = _field(obj, "documents", (list,), required=True)
         if not docs:
             raise ApiError(400, "documents: empty list; give at least one document", "documents")
@@ -375,18 +422,18 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
         pairs = []
         tokens = 0
         for i, d in enumerate(docs):
-            d_text, d_image = rerank_item(d, f"documents.{i}")
+            d_text, d_image = rerank_item(backend, d, f"documents.{i}")
             p = PairIn(instruction, q_text, q_image, d_text, d_image)
             n = backend.prompt_tokens(p)
             if n > backend.reranker.max_length:
                 raise ApiError(400, f"documents.{i}: the pair is {n} tokens, over the model's max_length {backend.reranker.max_length}", f"documents.{i}")
             tokens += n
             pairs.append(p)
-        raw = await cached("rerank", backend.score, pairs, [_key(p.instruction, p.query_text, p.query_image, p.doc_text, p.doc_image) for p in pairs])
+        raw = await cached(qname(name, "rerank"), backend.score, pairs, [_key(p.instruction, p.query_text, p.query_image, p.doc_text, p.doc_image) for p in pairs])
         scores = [_sigmoid(s) for s in raw]
         for s in scores:
             metrics.scores.observe(s)
-        if monitor is not None:
+        if monitor is not None and name == cfg.name:  # the reference scores are the served student's
             await asyncio.get_running_loop().run_in_executor(None, monitor.add, raw)
         order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[:top_n]
         results = []
@@ -395,7 +442,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
             if return_docs:
                 r["document"] = {"text": pairs[i].doc_text} if pairs[i].doc_image is None else {"text": pairs[i].doc_text, "image": "<image>"}
             results.append(r)
-        return JSONResponse({"id": f"rerank-{uuid.uuid4().hex[:16]}", "model": cfg.name, "results": results, "usage": {"total_tokens": tokens}})
+        return JSONResponse({"id": f"rerank-{uuid.uuid4().hex[:16]}", "model": name, "results": results, "usage": {"total_tokens": tokens}})
 
     # ------------------------------------------------------------------ chat
     def chat_messages(raw: list) -> tuple[list[dict], list]:
@@ -433,8 +480,8 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         obj = await _read_json(request, cfg)
-        _check_model(obj, cfg, required=True)
-        need("generative", "/v1/chat/completions")
+        name, backend = _check_model(obj, served, required=True)
+        need(name, backend, "generative", "/v1/chat/completions")
         raw = _field(obj, "messages", (list,), required=True)
         if not raw:
             raise ApiError(400, "messages: empty list", "messages")
@@ -462,12 +509,12 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
         if not stream:
             text, n, finish = await loop.run_in_executor(executor, backend.generate, inputs, max_tokens, temperature)
             metrics.tokens.inc(n)
-            return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.name,
+            return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                     "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}}
 
         def chunk(delta: dict, finish: str | None = None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(body)}\n\n"
 
         def events():  # a sync generator: Starlette iterates it in a worker thread
@@ -489,7 +536,8 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None):
     return app
 
 
-def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: ServeConfig | None = None, reference=None, webhook: str | None = None, log=print) -> None:
+def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: ServeConfig | None = None, reference=None, webhook: str | None = None,
+          teacher=None, teacher_name: str | None = None, log=print) -> None:
     """Load a folder and serve it with uvicorn until interrupted."""
     import uvicorn
 
@@ -507,5 +555,20 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, backend: str 
             raise MonitorError(f"--reference: drift monitoring watches rerank scores; {model_dir} is a {b.family} model")
         monitor = DriftMonitor(read_reference(reference), source=str(reference), webhook=webhook)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t = None
+    if teacher is not None:
+        from pathlib import Path
+
+        from .backends import ServeError
+
+        # the teacher is loaded as its own folder says (a model folder: torch; an export: onnx), with the same task
+        t = load_backend(teacher, task=task, int8=int8, threads=threads)
+        teacher_name = teacher_name or Path(teacher).name
+        if teacher_name == cfg.name:
+            teacher_name = f"{teacher_name}-teacher"
+        if t.family != b.family:
+            raise ServeError(f"--teacher: {teacher} is a {t.family} model and {model_dir} a {b.family} model; serve a teacher of the student's family")
     log(f"serving {model_dir} as {cfg.name!r} ({b.family}, {b.backend} backend) on http://{host}:{port}")
-    uvicorn.run(create_app(b, cfg, monitor), host=host, port=port, log_level="warning")
+    if t is not None:
+        log(f"serving the teacher {teacher} beside it as {teacher_name!r} ({t.family}, {t.backend} backend); requests pick one by `model`")
+    uvicorn.run(create_app(b, cfg, monitor, teacher=t, teacher_name=teacher_name or "teacher"), host=host, port=port, log_level="warning")

@@ -402,3 +402,44 @@ def test_a_model_call_over_the_timeout_is_a_504_and_the_server_goes_on():
     _time.sleep(1.0)  # the slow call finishes in the background
     r = c.post("/v1/rerank", json={"query": "q", "documents": ["a", "bbb"]})
     assert r.status_code == 200 and [x["index"] for x in r.json()["results"]] == [1, 0]
+
+
+# ------------------------------------------------------------------ a teacher served beside the student
+
+
+def test_teacher_beside_the_student_picked_by_model(folders):
+    """The seq_cls folder as the student and the yes/no folder (another model) as its teacher: each request is
+    answered by the model it names, with that model's own scores; no `model` means the student."""
+    student = load_backend(folders / "seq_cls")
+    teacher = load_backend(folders / "yesno", task="yesno")
+    c = TestClient(create_app(student, ServeConfig(name="student", max_wait_ms=20), teacher=teacher, teacher_name="big"))
+    ids = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert set(ids) == {"student", "big"} and ids["big"]["role"] == "teacher" and ids["student"]["role"] == "student"
+    assert c.get("/health").json()["teacher"] == "big"
+    docs = ["a red circle at the top", "a blue square", "a small green circle at the left"]
+    body = {"query": "a red circle", "documents": docs}
+    want = {"student": _eager_scores(folders, "seq_cls", {"text": "a red circle"}, [{"text": d} for d in docs]),
+            "big": _eager_scores(folders, "yesno", {"text": "a red circle"}, [{"text": d} for d in docs], kind="yesno")}
+
+    async def both():  # concurrent requests to both models: each batcher keeps to its own model
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=c.app), base_url="http://t") as ac:
+            return await asyncio.gather(*[ac.post("/v1/rerank", json={**body, "model": m}) for m in ["student", "big"] * 3])
+
+    for r in asyncio.run(both()):
+        assert r.status_code == 200, r.text
+        name = r.json()["model"]
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        for i, s in enumerate(want[name]):
+            assert got[i] == pytest.approx(1 / (1 + math.exp(-s)), abs=1e-5)
+    assert _metric(c.app, "mmdistill_batch_size_sum", queue="big/rerank") == 9 and _metric(c.app, "mmdistill_batch_size_sum", queue="rerank") == 9
+    assert not np.allclose(want["student"], want["big"])
+    r = c.post("/v1/rerank", json=body)  # no model: the student
+    assert r.json()["model"] == "student"
+    _err(c.post("/v1/rerank", json={**body, "model": "nope"}), 404, "model", "'student', 'big'")
+    # the teacher reads images (a Qwen3-VL yes/no reranker), the seq-cls student does not
+    img_doc = {"query": "a", "documents": [{"image": data_url(Image.new("RGB", (64, 64), (0, 200, 0)))}]}
+    r = c.post("/v1/rerank", json={**img_doc, "model": "big"})
+    assert r.status_code == 200, r.text
+    _err(c.post("/v1/rerank", json={**img_doc, "model": "student"}), 400, "documents.0.image", "text only")
+    with pytest.raises(ValueError, match="different names"):
+        create_app(student, ServeConfig(name="x"), teacher=teacher, teacher_name="x")
