@@ -372,7 +372,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
             if vocab is not None and vocab != gm._out_vocab(student):
                 raise PairingError(f"{recipe.teacher.path}: the store's teacher has {vocab} output tokens, the student {gm._out_vocab(student)}; logit KD needs one vocabulary")
         if "vision" in terms and getattr(student.config, "vision_config", None) is None:
-            raise RecipeError(f"{recipe.output_dir}: loss term 'vision' reads pooled visual tokens, but {type(student).__name__} has no vision tower (a text-only model): remove the term")
+            raise ValueError(f"loss term 'vision' reads pooled visual tokens, but {type(student).__name__} has no vision tower (a text-only model): remove the term")
         t_dims = dims(teacher) if teacher is not None else (store.constants["dims"] if store is not None else None)
         loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=t_dims)
         set_trainable(student, recipe.student.trainable)
