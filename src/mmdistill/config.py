@@ -147,7 +147,9 @@ class StudentConfig(Strict):
         description="Which student parameters train: all; projector only (the align stage of a composed student); everything but the vision tower.",
     )
     image_size: int | None = Field(None, ge=32, description="init=tiny, generative / reranker: the side (pixels, a multiple of 32) the processor resizes images to; default 64 (4 image tokens).")
-    arch: Literal["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_omni_thinker"] = Field("qwen3_vl", description="Generative, init=tiny: which architecture to build.")
+    arch: Literal["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_omni_thinker", "qwen3"] = Field(
+        "qwen3_vl", description="Generative, init=tiny: which architecture to build (qwen3: a text-only Qwen3ForCausalLM for chat records without images)."
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Config overrides as dotted keys, e.g. {'vision_config.hidden_size': 64, 'text_config.num_hidden_layers': 2}.",

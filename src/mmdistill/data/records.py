@@ -6,8 +6,9 @@ Three record kinds, one JSON object per line (blank lines are skipped):
 * ``rerank`` — ``{"instruction"?: str, "query": item, "documents": [item, ...],
   "labels"?: [number, ...]}`` where an item is ``{"text"?: str, "image"?: str}`` with
   at least one of the two (rerankers).
-* ``chat``   — ``{"image": str | "images": [str], "prompt": str, "response"?: str,
-  "teacher_response"?: str, "difficulty"?: str | int, "skills"?: [str]}`` (VLMs).
+* ``chat``   — ``{"image"?: str | "images"?: [str], "prompt": str, "response"?: str,
+  "teacher_response"?: str, "difficulty"?: str | int, "skills"?: [str]}`` (VLMs; a record
+  without an image is a text-only chat for causal LMs).
 
 Every kind also accepts ``"id"`` (string or integer) and ``"meta"`` (an object);
 any other field is an error. Images are paths relative to the JSONL file's folder
@@ -214,7 +215,7 @@ class RerankRecord(_Record):
 
 
 class ChatRecord(_Record):
-    """Image(s) + prompt, with an optional reference and/or cached teacher response."""
+    """Image(s) (or none, for text-only models) + prompt, with an optional reference and/or cached teacher response."""
 
     kind: ClassVar[str] = "chat"
     image: Text | None = None
@@ -227,7 +228,7 @@ class ChatRecord(_Record):
 
     @model_validator(mode="after")
     def _one_image_field(self) -> ChatRecord:
-        if (self.image is None) == (self.images is None):
+        if self.image is not None and self.images is not None:  # neither: a text-only record (causal LMs)
             raise PydanticCustomError("image_fields", 'give exactly one of "image" (a string) or "images" (a list)')
         return self
 

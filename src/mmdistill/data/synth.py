@@ -73,6 +73,7 @@ __all__ = [
     "questions",
     "relevance",
     "generate",
+    "generate_text_chat",
 ]
 
 VERSION = 1
@@ -708,3 +709,33 @@ def generate_digits(out: str | Path, n_train: int = 1400, n_val: int = 400, *, l
     for name, part in (("train.jsonl", train), ("val.jsonl", val)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     return out
+
+
+def generate_text_chat(out: str | Path, n: int = 2000, seed: int = 0, *, splits: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+    """ShapesWorld's chat questions as a text-only task, for causal LMs: the scene's caption stands in for the
+    image (``"Scene: <caption>.\\nQuestion: <question>"``) and the response is the same short answer the image
+    question has (colour, shape, count, size, cell, yes/no, text). The caption question itself is left out (its
+    answer would be the prompt). Writes ``chat_{train,val,test}.jsonl`` (chat records without images, up to 3
+    questions per scene, as :func:`generate` picks them) and ``summary.json``; deterministic in ``(n, seed, splits)``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    start = 0
+    for split, size in _split_sizes(n, splits).items():
+        rows = []
+        for i in range(start, start + size):
+            scene = scene_for_index(seed, i, split_start=start)
+            context = caption(scene)
+            for row in _chat_rows(seed, i, "", scene):
+                if row["skills"] == ["caption"]:
+                    continue
+                row.pop("image")
+                rows.append({**row, "prompt": f"Scene: {context}.\nQuestion: {row['prompt']}"})
+        _write_jsonl(out / f"chat_{split}.jsonl", rows)
+        counts[split] = len(rows)
+        start += size
+    summary = {"generator": "ShapesWorld-text", "version": VERSION, "seed": seed, "n": n, "chat": counts}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary

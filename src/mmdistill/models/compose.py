@@ -355,9 +355,9 @@ def build_tiny_parts(
     CLIPImageProcessor). The tokenizer is trained on `texts` unless given. Returns
     {"vision": out_dir/"vision", "language": out_dir/"language"}.
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    from .tiny import train_qwen_tokenizer
+    from .tiny import qwen3_text_config, train_qwen_tokenizer
 
     if vision not in ("siglip", "clip"):
         raise ValueError(f"unknown vision tower {vision!r}; choose 'siglip' or 'clip'")
@@ -381,21 +381,8 @@ def build_tiny_parts(
     if tokenizer is None:
         tokenizer = train_qwen_tokenizer(texts)
     heads = max(1, lm_hidden // 16)
-    lcfg = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=lm_hidden,
-        intermediate_size=int(2.5 * lm_hidden),
-        num_hidden_layers=lm_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    lm = Qwen3ForCausalLM(lcfg)
+    widths = dict(hidden=lm_hidden, layers=lm_layers, heads=heads, kv_heads=max(1, heads // 2), head_dim=16, mlp=int(2.5 * lm_hidden))
+    lm = Qwen3ForCausalLM(qwen3_text_config(tokenizer, widths, bos_token_id=tokenizer.bos_token_id))
     lm.generation_config.eos_token_id = tokenizer.eos_token_id
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
 

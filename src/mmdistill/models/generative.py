@@ -50,10 +50,11 @@ __all__ = [
 
 
 def _model_class(config):
-    """The image-text-to-text class for `config`; falls back to config.architectures."""
+    """The image-text-to-text class for `config`; falls back to config.architectures, then to the causal-LM
+    class of a text-only model (Qwen3ForCausalLM, ...: the text-only chat path of this family)."""
     import transformers
-    from transformers import AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
@@ -61,15 +62,18 @@ def _model_class(config):
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    raise ValueError(f"model type {config.model_type!r} is not an image-text-to-text model transformers knows")
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    raise ValueError(f"model type {config.model_type!r} is neither an image-text-to-text model nor a causal LM transformers knows")
 
 
 def load_vlm(name_or_path: str, *, trust_remote_code: bool = False):
     """Load an image-text-to-text model and its processor through the real `from_pretrained` path.
 
     Uses AutoModelForImageTextToText (which maps Qwen3-VL, Qwen2.5-VL, Qwen3-VL-MoE and the
-    Qwen3-Omni thinker); otherwise the class named in config.architectures. A full Qwen3-Omni
-    model (thinker + talker) gives its thinker. Returns (model, processor).
+    Qwen3-Omni thinker); otherwise the class named in config.architectures (a text-only causal LM
+    such as Qwen3ForCausalLM, whose "processor" is then its tokenizer: AutoProcessor falls back to
+    it). A full Qwen3-Omni model (thinker + talker) gives its thinker. Returns (model, processor).
     """
     from transformers import AutoConfig, AutoProcessor
 
@@ -120,10 +124,12 @@ def _image_token(processor) -> str | None:
 
 
 def _messages(prompt: str, n_images: int, response: str | None) -> list[dict]:
+    """Chat messages; without images the content is a plain string (what text-only chat templates read)."""
     user = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-    msgs = [{"role": "user", "content": user}]
+    parts = len(user) > 1  # any media part
+    msgs = [{"role": "user", "content": user if parts else prompt}]
     if response is not None:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}] if parts else response})
     return msgs
 
 
@@ -146,7 +152,8 @@ def encode_chat(
     max_length: int | None = None,
     path: str = "<data>",
 ) -> dict[str, Tensor]:
-    """A right-padded training batch for chat records and their loaded images (one list per record).
+    """A right-padded training batch for chat records and their loaded images (one list per record; an empty list
+    for a text-only record, and `processor` may then be a plain tokenizer: a text-only causal LM).
 
     Returns the model's own inputs (``input_ids``, ``attention_mask``, ``pixel_values``,
     ``image_grid_thw``, ``mm_token_type_ids`` when the processor makes it, ...) plus:
@@ -176,7 +183,7 @@ def encode_chat(
         imgs = list(imgs or [])
         field = _image_field(rec)
         expected = len(rec.image_list) if hasattr(rec, "image_list") else len(imgs)
-        if not imgs or len(imgs) != expected:
+        if len(imgs) != expected:  # no image at all: a text-only record
             raise RecordError(path, line, field, f"the record names {expected} image(s) but {len(imgs)} were loaded")
         response = getattr(rec, response_field, None)
         if response is None or not str(response).strip():
@@ -216,13 +223,13 @@ def encode_chat(
     # padding_side explicitly: the Omni processor defaults to left padding whatever the tokenizer says
     kwargs = dict(padding=True, padding_side="right", return_tensors="pt", add_special_tokens=add)
     try:
-        enc = processor(text=texts, images=flat_images or None, **kwargs)
+        enc = processor(text=texts, **({"images": flat_images} if flat_images else {}), **kwargs)  # a tokenizer takes no images
     except ValueError as e:  # e.g. placeholder / image count mismatch inside the processor: find the record
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         culprit = records[0]
         for rec, text, imgs in zip(records, texts, images):
             try:
-                processor(text=[text], images=list(imgs), **kwargs)
+                processor(text=[text], **({"images": list(imgs)} if imgs else {}), **kwargs)
             except ValueError:
                 culprit = rec
                 break

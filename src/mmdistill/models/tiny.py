@@ -319,15 +319,12 @@ def build_tiny_vlm(
     return model, processor
 
 
-def build_tiny_seq_cls(out_dir: str | Path | None, texts: Iterable[str], *, preset: str = "vlm-student", seed: int = 0, tokenizer=None, vocab_size: int = 1000):
-    """A tiny Qwen3ForSequenceClassification (one relevance logit) + its tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+def qwen3_text_config(tokenizer, p: dict[str, Any], **extra):
+    """A Qwen3Config of the text widths `p` (a VLM_PRESETS entry: hidden, layers, heads, kv_heads, head_dim, mlp),
+    the tokenizer's vocabulary, pad and eos ids, tied embeddings."""
+    from transformers import Qwen3Config
 
-    if tokenizer is None:
-        tokenizer = train_qwen_tokenizer(texts, vocab_size=vocab_size)
-    p = VLM_PRESETS[preset]
-    ids = _special_ids(tokenizer)
-    config = Qwen3Config(
+    return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=p["hidden"],
         intermediate_size=p["mlp"],
@@ -336,11 +333,46 @@ def build_tiny_seq_cls(out_dir: str | Path | None, texts: Iterable[str], *, pres
         num_key_value_heads=p["kv_heads"],
         head_dim=p["head_dim"],
         max_position_embeddings=1024,
-        num_labels=1,
-        pad_token_id=ids["pad_token_id"],
-        eos_token_id=ids["eos_token_id"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        **extra,
     )
+
+
+def build_tiny_lm(out_dir: str | Path | None, texts: Iterable[str], *, preset: str = "vlm-student", seed: int = 0, overrides: dict[str, Any] | None = None, tokenizer=None, vocab_size: int = 1000):
+    """A tiny text-only Qwen3ForCausalLM (the text widths of a VLM preset) + its tokenizer: the generative family's
+    text-only chat models (its "processor" is the tokenizer). Saved to `out_dir` when given."""
+    from transformers import Qwen3ForCausalLM
+
+    from .contrastive import apply_overrides
+
+    if tokenizer is None:
+        tokenizer = train_qwen_tokenizer(texts, vocab_size=vocab_size)
+    config = qwen3_text_config(tokenizer, VLM_PRESETS[preset])
+    config.architectures = ["Qwen3ForCausalLM"]
+    if overrides:
+        from .generative import _fix_config
+
+        config = _fix_config(apply_overrides(config, overrides), overrides)  # layer_types follow num_hidden_layers
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model, tokenizer
+
+
+def build_tiny_seq_cls(out_dir: str | Path | None, texts: Iterable[str], *, preset: str = "vlm-student", seed: int = 0, tokenizer=None, vocab_size: int = 1000):
+    """A tiny Qwen3ForSequenceClassification (one relevance logit) + its tokenizer."""
+    from transformers import Qwen3ForSequenceClassification
+
+    if tokenizer is None:
+        tokenizer = train_qwen_tokenizer(texts, vocab_size=vocab_size)
+    config = qwen3_text_config(tokenizer, VLM_PRESETS[preset], num_labels=1)
     torch.manual_seed(seed)
     model = Qwen3ForSequenceClassification(config)
     if out_dir is not None:

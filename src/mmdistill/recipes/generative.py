@@ -257,9 +257,11 @@ def build_student(recipe: Recipe, teacher, t_proc, records):
 
     s = recipe.student
     if s.init == "tiny":
-        from ..models.tiny import build_tiny_vlm
+        from ..models.tiny import build_tiny_lm, build_tiny_vlm
 
-        tok = t_proc.tokenizer if t_proc is not None else None
+        tok = getattr(t_proc, "tokenizer", t_proc) if t_proc is not None else None  # a text-only teacher's processor is its tokenizer
+        if s.arch == "qwen3":  # text-only: a Qwen3ForCausalLM whose processor is the tokenizer
+            return build_tiny_lm(None, record_texts(records), preset=s.preset or "vlm-student", seed=recipe.seed, overrides=s.overrides or None, tokenizer=tok)
         return build_tiny_vlm(None, record_texts(records), kind=s.arch, preset=s.preset or "vlm-student", seed=recipe.seed, overrides=s.overrides or None, tokenizer=tok, image_size=s.image_size or 64)
     if s.init == "pretrained":
         return gm.load_vlm(s.model)
@@ -369,6 +371,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
             vocab = store.constants.get("vocab")
             if vocab is not None and vocab != gm._out_vocab(student):
                 raise PairingError(f"{recipe.teacher.path}: the store's teacher has {vocab} output tokens, the student {gm._out_vocab(student)}; logit KD needs one vocabulary")
+        if "vision" in terms and getattr(student.config, "vision_config", None) is None:
+            raise ValueError(f"loss term 'vision' reads pooled visual tokens, but {type(student).__name__} has no vision tower (a text-only model): remove the term")
         t_dims = dims(teacher) if teacher is not None else (store.constants["dims"] if store is not None else None)
         loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=t_dims)
         set_trainable(student, recipe.student.trainable)

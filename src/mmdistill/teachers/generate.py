@@ -162,10 +162,9 @@ class LocalGenerator:
 
     def prompt_text(self, prompt: str, n_images: int) -> str:
         """The chat-template text for one user turn (images first) with the generation prompt."""
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        from ..models.generative import _messages
+
+        return self.processor.apply_chat_template(_messages(prompt, n_images, None), add_generation_prompt=True, tokenize=False)
 
     def encode(self, records: Sequence, images: Sequence[Sequence]) -> dict:
         """The left-padded model inputs for `records` (tensors on the model's device)."""
@@ -186,8 +185,8 @@ class LocalGenerator:
             flat.extend(imgs)
         bos = self.tokenizer.bos_token
         add = not (bos is not None and texts[0].startswith(bos))  # templates that write the BOS themselves
-        enc = self.processor(
-            text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=add
+        enc = self.processor(  # a text-only model's processor is its tokenizer: no images argument
+            text=texts, **({"images": flat} if flat else {}), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=add
         )
         return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
@@ -518,8 +517,8 @@ def _out_record(record: ChatRecord, gen: Generation, *, key: str, model: str, ou
     base = record.base_dir
     if record.image is not None:
         obj["image"] = _rewrite_ref(record.image, base, out_dir)
-    else:
-        obj["images"] = [_rewrite_ref(r, base, out_dir) for r in record.images or []]
+    elif record.images is not None:
+        obj["images"] = [_rewrite_ref(r, base, out_dir) for r in record.images]
     obj["teacher_response"] = gen.text
     if record.difficulty is None:
         derived = derive_difficulty(gen.mean_logprob, thresholds)

@@ -186,8 +186,8 @@ def test_chat_rules(folder):
     assert err.field == "response"
     err = first_error(write(folder, {**CHAT, "images": ["a.png"]}))
     assert err.field == "image" and "exactly one" in err.message
-    err = first_error(write(folder, {"prompt": "hi"}))
-    assert err.field == "image"
+    (text_only,), errors = read_records(write(folder, {"prompt": "hi", "response": "yes"}, name="t.jsonl"))
+    assert not errors and text_only.image_list == [] and text_only.image_refs() == [] and text_only.load_images() == []
 
 
 def test_kind_mismatch(folder):

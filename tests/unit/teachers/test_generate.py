@@ -449,7 +449,7 @@ def test_generate_file_failures_are_recorded_not_dropped(tmp_path):
     data = _write_data(tmp_path, n=3, extra=[
         {"id": "corrupt", "image": "images/broken.png", "prompt": "Describe the image."},
         {"id": "oom", "image": "images/red.png", "prompt": "FAIL here"},
-        '{"id": "bad", "prompt": "no image"}',
+        '{"id": "bad", "image": 3, "prompt": "an image field that is not a string"}',
     ])
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "t.jsonl"
