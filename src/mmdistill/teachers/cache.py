@@ -344,6 +344,8 @@ class StoreTeacher:
         if problems:
             raise StoreError(f"{where}: made under other settings: {'; '.join(problems)}; cache again with this recipe")
         self.constants = m.get("constants", {})
+        feats = want["features"]  # the feature signals this recipe's loss reads, by their stored names
+        self.features = [k for k, v in feats.items() if k != "text_layers" and v is True] + [f"text@{layer}" for layer in feats.get("text_layers", [])]
         keys = RecordKeys()
         self.keys = [keys.key(r) for r in records]
         self.extra: dict[str, dict[str, Tensor]] = {}
@@ -421,13 +423,13 @@ class StoreTeacher:
             tail[b][m] = row["tail_logmass"].float()
             if grid is not None:
                 grid[b][m] = row["tail_grid"].float()
-            for name, value in row.items():
-                if not name.startswith("features."):
-                    continue
-                key = name[len("features."):]
-                if key == "vision_pooled":
-                    feats.setdefault(key, torch.zeros(B, value.shape[-1]))[b] = value.float()
+            for key in self.features:  # only what the loss reads; pooled [D] or per response token [R_b, D]
+                value = row[f"features.{key}"]
+                if key not in feats:
+                    feats[key] = torch.zeros(B, value.shape[-1]) if value.dim() == 1 else torch.zeros(B, R, value.shape[-1])
+                if value.dim() == 1:
+                    feats[key][b] = value.float()
                 else:
-                    feats.setdefault(key, torch.zeros(B, R, value.shape[-1]))[b][m] = value.float()
+                    feats[key][b][m] = value.float()
         return Signals(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, mask=rmask, features=feats,
                        tail_grid=grid, tail_betas=torch.tensor(betas) if betas else None)
