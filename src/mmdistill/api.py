@@ -24,10 +24,10 @@ def shipped_config(rel: str) -> Path:
 # data
 
 
-def synth(out: str | Path, n: int = 2000, seed: int = 0, size: int = 64) -> dict[str, Any]:
+def synth(out: str | Path, n: int = 2000, seed: int = 0, size: int = 64, *, audio: bool = False, log: Callable = print) -> dict[str, Any]:
     from .data.synth import generate
 
-    return generate(out, n=n, seed=seed, size=size)
+    return generate(out, n=n, seed=seed, size=size, audio=audio, log=log)
 
 
 def check_data(path: str | Path, kind: str | None = None, decode_images: bool = True):

@@ -50,11 +50,12 @@ def data_synth(
     n: int = typer.Option(2000, "--n", help="Number of images (split train/val/test 80/10/10)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the output is a pure function of it)."),
     size: int = typer.Option(64, "--size", help="Image side in pixels."),
+    audio: bool = typer.Option(False, "--audio", help="Also the spoken ShapesWorld (needs espeak-ng): transcription and spoken-question records in speech_*.jsonl, with the chat records in omni_*.jsonl."),
 ):
-    """Generate the ShapesWorld data set: pair, chat and rerank records plus zero-shot tasks."""
+    """Generate the ShapesWorld data set: pair, chat and rerank records plus zero-shot tasks (--audio: spoken too)."""
     from . import api
 
-    summary = _guard(api.synth, out, n=n, seed=seed, size=size)
+    summary = _guard(api.synth, out, n=n, seed=seed, size=size, audio=audio, log=lambda m: typer.echo(f"warning: {m}", err=True))
     typer.echo(f"wrote ShapesWorld to {out}: " + ", ".join(f"{k}={v}" for k, v in summary.get("counts", summary).items() if not isinstance(v, dict)))
 
 
