@@ -295,9 +295,9 @@ def _print_report(res, out: Path) -> None:
 
 @app.command()
 def demo(
-    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative."),
+    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative | omni (Qwen3-Omni thinker: images and speech; needs espeak-ng)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
-    n: int = typer.Option(10000, "--n", help="ShapesWorld images to generate."),
+    n: Optional[int] = typer.Option(None, "--n", help="ShapesWorld images to generate (default 10000; omni 1000)."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
     data: Optional[Path] = typer.Option(None, "--data", help="Your own data folder instead of ShapesWorld (pairs_train.jsonl / train.jsonl, pairs_val.jsonl / pairs_test.jsonl / val.jsonl, optional zeroshot_*.json; rerank_* / chat_* for the other families)."),

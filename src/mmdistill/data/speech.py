@@ -10,7 +10,7 @@ chat records:
   spoken question about the image.", "response": <the answer>, "skills": ["spoken_<skill>"]}``
 
 written to ``speech_{split}.jsonl``; ``omni_{split}.jsonl`` holds the image chat records of
-``chat_{split}.jsonl`` and these together (what the Omni demo trains and evaluates on).
+``chat_{split}.jsonl`` and these together, image by image (what the Omni demo trains and evaluates on).
 
 Each clip picks a voice (several English accents, male and female variants), a speed (words per
 minute) and a pitch from ``(seed, index)``, then gets a little white noise (SNR 20-35 dB, numpy) and

@@ -727,8 +727,13 @@ def _write_speech(out: Path, split_indices: dict[str, list[int]], scenes: dict[i
         if not split_rows:
             continue
         _write_jsonl(out / f"speech_{split}.jsonl", split_rows)
-        chat = (out / f"chat_{split}.jsonl").read_text(encoding="utf-8")
-        (out / f"omni_{split}.jsonl").write_text(chat + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows), encoding="utf-8")
+        # omni: each image's chat records, then its two speech records (so any prefix holds every task)
+        by_image: dict[str, list[str]] = {}
+        for line in (out / f"chat_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            by_image.setdefault(json.loads(line)["id"].split("-")[0], []).append(line)
+        for r in split_rows:
+            by_image.setdefault(r["id"].split("-")[0], []).append(json.dumps(r, ensure_ascii=False))
+        (out / f"omni_{split}.jsonl").write_text("".join(line + "\n" for lines in by_image.values() for line in lines), encoding="utf-8")
         files[split] = {"speech": f"speech_{split}.jsonl", "omni": f"omni_{split}.jsonl", "records": len(split_rows)}
     seconds = [c["seconds"] for c in infos]
     return {

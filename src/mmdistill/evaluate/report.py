@@ -372,6 +372,8 @@ def _legend(report: dict[str, Any], trained: bool) -> list[str]:
         "Columns:",
         "- params: parameter count; size on disk: the model folder's files (weights, tokenizer, config).",
         "- metric columns: the family's evaluation on the same held-out records, higher is better"
+        + (" except wer / cer (speech recognition error rates, lower is better; their retention is the reference's ÷ the run's)"
+           if any(m in LOWER_IS_BETTER for m in report["metric_names"]) else "")
         + (" (R@k in percent; i2t: each distinct image ranks the distinct captions; t2i: each distinct caption ranks the images)."
            if any(m.startswith("i2t_") for m in report["metric_names"]) else "."),
         f"- latency ms: median model time per batch at each batch size (bs1, bs32) or per query / sample; "

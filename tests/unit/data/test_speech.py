@@ -41,7 +41,10 @@ def test_spoken_shapesworld(tmp_path):
         assert check_file(out / f"omni_{split}.jsonl", decode_images=True) == []
     chat_lines = (out / "chat_train.jsonl").read_text().splitlines()
     omni_lines = (out / "omni_train.jsonl").read_text().splitlines()
-    assert omni_lines[: len(chat_lines)] == chat_lines and len(omni_lines) == len(chat_lines) + 16
+    speech_lines = (out / "speech_train.jsonl").read_text().splitlines()
+    assert sorted(omni_lines) == sorted(chat_lines + speech_lines)
+    ids = [json.loads(line)["id"].split("-")[0] for line in omni_lines]
+    assert ids == sorted(ids)  # image by image: each image's chat records, then its speech records
     # deterministic: the same seed speaks the same clips with the same noise
     again = generate(tmp_path / "again", n=10, seed=3, workers=1, audio=True)
     assert again["audio"]["voices"] == audio["voices"] and _digest(out) == _digest(tmp_path / "again")
