@@ -36,7 +36,7 @@ import numpy as np
 __all__ = ["SpeechUnavailable", "espeak_path", "speak", "VOICES", "TRANSCRIBE_PROMPT", "SPOKEN_QUESTION_PROMPT", "ASR_SKILL", "SPOKEN_PREFIX", "spoken_rows"]
 
 VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb+f2", "en-gb-scotland+m3", "en-029+f4", "en-gb-x-rp+m1")
-SPEEDS = (130, 150, 170, 190)  # words per minute (espeak-ng -s)
+SPEEDS = (150, 170, 190, 210)  # words per minute (espeak-ng -s; espeak's default is 175)
 PITCHES = (35, 50, 65)  # espeak-ng -p (0-99)
 SNR_DB = (20.0, 35.0)
 SAMPLING_RATE = 16_000
