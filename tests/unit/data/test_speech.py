@@ -45,6 +45,10 @@ def test_spoken_shapesworld(tmp_path):
     assert sorted(omni_lines) == sorted(chat_lines + speech_lines)
     ids = [json.loads(line)["id"].split("-")[0] for line in omni_lines]
     assert ids == sorted(ids)  # image by image: each image's chat records, then its speech records
+    from mmdistill.api import data_stats
+
+    info = data_stats(out / "omni_val.jsonl", train=out / "omni_train.jsonl")  # each clip is its own content: no false leakage
+    assert info["stats"]["with_audio"] == 2 and info["stats"]["shared_with_train"] == 0
     # deterministic: the same seed speaks the same clips with the same noise
     again = generate(tmp_path / "again", n=10, seed=3, workers=1, audio=True)
     assert again["audio"]["voices"] == audio["voices"] and _digest(out) == _digest(tmp_path / "again")
