@@ -382,7 +382,7 @@ def _audio_token_id(model) -> int | None:
     return None
 
 
-def _vision_pooled(model, batch: dict[str, Tensor], tokens: Tensor, *, token_id: int | None = None, what: str = "visual") -> Tensor:
+def _pooled_placeholders(model, batch: dict[str, Tensor], tokens: Tensor, *, token_id: int | None = None, what: str = "visual") -> Tensor:
     """Per-sample mean of the visual (or audio) tokens fed to the LM: tokens [N, D] in placeholder order -> [B, D]
     (zeros for a sample without any)."""
     ids = batch["input_ids"]
@@ -467,12 +467,12 @@ def forward_signals(
         sig.features["text_hidden"] = picked_hidden if many else picked_hidden[text_layer]
     B = pos.shape[0]
     if visual is not None:
-        sig.features["vision_pooled"] = _vision_pooled(model, batch, visual.to(last.device))
+        sig.features["vision_pooled"] = _pooled_placeholders(model, batch, visual.to(last.device))
     elif "vision_pooled" in features:  # no image in this batch
         sig.features["vision_pooled"] = last.new_zeros(B, vision_feature_size(model))
     if heard:
         tokens = heard[-1].reshape(-1, heard[-1].shape[-1]).to(last.device)
-        sig.features["audio_pooled"] = _vision_pooled(model, batch, tokens, token_id=_audio_token_id(model), what="audio")
+        sig.features["audio_pooled"] = _pooled_placeholders(model, batch, tokens, token_id=_audio_token_id(model), what="audio")
     elif "audio_pooled" in features:  # no clip in this batch
         sig.features["audio_pooled"] = last.new_zeros(B, audio_feature_size(model))
     return sig
