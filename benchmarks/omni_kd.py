@@ -32,6 +32,12 @@ TASKS = [  # metric, task, target retention % (None: reported only)
 ]
 
 
+def fmt(xs: list[float], unit: str = "") -> str:
+    """mean ± std, or — when undefined (a retention whose teacher scores 0)."""
+    xs = [x for x in xs if x == x]
+    return mean_std(xs) + unit if xs else "—"
+
+
 def retention(metric: str, student: float, teacher: float) -> float:
     if metric in LOWER_IS_BETTER:
         return 100.0 * teacher / student if student > 0 else float("nan")
@@ -92,9 +98,10 @@ def main() -> None:
         ret_k = [retention(metric, k, tm[metric]) for k in kd]
         ahead = [(k < b) if metric in LOWER_IS_BETTER else (k > b) for k, b in zip(kd, base)]
         summary[metric] = {"teacher": tm[metric], "baseline": base, "kd": kd, "retention_baseline": ret_b, "retention_kd": ret_k, "kd_ahead": ahead, "target": target}
-        md.append(f"| {task} | {tm[metric]:.2f} | {mean_std(base)} | {mean_std(kd)} | {mean_std(ret_b)}% | {mean_std(ret_k)}%"
+        md.append(f"| {task} | {tm[metric]:.2f} | {fmt(base)} | {fmt(kd)} | {fmt(ret_b, '%')} | {fmt(ret_k, '%')}"
                   f"{f' (target ≥ {target:.0f}%)' if target else ''} | {sum(ahead)}/{len(ahead)} seeds |")
-    md += ["", "Retention = student ÷ teacher; for WER / CER teacher ÷ student. Per skill (eval.json `per_skill`) is in the JSON file.", ""]
+    md += ["", "Retention = student ÷ teacher (— when the teacher scores 0); for WER / CER teacher ÷ student. \"KD ahead?\": seeds on "
+           "which the distilled student beats the student alone (a tie is not ahead). Per skill (eval.json `per_skill`) is in the JSON file.", ""]
     write(args.results, f"omni_kd{suffix}", {"teacher": teacher, "rows": rows, "tasks": summary, "machine": machine(), "commit": git_rev()}, "\n".join(md))
 
 
