@@ -36,10 +36,13 @@ def git_rev() -> str:
         return "unknown"
 
 
-def ensure_data(out: Path, n: int, seed: int = 0) -> Path:
+def ensure_data(out: Path, n: int, seed: int = 0, audio: bool = False) -> Path:
+    """ShapesWorld in out/data (audio: also the spoken ShapesWorld, which needs espeak-ng)."""
     data = out / "data"
-    if not (data / "summary.json").is_file():
-        api.synth(data, n=n, seed=seed)
+    if not (data / "summary.json").is_file() or (audio and not (data / "omni_train.jsonl").is_file()):
+        summary = api.synth(data, n=n, seed=seed, audio=audio)
+        if audio and "skipped" in summary.get("audio", {}):
+            raise SystemExit(summary["audio"]["skipped"])
     return data
 
 

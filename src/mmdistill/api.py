@@ -24,10 +24,10 @@ def shipped_config(rel: str) -> Path:
 # data
 
 
-def synth(out: str | Path, n: int = 2000, seed: int = 0, size: int = 64) -> dict[str, Any]:
+def synth(out: str | Path, n: int = 2000, seed: int = 0, size: int = 64, *, audio: bool = False, log: Callable = print) -> dict[str, Any]:
     from .data.synth import generate
 
-    return generate(out, n=n, seed=seed, size=size)
+    return generate(out, n=n, seed=seed, size=size, audio=audio, log=log)
 
 
 def check_data(path: str | Path, kind: str | None = None, decode_images: bool = True):
@@ -248,18 +248,27 @@ DEMO_RECIPES = {  # family -> stages in run order; the last three are the report
         "student-base": "generative/shapesworld-student-baseline.yaml",
         "student-kd": "generative/shapesworld-student-kd.yaml",
     },
+    # Qwen3-Omni thinker (generative recipes): image chat records and the spoken ShapesWorld (synth --audio)
+    "omni": {
+        "teacher": "omni/shapesworld-teacher.yaml",
+        "student-base": "omni/shapesworld-student-baseline.yaml",
+        "student-kd": "omni/shapesworld-student-kd.yaml",
+    },
 }
+DEMO_N = {"omni": 1000}  # images the demo generates when not told (every omni image is also two spoken clips); else 10000
 REPORTED = ("teacher", "student-base", "student-kd")
 STUDENTS = REPORTED[1:]
 DEMO_FILES = {  # family -> (train file, evaluation file) of a ShapesWorld folder
     "contrastive": ("pairs_train.jsonl", "pairs_test.jsonl"),
     "reranker": ("rerank_train.jsonl", "rerank_test.jsonl"),
     "generative": ("chat_train.jsonl", "chat_test.jsonl"),
+    "omni": ("omni_train.jsonl", "omni_test.jsonl"),  # by demo family: the omni stages are generative recipes
 }
 DEMO_TITLES = {
     "contrastive": "mmdistill demo: ShapesWorld CLIP distillation",
     "reranker": "mmdistill demo: ShapesWorld reranker distillation",
     "generative": "mmdistill demo: ShapesWorld VLM distillation",
+    "omni": "mmdistill demo: ShapesWorld Qwen3-Omni thinker distillation (images and speech)",
 }
 
 
@@ -330,7 +339,7 @@ def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False,
         d["output_dir"] = str(runs / name)
         d["seed"] = seed
         if data is None:
-            train_file, eval_file = DEMO_FILES[stage]
+            train_file, eval_file = DEMO_FILES["omni" if family == "omni" else stage]
             files = {"train": out / "data" / train_file, "val": out / "data" / eval_file}
             if stage == "contrastive":
                 files["zeroshot"] = out / "data" / "zeroshot_test.json"
@@ -348,6 +357,8 @@ def demo_recipes(out: Path, *, family: str = "contrastive", quick: bool = False,
             d["train"].update(max_steps=6, batch_size=16 if stage == "contrastive" else 4, warmup_steps=1, save_every=3, log_every=2)
             d["data"]["max_records"] = 128 if stage == "contrastive" else 32
             d["eval"].update(max_items=64 if stage == "contrastive" else 16)
+            if family == "omni":
+                d["eval"]["max_new_tokens"] = 12  # generation dominates a quick omni run
         recipes[name] = recipe_from_dict(d, source=rels[name])
     return recipes
 
@@ -371,13 +382,19 @@ def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
         _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
 
 
-def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:
-    """ShapesWorld (or the user's `data` folder) end to end: teacher, student without and with KD, one report."""
+def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int | None = None, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:
+    """ShapesWorld (or the user's `data` folder) end to end: teacher, student without and with KD, one report.
+    `n`: ShapesWorld images (default 10000; 1000 for omni, whose images are also spoken by espeak-ng)."""
     out = Path(out)
+    n = n if n is not None else DEMO_N.get(family, 10000)
     recipes = demo_recipes(out, family=family, quick=quick, seed=seed, data=data)
-    if data is None and not (out / "data" / "summary.json").is_file():
-        log(f"generating ShapesWorld ({n} images) in {out / 'data'}")
-        synth(out / "data", n=n, seed=seed)
+    audio = family == "omni"
+    have = out / "data" / "summary.json"
+    if data is None and (not have.is_file() or (audio and not (out / "data" / "omni_train.jsonl").is_file())):
+        log(f"generating ShapesWorld ({n} images{', spoken by espeak-ng' if audio else ''}) in {out / 'data'}")
+        summary = synth(out / "data", n=n, seed=seed, audio=audio, log=log)
+        if audio and "skipped" in summary.get("audio", {}):
+            raise RecipeError(f"the omni demo needs the spoken ShapesWorld: {summary['audio']['skipped']}")
     if data is not None:
         for fam in dict.fromkeys(r.family for r in recipes.values()):
             for w in leakage_warnings(data_files(fam, data)):

@@ -51,11 +51,12 @@ def data_synth(
     n: int = typer.Option(2000, "--n", help="Number of images (split train/val/test 80/10/10)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the output is a pure function of it)."),
     size: int = typer.Option(64, "--size", help="Image side in pixels."),
+    audio: bool = typer.Option(False, "--audio", help="Also the spoken ShapesWorld (needs espeak-ng): transcription and spoken-question records in speech_*.jsonl, with the chat records in omni_*.jsonl."),
 ):
-    """Generate the ShapesWorld data set: pair, chat and rerank records plus zero-shot tasks."""
+    """Generate the ShapesWorld data set: pair, chat and rerank records plus zero-shot tasks (--audio: spoken too)."""
     from . import api
 
-    summary = _guard(api.synth, out, n=n, seed=seed, size=size)
+    summary = _guard(api.synth, out, n=n, seed=seed, size=size, audio=audio, log=lambda m: typer.echo(f"warning: {m}", err=True))
     typer.echo(f"wrote ShapesWorld to {out}: " + ", ".join(f"{k}={v}" for k, v in summary.get("counts", summary).items() if not isinstance(v, dict)))
 
 
@@ -295,9 +296,9 @@ def _print_report(res, out: Path) -> None:
 
 @app.command()
 def demo(
-    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative."),
+    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative | omni (Qwen3-Omni thinker: images and speech; needs espeak-ng)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
-    n: int = typer.Option(10000, "--n", help="ShapesWorld images to generate."),
+    n: Optional[int] = typer.Option(None, "--n", help="ShapesWorld images to generate (default 10000; omni 1000)."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
     seed: int = typer.Option(0, help="Seed for data and training."),
     data: Optional[Path] = typer.Option(None, "--data", help="Your own data folder instead of ShapesWorld (pairs_train.jsonl / train.jsonl, pairs_val.jsonl / pairs_test.jsonl / val.jsonl, optional zeroshot_*.json; rerank_* / chat_* for the other families)."),

@@ -19,7 +19,7 @@ def build_loss(family, terms, teacher):
     if family == "generative":
         from mmdistill.recipes.generative import build_generative_loss
 
-        return build_generative_loss(terms, student_dims={"hidden": 32, "vision": 32}, teacher_dims={"hidden": 64, "vision": 64} if teacher else None)
+        return build_generative_loss(terms, student_dims={"hidden": 32, "vision": 32, "audio": 32}, teacher_dims={"hidden": 64, "vision": 64, "audio": 64} if teacher else None)
     return build_contrastive_loss(terms, 32, 64 if teacher else None)
 
 

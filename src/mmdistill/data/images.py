@@ -61,25 +61,31 @@ def resolve_image_path(ref: str, base_dir: str | Path) -> Path | None:
     payload is not decoded). Raises ImageError when the reference is empty, a URL,
     escapes the data folder (after resolving symlinks), or the file is missing.
     """
+    return resolve_media_path(ref, base_dir, ImageError, _DATA_URI, "image")
+
+
+def resolve_media_path(ref: str, base_dir: str | Path, error: type[ValueError], data_uri: re.Pattern, what: str) -> Path | None:
+    """The path checks shared by images and audio clips (see :func:`resolve_image_path`): `error(ref, reason)`
+    is raised, `data_uri` is the accepted ``data:<what>/...;base64,`` syntax."""
     if not isinstance(ref, str) or not ref.strip():
-        raise ImageError(str(ref), "empty image reference")
+        raise error(str(ref), f"empty {what} reference")
     if ref[:5].lower() == "data:":
-        if not _DATA_URI.match(ref):
-            raise ImageError(ref, "malformed data URI (expected data:image/<type>;base64,<payload>)")
+        if not data_uri.match(ref):
+            raise error(ref, f"malformed data URI (expected data:{what}/<type>;base64,<payload>)")
         return None
     if re.match(r"^[a-z][a-z0-9+.-]*://", ref, re.IGNORECASE):
-        raise ImageError(ref, "URLs are not supported; download the images and use paths relative to the data folder")
+        raise error(ref, f"URLs are not supported; download the {what} files and use paths relative to the data folder")
     try:
         base = Path(base_dir).resolve()
         path = (base / ref).resolve()  # an absolute ref replaces base here, then is checked below
     except (OSError, ValueError, RuntimeError) as e:  # embedded NUL, symlink loop, ...
-        raise ImageError(ref, f"invalid path ({e})") from None
+        raise error(ref, f"invalid path ({e})") from None
     if not path.is_relative_to(base):
-        raise ImageError(ref, f"escapes the data folder {str(base)!r}")
+        raise error(ref, f"escapes the data folder {str(base)!r}")
     if not path.exists():
-        raise ImageError(ref, "file not found")
+        raise error(ref, "file not found")
     if not path.is_file():
-        raise ImageError(ref, "not a regular file")
+        raise error(ref, "not a regular file")
     return path
 
 

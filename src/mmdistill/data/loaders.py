@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+from .audio import DEFAULT_SAMPLING_RATE, AudioError
 from .images import ImageError
 from .records import ChatRecord, RecordError, RerankRecord, read_records
 
 
 class ImageCache:
     """Decoded images by (base folder, reference), least recently used dropped past `max_items`;
-    ShapesWorld-sized sets fit in memory."""
+    ShapesWorld-sized sets fit in memory. Chat records' audio clips are kept here too, by (base
+    folder, reference, sampling rate): :meth:`audio`."""
 
     def __init__(self, max_items: int = 50_000, source: str | None = None):
         self.max_items = max_items
@@ -46,6 +48,30 @@ class ImageCache:
     def all(self, record) -> list:
         """Every image of a record, in order."""
         return [self.get(record, ref) for _, ref in record.image_refs()]
+
+    def audio(self, record, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> list:
+        """The record's audio clips (0 or 1) as float32 arrays at `sampling_rate` (a bad clip: AudioError, or a
+        RecordError naming the line when the cache knows its source file)."""
+        out = []
+        for field, ref in record.audio_refs():
+            key = ("audio", str(record.base_dir), ref, int(sampling_rate))
+            clip = self._items.get(key)
+            if clip is None:
+                try:
+                    from .audio import load_audio
+
+                    clip = load_audio(ref, record.base_dir, sampling_rate=sampling_rate)
+                except AudioError as e:
+                    if self.source is None:
+                        raise
+                    raise RecordError(self.source, record.line, field, f"{e} (run `mmdistill data check` to find every bad record)") from None
+                self._items[key] = clip
+                if len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(key)
+            out.append(clip)
+        return out
 
 
 def decode_pairs(records, source: str, workers: int = 2) -> list:
@@ -127,8 +153,9 @@ def load_rerank(path: Path, on_error: str, max_records: int | None, cache: Image
 
 
 def load_chat(path: Path, response_field: str | None, on_error: str, max_records: int | None, images: ImageCache, log=print, *, decode: bool = True) -> tuple[list[ChatRecord], list[RecordError]]:
-    """Chat records with their images decoded into `images` (``decode=False``: only checked to exist); a record without
-    the target text (`response_field`) or with a bad image fails or is skipped: ``(records, errors)``."""
+    """Chat records with their images (and audio clips, at 16 kHz) decoded into `images` (``decode=False``: only checked
+    to exist); a record without the target text (`response_field`) or with a bad image or clip fails or is skipped:
+    ``(records, errors)``."""
     records, errors = read_records(path, "chat", on_error=on_error, lazy=not decode)
     kept: list[ChatRecord] = []
     good: list[int] = []  # streaming: the indices of the kept records in the lazy RecordFile
@@ -143,8 +170,11 @@ def load_chat(path: Path, response_field: str | None, on_error: str, max_records
             try:
                 if decode:
                     images.all(rec)
+                    images.audio(rec)
             except ImageError as e:
                 err = RecordError(str(path), rec.line, rec.image_refs()[0][0] if rec.image_refs() else "image", str(e))
+            except AudioError as e:
+                err = RecordError(str(path), rec.line, "audio", str(e))
         if err is not None:
             if on_error == "fail":
                 raise err

@@ -6,13 +6,15 @@ Three record kinds, one JSON object per line (blank lines are skipped):
 * ``rerank`` — ``{"instruction"?: str, "query": item, "documents": [item, ...],
   "labels"?: [number, ...]}`` where an item is ``{"text"?: str, "image"?: str}`` with
   at least one of the two (rerankers).
-* ``chat``   — ``{"image"?: str | "images"?: [str], "prompt": str, "response"?: str,
-  "teacher_response"?: str, "difficulty"?: str | int, "skills"?: [str]}`` (VLMs; a record
-  without an image is a text-only chat for causal LMs).
+* ``chat``   — ``{"image"?: str | "images"?: [str], "audio"?: str, "prompt": str, "response"?: str,
+  "teacher_response"?: str, "difficulty"?: str | int, "skills"?: [str]}`` (VLMs; ``audio`` for
+  models with an audio tower such as the Qwen3-Omni thinker; a record with neither image nor audio
+  is a text-only chat for causal LMs).
 
 Every kind also accepts ``"id"`` (string or integer) and ``"meta"`` (an object);
 any other field is an error. Images are paths relative to the JSONL file's folder
-or ``data:image/...;base64,...`` URIs (see :mod:`mmdistill.data.images`).
+or ``data:image/...;base64,...`` URIs (see :mod:`mmdistill.data.images`); audio clips likewise
+(PCM WAV files or ``data:audio/wav;base64,...``; see :mod:`mmdistill.data.audio`).
 
 Every problem is a :class:`RecordError` whose ``str()`` is one line,
 ``"{path}:{line}: {field}: {message}"``, e.g.
@@ -43,6 +45,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from mmdistill.data.audio import DEFAULT_SAMPLING_RATE, AudioError, load_audio, resolve_audio_path
 from mmdistill.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resolve_image_path, short_ref
 
 __all__ = [
@@ -145,6 +148,10 @@ class _Record(BaseModel):
         """Every image reference as ``(field, ref)``, e.g. ``("documents.3.image", "a.png")``."""
         raise NotImplementedError
 
+    def audio_refs(self) -> list[tuple[str, str]]:
+        """Every audio reference as ``(field, ref)`` (only chat records carry audio)."""
+        return []
+
     def open_image(self, ref: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Load one image reference of this record as RGB (raises ImageError)."""
         return load_image(ref, self._base_dir, max_pixels=max_pixels)
@@ -215,11 +222,12 @@ class RerankRecord(_Record):
 
 
 class ChatRecord(_Record):
-    """Image(s) (or none, for text-only models) + prompt, with an optional reference and/or cached teacher response."""
+    """Image(s) and/or an audio clip (or neither, for text-only models) + prompt, with an optional reference and/or cached teacher response."""
 
     kind: ClassVar[str] = "chat"
     image: Text | None = None
     images: list[Text] | None = Field(default=None, min_length=1)
+    audio: Text | None = None
     prompt: Text
     response: Text | None = None
     teacher_response: Text | None = None
@@ -245,6 +253,13 @@ class ChatRecord(_Record):
     def load_images(self, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
         return [self.open_image(ref, max_pixels=max_pixels) for ref in self.image_list]
 
+    def audio_refs(self) -> list[tuple[str, str]]:
+        return [("audio", self.audio)] if self.audio is not None else []
+
+    def load_audio(self, *, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> list:
+        """The record's audio clips (0 or 1) as mono float32 arrays at `sampling_rate` (raises AudioError)."""
+        return [load_audio(ref, self._base_dir, sampling_rate=sampling_rate) for _, ref in self.audio_refs()]
+
 
 Record = PairRecord | RerankRecord | ChatRecord
 KINDS: dict[str, type[_Record]] = {"pair": PairRecord, "rerank": RerankRecord, "chat": ChatRecord}
@@ -252,7 +267,7 @@ KINDS: dict[str, type[_Record]] = {"pair": PairRecord, "rerank": RerankRecord, "
 # Fields that identify a kind, checked in this order (a chat record also has "image").
 _KIND_FIELDS = [
     ("rerank", {"query", "documents", "labels", "instruction"}),
-    ("chat", {"prompt", "response", "teacher_response", "images", "skills", "difficulty"}),
+    ("chat", {"prompt", "response", "teacher_response", "images", "audio", "skills", "difficulty"}),
     ("pair", {"image", "text"}),
 ]
 
@@ -265,7 +280,7 @@ def detect_kind(obj: dict) -> str:
             return kind
     raise ValueError(
         "cannot tell the record kind: expected pair {image, text}, rerank {query, documents} "
-        "or chat {image|images, prompt}"
+        "or chat {image|images|audio, prompt}"
     )
 
 
@@ -330,17 +345,19 @@ def _validate(obj: Any, kind: str | None, path: str, line: int) -> tuple[_Record
 
 
 def _check_images(record: _Record, path: str, line: int, base_dir: Path, cache: dict) -> list[RecordError]:
-    """Every image exists and stays inside the data folder (no decoding)."""
+    """Every image and audio clip exists and stays inside the data folder (no decoding)."""
     errors = []
-    for field, ref in record.image_refs():
-        if ref not in cache:
+    media = [(f, r, resolve_image_path) for f, r in record.image_refs()] + [(f, r, resolve_audio_path) for f, r in record.audio_refs()]
+    for field, ref, resolve in media:
+        key = (field == "audio", ref)
+        if key not in cache:
             try:
-                resolve_image_path(ref, base_dir)
-                cache[ref] = None
-            except ImageError as e:
-                cache[ref] = e.reason
-        if cache[ref] is not None:
-            errors.append(RecordError(path, line, field, f"{short_ref(ref)!r}: {cache[ref]}"))
+                resolve(ref, base_dir)
+                cache[key] = None
+            except (ImageError, AudioError) as e:
+                cache[key] = e.reason
+        if cache[key] is not None:
+            errors.append(RecordError(path, line, field, f"{short_ref(ref)!r}: {cache[key]}"))
     return errors
 
 
@@ -468,9 +485,9 @@ class RecordFile(Sequence):
 def check_file(path: str | Path, kind: str | None = None, *, decode_images: bool = False) -> list[RecordError]:
     """Every problem in a JSONL file, in line order (for ``mmdistill data check FILE``).
 
-    With ``decode_images=True`` every image of every valid record is also fully
-    decoded, to catch corrupt, truncated or oversized images. An empty list means
-    the file is good.
+    With ``decode_images=True`` every image and audio clip of every valid record is also fully
+    decoded, to catch corrupt, truncated or oversized images and corrupt, empty or absurdly long
+    clips. An empty list means the file is good.
     """
     records: list[Record] = []
     errors: list[RecordError] = []
@@ -482,17 +499,19 @@ def check_file(path: str | Path, kind: str | None = None, *, decode_images: bool
     except RecordError as e:  # missing file, not a file
         return [e]
     if decode_images:
-        decoded: dict[str, str | None] = {}  # ref -> reason it is bad, or None if fine
+        decoded: dict[tuple, str | None] = {}  # (is audio, ref) -> reason it is bad, or None if fine
         for record in records:
-            for field, ref in record.image_refs():
-                if ref not in decoded:
+            media = [(f, r, load_image) for f, r in record.image_refs()] + [(f, r, load_audio) for f, r in record.audio_refs()]
+            for field, ref, load in media:
+                key = (field == "audio", ref)
+                if key not in decoded:
                     try:
-                        load_image(ref, record.base_dir)
-                        decoded[ref] = None
-                    except ImageError as e:
-                        decoded[ref] = e.reason
-                if decoded[ref] is not None:
-                    errors.append(RecordError(str(path), record.line, field, f"{short_ref(ref)!r}: {decoded[ref]}"))
+                        load(ref, record.base_dir)
+                        decoded[key] = None
+                    except (ImageError, AudioError) as e:
+                        decoded[key] = e.reason
+                if decoded[key] is not None:
+                    errors.append(RecordError(str(path), record.line, field, f"{short_ref(ref)!r}: {decoded[key]}"))
     errors.sort(key=lambda e: e.line)
     if not records:  # the summary goes after the per-line errors
         summary = "no valid records" if errors else "no records (the file is empty)"
@@ -513,7 +532,7 @@ def _scan(path: str | Path, kind: str | None, check_images: bool, spans: list | 
     if not path.is_file():
         raise RecordError(name, 0, "file", "not a regular file")
     base_dir = path.resolve().parent
-    image_cache: dict[str, str | None] = {}  # ref -> reason it is bad, or None if fine
+    image_cache: dict[tuple, str | None] = {}  # (is audio, ref) -> reason it is bad, or None if fine
 
     offset = 0
     with path.open("rb") as f:

@@ -94,6 +94,7 @@ def file_stats(records: Sequence[Record]) -> dict[str, Any]:
         out.update(
             distinct_prompts=len({_fold(r.prompt) for r in chats}),
             distinct_images=len({_image_key(r, ref) for r in chats for _, ref in r.image_refs()}),
+            **({"with_audio": n_audio} if (n_audio := sum(1 for r in chats if r.audio is not None)) else {}),
             with_response=sum(1 for r in chats if r.response),
             with_teacher_response=sum(1 for r in chats if r.teacher_response),
             response_words=_lengths([r.response for r in chats if r.response]),
@@ -136,7 +137,7 @@ def shared_records(train: Sequence[Record], val: Sequence[Record]) -> list[Recor
     """Evaluation records whose content (images and texts) also appears in the training records."""
 
     def key(rec: Record) -> tuple:
-        images = tuple(_image_key(rec, ref) for _, ref in rec.image_refs())
+        images = tuple(_image_key(rec, ref) for _, ref in rec.image_refs() + rec.audio_refs())  # a clip is content too
         if isinstance(rec, PairRecord):
             return (images, _fold(rec.text))
         if isinstance(rec, RerankRecord):

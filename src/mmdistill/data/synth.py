@@ -22,6 +22,10 @@ Files written by :func:`generate` (``{split}`` is train / val / test)::
     zeroshot_{split}.json   zero-shot classification tasks
     summary.json            counts, file names, generator version and seed
 
+With ``audio=True`` (``mmdistill data synth DIR --audio``) also the spoken ShapesWorld of
+:mod:`mmdistill.data.speech`: ``audio/{split}/*.wav`` (espeak-ng), ``speech_{split}.jsonl``
+(transcription and spoken-question records) and ``omni_{split}.jsonl`` (chat + speech records).
+
 Zero-shot tasks (``shape``, ``colour``, ``size``) use only single-object images,
 where the label is unambiguous. Captions never say "shape" or "object"; a
 single-object caption reads "a large red circle at the top left". So each task
@@ -445,7 +449,8 @@ def _prepare_out_dir(out: Path) -> None:
         if not (out / "summary.json").is_file():
             raise FileExistsError(f"{out} is not empty and holds no ShapesWorld summary.json; refusing to write there")
         shutil.rmtree(out / "images", ignore_errors=True)
-        for pattern in ("pairs_*.jsonl", "chat_*.jsonl", "rerank_*.jsonl", "zeroshot_*.json", "summary.json"):
+        shutil.rmtree(out / "audio", ignore_errors=True)
+        for pattern in ("pairs_*.jsonl", "chat_*.jsonl", "rerank_*.jsonl", "zeroshot_*.json", "speech_*.jsonl", "omni_*.jsonl", "summary.json"):
             for p in out.glob(pattern):
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -624,12 +629,16 @@ def generate(
     *,
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
     workers: int | None = None,
+    audio: bool = False,
+    log=print,
 ) -> dict:
     """Write ShapesWorld into ``out_dir`` and return the summary (also in summary.json).
 
     Deterministic in ``(n, seed, size, splits)``; ``workers`` (default: all CPUs)
     only changes the speed. Re-running over a previous ShapesWorld folder replaces
-    it; any other non-empty folder is refused.
+    it; any other non-empty folder is refused. ``audio=True`` adds the spoken ShapesWorld
+    (:mod:`mmdistill.data.speech`, needs espeak-ng); without espeak-ng everything else is
+    written, `log` says why the spoken part was skipped and ``summary["audio"]["skipped"]`` holds the reason.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -683,8 +692,59 @@ def generate(
         "counts": {k: sum(v[k] for v in split_summaries.values()) for k in ("images", "pairs", "chat", "rerank")},
         "splits": split_summaries,
     }
+    if audio:
+        summary["audio"] = _write_speech(out, split_indices, scenes, paths, seed, workers, log)
+        if "skipped" not in summary["audio"]:
+            summary["counts"]["speech"] = summary["audio"]["records"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def _write_speech(out: Path, split_indices: dict[str, list[int]], scenes: dict[int, Scene], paths: dict[int, str], seed: int, workers: int, log) -> dict:
+    """The spoken ShapesWorld (speech_{split}.jsonl, omni_{split}.jsonl, audio/); {"skipped": reason} without espeak-ng."""
+    from . import speech
+
+    try:
+        speech.espeak_path()
+    except speech.SpeechUnavailable as e:
+        log(f"skipped the spoken ShapesWorld (--audio): {e}; the rest of ShapesWorld was written")
+        return {"skipped": str(e)}
+    rows: dict[str, list[dict]] = {}
+    clips: list = []
+    for split, indices in split_indices.items():
+        rows[split] = []
+        for i in indices:
+            r, c = speech.spoken_rows(seed, i, paths[i], split, scenes[i])
+            rows[split] += r
+            clips += c
+    try:
+        infos = speech.render_all(out, clips, seed, workers)
+    except speech.SpeechUnavailable as e:
+        shutil.rmtree(out / "audio", ignore_errors=True)
+        log(f"skipped the spoken ShapesWorld (--audio): {e}; the rest of ShapesWorld was written")
+        return {"skipped": str(e)}
+    files = {}
+    for split, split_rows in rows.items():
+        if not split_rows:
+            continue
+        _write_jsonl(out / f"speech_{split}.jsonl", split_rows)
+        # omni: each image's chat records, then its two speech records (so any prefix holds every task)
+        by_image: dict[str, list[str]] = {}
+        for line in (out / f"chat_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            by_image.setdefault(json.loads(line)["id"].split("-")[0], []).append(line)
+        for r in split_rows:
+            by_image.setdefault(r["id"].split("-")[0], []).append(json.dumps(r, ensure_ascii=False))
+        (out / f"omni_{split}.jsonl").write_text("".join(line + "\n" for lines in by_image.values() for line in lines), encoding="utf-8")
+        files[split] = {"speech": f"speech_{split}.jsonl", "omni": f"omni_{split}.jsonl", "records": len(split_rows)}
+    seconds = [c["seconds"] for c in infos]
+    return {
+        "clips": len(infos),
+        "records": sum(len(r) for r in rows.values()),
+        "seconds": {"total": round(sum(seconds), 1), "min": min(seconds), "max": max(seconds)},
+        "voices": sorted({c["voice"] for c in infos}),
+        "sampling_rate": speech.SAMPLING_RATE,
+        "files": files,
+    }
 
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

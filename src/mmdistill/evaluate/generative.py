@@ -1,5 +1,6 @@
 """Evaluate a saved vision-language model on chat records: generate answers (greedy), score them
-(VQA accuracy with VQA answer normalisation, CIDEr-D, BLEU-4, ROUGE-L, per skill), agreement with a
+(VQA accuracy with VQA answer normalisation, CIDEr-D, BLEU-4, ROUGE-L, and WER / CER through jiwer on
+speech-transcription records, per skill), agreement with a
 reference model's answers, generation latency (ms per sample, tokens/s) and peak memory -> eval.json.
 
 Metrics are percentages except CIDEr (CIDEr-D's ×10 scale) and BLEU-4 (sacrebleu's 0–100).
@@ -85,7 +86,7 @@ def evaluate_folder(
     ]
     scores = score_generations(items)
     metrics: dict[str, float] = {}
-    for key in ("vqa_accuracy", "exact_match", "cider", "bleu4", "rouge_l", "agreement"):
+    for key in ("vqa_accuracy", "text_vqa_accuracy", "spoken_vqa_accuracy", "exact_match", "cider", "bleu4", "rouge_l", "wer", "cer", "agreement"):
         if scores.get(key) is not None:
             metrics[key] = float(scores[key])
     result: dict[str, Any] = {

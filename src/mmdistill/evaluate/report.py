@@ -8,7 +8,9 @@ dict::
      "size_bytes": int, "latency_ms": {"bs1": ms, "bs32": ms}}
 
 Only ``name`` and ``metrics`` are required. Metric names come from the runs, so any model
-family plugs in; every metric is read as higher-is-better. ``write_report`` writes
+family plugs in; every metric is read as higher-is-better except the error rates in
+``LOWER_IS_BETTER`` (WER, CER), whose retention is reference ÷ run. Runs with speech tasks get a
+per-task table (text VQA, spoken VQA, captioning CIDEr, ASR WER / CER) with each run's retention. ``write_report`` writes
 ``report.json``, ``report.md`` and, when training logs exist, ``loss_curves.png``.
 """
 
@@ -29,6 +31,15 @@ from mmdistill.evaluate.bench import human_bytes
 __all__ = ["build_report", "load_run_summary", "plot_loss_curves", "render_markdown", "render_table", "write_report"]
 
 EVAL_FILE = "eval.json"
+LOWER_IS_BETTER = {"wer", "cer"}  # error rates: retention = reference ÷ run (teacher WER / student WER)
+# (metric, task) rows of the per-task table, shown when a run has a speech task (wer or spoken_vqa_accuracy)
+TASK_ROWS = [
+    ("text_vqa_accuracy", "VQA, text questions (accuracy %)"),
+    ("spoken_vqa_accuracy", "VQA, spoken questions (accuracy %)"),
+    ("cider", "captioning (CIDEr-D)"),
+    ("wer", "speech recognition (WER %, lower is better)"),
+    ("cer", "speech recognition (CER %, lower is better)"),
+]
 LOG_FILE = "metrics.jsonl"
 # Numeric keys of a metrics.jsonl line that are not loss parts. Keys ending in "_s"
 # (seconds, per-second throughput) are skipped too.
@@ -93,6 +104,27 @@ def _is_number(x: Any) -> bool:
 
 
 BREAKDOWNS = {"per_instruction": "instruction", "per_direction": "direction"}  # eval.json sections a report tabulates
+
+
+def _task_lines(report: dict[str, Any], line) -> list[str]:
+    """The per-task table (a row per task: each run's value and, for the others, retention vs the reference) when
+    some run has a speech task; else nothing."""
+    runs = report["runs"]
+    if not any(k in run["metrics"] for run in runs for k in ("wer", "spoken_vqa_accuracy")):
+        return []
+    ref = next(run for run in runs if run["name"] == report["reference"])
+    others = [run for run in runs if run is not ref]
+    header = ["task", ref["name"], *[c for run in others for c in (run["name"], f"{run['name']} retention")]]
+    parts = ["Per task (retention = run ÷ reference; for WER / CER reference ÷ run):", "", line(header), line(["---"] * len(header))]
+    for key, task in TASK_ROWS:
+        if not any(key in run["metrics"] for run in runs):
+            continue
+        cells = [task, _num(ref["metrics"].get(key))]
+        for run in others:
+            kept = run.get("retention", {}).get(key)
+            cells += [_num(run["metrics"].get(key)), _num(None if kept is None else kept * 100, "{:.1f}%")]
+        parts.append(line(cells))
+    return parts + [""]
 
 
 def _breakdown_lines(report: dict[str, Any], line) -> list[str]:
@@ -222,7 +254,9 @@ def build_report(
         if run is ref:
             continue
         run["retention"] = {
-            k: v / ref["metrics"][k] for k, v in run["metrics"].items() if ref["metrics"].get(k, 0.0) > 0
+            k: (ref["metrics"][k] / v if k in LOWER_IS_BETTER else v / ref["metrics"][k])
+            for k, v in run["metrics"].items()
+            if ref["metrics"].get(k, 0.0) > 0 and (v > 0 or k not in LOWER_IS_BETTER)
         }
         run["speedup"] = {
             k: ref["latency_ms"][k] / v for k, v in run["latency_ms"].items() if k in ref["latency_ms"] and v > 0
@@ -338,6 +372,8 @@ def _legend(report: dict[str, Any], trained: bool) -> list[str]:
         "Columns:",
         "- params: parameter count; size on disk: the model folder's files (weights, tokenizer, config).",
         "- metric columns: the family's evaluation on the same held-out records, higher is better"
+        + (" except wer / cer (speech recognition error rates, lower is better; their retention is the reference's ÷ the run's)"
+           if any(m in LOWER_IS_BETTER for m in report["metric_names"]) else "")
         + (" (R@k in percent; i2t: each distinct image ranks the distinct captions; t2i: each distinct caption ranks the images)."
            if any(m.startswith("i2t_") for m in report["metric_names"]) else "."),
         f"- latency ms: median model time per batch at each batch size (bs1, bs32) or per query / sample; "
@@ -372,6 +408,7 @@ def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None, r
     if report["summary"]:
         parts += [*report["summary"], ""]
     parts += _legend(report, any(run.get("training") for run in report["runs"]))
+    parts += _task_lines(report, line)
     parts += _breakdown_lines(report, line)
     if retention_plot:
         parts += [f"![{report['headline']} per run]({retention_plot})", ""]

@@ -14,6 +14,10 @@ Conventions
   captions are tokenised in Python by :func:`simple_tokenize` instead.
 * ``bleu4`` is ``sacrebleu.corpus_bleu`` (0–100, sacrebleu's default 13a tokenisation).
 * ``rouge_l`` is ``rouge_score``'s ROUGE-L F-measure (0–1), max over references, mean over items.
+* ``wer`` / ``cer`` wrap ``jiwer`` (corpus-level: all word / character edits over all reference
+  words / characters) on transcripts normalised by :func:`normalize_transcript` (lower case,
+  punctuation dropped, whitespace collapsed), for the items of skill ``asr`` (speech transcription).
+  Lower is better; they are percentages and can exceed 100.
 * ``score_generations`` reports everything as percentages (0–100) except CIDEr (CIDEr-D's ×10
   scale) and BLEU-4 (already 0–100), matching :mod:`mmdistill.evaluate.generative`.
 """
@@ -33,10 +37,17 @@ __all__ = [
     "bleu4",
     "rouge_l",
     "score_generations",
+    "normalize_transcript",
+    "wer",
+    "cer",
     "CAPTION_SKILL",
+    "ASR_SKILL",
+    "SPOKEN_PREFIX",
 ]
 
 CAPTION_SKILL = "caption"
+ASR_SKILL = "asr"  # speech transcription items: scored by WER / CER, not VQA accuracy
+SPOKEN_PREFIX = "spoken_"  # spoken-question items (skill spoken_<skill>): VQA accuracy, also reported apart
 NO_SKILL = "none"
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +348,41 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str] | str
 
 
 # ---------------------------------------------------------------------------------------------
+# speech transcription
+
+
+_TRANSCRIPT_DROP = re.compile(r"[^\w\s']")
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower case, punctuation dropped (apostrophes kept), whitespace collapsed: 'The text "AB".' -> 'the text ab'."""
+    return " ".join(_TRANSCRIPT_DROP.sub(" ", str(text).lower()).split())
+
+
+def _edit_rate(measure, predictions: Sequence[str], references: Sequence[str]) -> float:
+    _check_lengths(predictions, references)
+    pairs = [(normalize_transcript(r), normalize_transcript(p)) for p, r in zip(predictions, references)]
+    pairs = [(r, p) for r, p in pairs if r]  # jiwer refuses empty references; such an item has no words to get wrong
+    if not pairs:
+        raise ValueError("no reference transcript with a word in it")
+    return 100.0 * float(measure([r for r, _ in pairs], [p for _, p in pairs]))
+
+
+def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate in percent (jiwer.wer over normalised transcripts)."""
+    import jiwer
+
+    return _edit_rate(jiwer.wer, predictions, references)
+
+
+def cer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus character error rate in percent (jiwer.cer over normalised transcripts)."""
+    import jiwer
+
+    return _edit_rate(jiwer.cer, predictions, references)
+
+
+# ---------------------------------------------------------------------------------------------
 # everything together
 
 
@@ -369,12 +415,15 @@ def score_generations(items: Sequence[dict]) -> dict[str, Any]:
     compute it on is None):
 
     * ``n_items``, ``empty_predictions`` (predictions that are empty after stripping);
-    * ``vqa_accuracy``, ``exact_match``: means over the non-caption items (``vqa_items`` of them);
+    * ``vqa_accuracy``, ``exact_match``: means over the question items: neither caption nor ``asr``
+      (``vqa_items`` of them); with spoken questions (skills ``spoken_<skill>``) also
+      ``spoken_vqa_accuracy`` over those and ``text_vqa_accuracy`` over the others;
+    * ``wer``, ``cer`` (lower is better): over the ``asr`` items (``asr_items``), when any;
     * ``cider``, ``bleu4``, ``rouge_l``: over the caption items (skill "caption") when any exist,
       else over all items; ``caption_items`` is the number of caption items and
       ``text_metrics_over`` says which set was used ("caption" or "all");
     * ``per_skill``: ``{skill: {"n", "vqa_accuracy", "exact_match"}}`` over the non-caption items
-      with that skill, and for "caption" ``{"n", "cider", "bleu4", "rouge_l"}``. Items without
+      with that skill, for "caption" ``{"n", "cider", "bleu4", "rouge_l"}``, for "asr" ``{"n", "wer", "cer"}``. Items without
       skills are grouped under "none"; an item with several skills counts in each;
     * when any item has a (non-None) ``teacher``: ``agreement`` = % of those items whose normalised
       prediction equals the normalised teacher answer, ``teacher_items`` (their number) and
@@ -390,10 +439,13 @@ def score_generations(items: Sequence[dict]) -> dict[str, Any]:
         skills.append(_skills(it))
     n = len(preds)
     is_caption = [CAPTION_SKILL in s for s in skills]
+    is_asr = [ASR_SKILL in s for s in skills]
 
     vqa = [vqa_accuracy(p, r) for p, r in zip(preds, refs)]
     em = [exact_match(p, r) for p, r in zip(preds, refs)]
-    qa_idx = [i for i in range(n) if not is_caption[i]]
+    qa_idx = [i for i in range(n) if not is_caption[i] and not is_asr[i]]
+    asr_idx = [i for i in range(n) if is_asr[i] and not is_caption[i]]
+    spoken_idx = [i for i in qa_idx if any(s.startswith(SPOKEN_PREFIX) for s in skills[i])]
     cap_idx = [i for i in range(n) if is_caption[i]]
     text_idx = cap_idx if cap_idx else list(range(n))
 
@@ -407,6 +459,15 @@ def score_generations(items: Sequence[dict]) -> dict[str, Any]:
         "text_metrics_over": "caption" if cap_idx else "all",
     }
     out.update(_text_metrics([preds[i] for i in text_idx], [refs[i] for i in text_idx]))
+    if spoken_idx:
+        spoken = set(spoken_idx)
+        out["spoken_vqa_items"] = len(spoken_idx)
+        out["spoken_vqa_accuracy"] = _mean_pct(vqa[i] for i in spoken_idx)
+        out["text_vqa_accuracy"] = _mean_pct(vqa[i] for i in qa_idx if i not in spoken)
+    if asr_idx:
+        out["asr_items"] = len(asr_idx)
+        out["wer"] = wer([preds[i] for i in asr_idx], [refs[i][0] for i in asr_idx])
+        out["cer"] = cer([preds[i] for i in asr_idx], [refs[i][0] for i in asr_idx])
 
     skill_names = sorted({s for ss in skills for s in ss})
     per_skill: dict[str, dict[str, Any]] = {}
@@ -414,6 +475,9 @@ def score_generations(items: Sequence[dict]) -> dict[str, Any]:
         if skill == CAPTION_SKILL:
             idx = cap_idx
             per_skill[skill] = {"n": len(idx), **_text_metrics([preds[i] for i in idx], [refs[i] for i in idx])}
+        elif skill == ASR_SKILL:
+            if asr_idx:
+                per_skill[skill] = {"n": len(asr_idx), "wer": out["wer"], "cer": out["cer"]}
         else:
             idx = [i for i in qa_idx if skill in skills[i]]
             if not idx:

@@ -397,7 +397,8 @@ class FeatureDistillTerm(nn.Module):
     """MSE / cosine between a named feature of student and teacher (``Signals.features[feature]``).
 
     Holds a ``FeatureProjector`` when the widths differ. Per-position features use ``student.mask``
-    when its shape matches. -> []
+    when its shape matches; per-sample features [B, D] use ``batch[sample_mask]`` [B] bool when
+    ``sample_mask`` is given and the batch has it (e.g. ``has_audio``: only the samples with a clip count). -> []
     """
 
     def __init__(
@@ -408,11 +409,13 @@ class FeatureDistillTerm(nn.Module):
         *,
         kind: str = "mse",
         normalize: bool = False,
+        sample_mask: str | None = None,
     ) -> None:
         super().__init__()
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature term {feature!r}: kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
         self.feature = feature
+        self.sample_mask = sample_mask
         self.loss = FeatureLoss(kind, student_dim=student_dim, teacher_dim=teacher_dim, normalize=normalize)
 
     def forward(self, student: Signals, teacher: Signals | None, batch: dict, progress: float) -> Tensor:
@@ -423,4 +426,6 @@ class FeatureDistillTerm(nn.Module):
         teacher.require(f"features.{self.feature}", who=who + ", teacher")
         s, t = student.features[self.feature], teacher.features[self.feature]
         mask = student.mask if s.dim() == 3 and student.mask is not None and student.mask.shape == s.shape[:2] else None
+        if s.dim() == 2 and self.sample_mask is not None and batch.get(self.sample_mask) is not None:
+            mask = batch[self.sample_mask].to(s.device)
         return self.loss(s, t, mask)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data.audio import DEFAULT_SAMPLING_RATE, AudioError
 from ..data.records import RecordError
 from ..signals import Signals
 from .contrastive import PairingError, apply_overrides
@@ -39,6 +40,9 @@ __all__ = [
     "check_pairing",
     "hidden_size",
     "vision_feature_size",
+    "audio_feature_size",
+    "has_audio_tower",
+    "check_audio",
     "num_text_layers",
     "scratch_student",
     "inherit_student",
@@ -123,9 +127,22 @@ def _image_token(processor) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def _messages(prompt: str, n_images: int, response: str | None) -> list[dict]:
-    """Chat messages; without images the content is a plain string (what text-only chat templates read)."""
-    user = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+def _audio_token(processor) -> str | None:
+    t = getattr(processor, "audio_token", None)
+    return t if isinstance(t, str) else None
+
+
+def audio_sampling_rate(processor) -> int | None:
+    """The sampling rate the processor's audio feature extractor takes, or None when it takes no audio."""
+    fe = getattr(processor, "feature_extractor", None)
+    if fe is None or _audio_token(processor) is None:
+        return None
+    return int(getattr(fe, "sampling_rate", None) or DEFAULT_SAMPLING_RATE)
+
+
+def _messages(prompt: str, n_images: int, response: str | None, n_audio: int = 0) -> list[dict]:
+    """Chat messages; without images or audio the content is a plain string (what text-only chat templates read)."""
+    user = [{"type": "image"} for _ in range(n_images)] + [{"type": "audio"} for _ in range(n_audio)] + [{"type": "text", "text": prompt}]
     parts = len(user) > 1  # any media part
     msgs = [{"role": "user", "content": user if parts else prompt}]
     if response is not None:
@@ -148,6 +165,7 @@ def encode_chat(
     records: Sequence,
     images: Sequence[Sequence],
     *,
+    audios: Sequence[Sequence] | None = None,
     response_field: str = "response",
     max_length: int | None = None,
     path: str = "<data>",
@@ -155,13 +173,19 @@ def encode_chat(
     """A right-padded training batch for chat records and their loaded images (one list per record; an empty list
     for a text-only record, and `processor` may then be a plain tokenizer: a text-only causal LM).
 
+    ``audios``: one list of clips (float arrays at the processor's sampling rate) per record, for records
+    with ``audio``; None loads them from the records. A record with audio given to a processor that takes
+    none (no feature extractor / audio token) is a RecordError on its ``audio`` field.
+
     Returns the model's own inputs (``input_ids``, ``attention_mask``, ``pixel_values``,
-    ``image_grid_thw``, ``mm_token_type_ids`` when the processor makes it, ...) plus:
+    ``image_grid_thw``, ``mm_token_type_ids`` when the processor makes it, ``input_features`` and
+    ``feature_attention_mask`` for audio, ...) plus:
 
     - ``labels [B, T]``: -100 except at the response tokens and the closing end-of-turn token
     - ``response_ids [B, R]`` long: those target ids, left-aligned, padded with 0
     - ``response_positions [B, R]`` long: index of the logits that predict each (its index - 1), padded with 0
     - ``response_mask [B, R]`` bool
+    - ``has_image [B]``, ``has_audio [B]`` bool: which samples carry an image / a clip (feature terms count only those)
 
     R is the longest response (+ end-of-turn) in the batch. Raises RecordError (one line, naming
     the record's line and field) for a missing/empty response, a wrong number of images, a chat
@@ -174,24 +198,52 @@ def encode_chat(
     tok = _tokenizer(processor)
     eot = _end_of_turn_id(tok)
     img_tok = _image_token(processor)
+    aud_tok = _audio_token(processor)
+    rate = audio_sampling_rate(processor)
+    if audios is not None and len(audios) != len(records):
+        raise ValueError(f"encode_chat: {len(records)} records but {len(audios)} audio lists")
     texts: list[str] = []
     flat_images: list = []
+    flat_audio: list = []
+    has_image: list[bool] = []
+    has_audio: list[bool] = []
     tails: list[list[int]] = []  # per record: the token ids after the prompt (response + end of turn + template tail)
     spans: list[int] = []  # per record: how many of those are labelled (response + end of turn)
-    for rec, imgs in zip(records, images):
+    for k, (rec, imgs) in enumerate(zip(records, images)):
         line = getattr(rec, "line", 0)
         imgs = list(imgs or [])
         field = _image_field(rec)
+        refs = rec.audio_refs() if hasattr(rec, "audio_refs") else []
+        if refs and rate is None:
+            raise RecordError(
+                path, line, "audio",
+                f"the record carries audio but {type(processor).__name__} takes none (no audio feature extractor); "
+                "give audio records to a model with an audio tower (e.g. a Qwen3-Omni thinker)",
+            )
+        if audios is not None:
+            clips = list(audios[k] or [])
+        else:
+            try:
+                clips = rec.load_audio(sampling_rate=rate) if refs else []
+            except AudioError as e:
+                raise RecordError(path, line, "audio", str(e)) from None
+        if len(clips) != len(refs):
+            raise RecordError(path, line, "audio", f"the record names {len(refs)} audio clip(s) but {len(clips)} were loaded")
         expected = len(rec.image_list) if hasattr(rec, "image_list") else len(imgs)
-        if len(imgs) != expected:  # no image at all: a text-only record
+        if len(imgs) != expected:  # no image at all: a text-only (or audio-only) record
             raise RecordError(path, line, field, f"the record names {expected} image(s) but {len(imgs)} were loaded")
         response = getattr(rec, response_field, None)
         if response is None or not str(response).strip():
             what = "is missing" if response is None else "is empty"
             hint = " (generate teacher responses first)" if response_field == "teacher_response" and response is None else ""
             raise RecordError(path, line, response_field, f"{what}; the chat record needs a response to train on{hint}")
-        full = processor.apply_chat_template(_messages(rec.prompt, len(imgs), str(response)), tokenize=False)
-        prompt = processor.apply_chat_template(_messages(rec.prompt, len(imgs), None), tokenize=False, add_generation_prompt=True)
+        full = processor.apply_chat_template(_messages(rec.prompt, len(imgs), str(response), len(clips)), tokenize=False)
+        prompt = processor.apply_chat_template(_messages(rec.prompt, len(imgs), None, len(clips)), tokenize=False, add_generation_prompt=True)
+        if clips and aud_tok is not None and full.count(aud_tok) != len(clips):
+            raise RecordError(
+                path, line, "audio",
+                f"{len(clips)} audio clip(s) but the chat template places {full.count(aud_tok)} audio placeholder(s)",
+            )
         if img_tok is not None:
             placed = full.count(img_tok)
             if placed != len(imgs):
@@ -215,6 +267,9 @@ def encode_chat(
             raise RecordError(path, line, response_field, "the response tokenises to nothing")
         texts.append(full)
         flat_images.extend(imgs)
+        flat_audio.extend(clips)
+        has_image.append(bool(imgs))
+        has_audio.append(bool(clips))
         tails.append(tail)
         spans.append(n)
 
@@ -222,14 +277,17 @@ def encode_chat(
     add = not (bos is not None and texts[0].startswith(bos))
     # padding_side explicitly: the Omni processor defaults to left padding whatever the tokenizer says
     kwargs = dict(padding=True, padding_side="right", return_tensors="pt", add_special_tokens=add)
+    if flat_audio:
+        kwargs["sampling_rate"] = rate
     try:
-        enc = processor(text=texts, **({"images": flat_images} if flat_images else {}), **kwargs)  # a tokenizer takes no images
+        enc = processor(text=texts, **({"images": flat_images} if flat_images else {}), **({"audio": flat_audio} if flat_audio else {}), **kwargs)  # a tokenizer takes no images
     except ValueError as e:  # e.g. placeholder / image count mismatch inside the processor: find the record
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         culprit = records[0]
-        for rec, text, imgs in zip(records, texts, images):
+        for j, (rec, text, imgs) in enumerate(zip(records, texts, images)):
+            clips = [flat_audio[sum(has_audio[:j])]] if has_audio[j] else []
             try:
-                processor(text=[text], **({"images": list(imgs)} if imgs else {}), **kwargs)
+                processor(text=[text], **({"images": list(imgs)} if imgs else {}), **({"audio": clips} if clips else {}), **kwargs)
             except ValueError:
                 culprit = rec
                 break
@@ -265,14 +323,16 @@ def encode_chat(
         # only the template tail (after the closing token) and padding can lie beyond max_length
         keep = max_length
         for k in list(batch):
-            if batch[k].dim() == 2 and batch[k].shape[1] == T:
+            if batch[k].dim() == 2 and batch[k].shape[1] == T and k not in _AUDIO_INPUTS:
                 batch[k] = batch[k][:, :keep]
         labels = labels[:, :keep]
     batch.update(labels=labels, response_ids=resp_ids, response_positions=positions, response_mask=resp_mask)
+    batch.update(has_image=torch.tensor(has_image), has_audio=torch.tensor(has_audio))
     return batch
 
 
-_NOT_INPUTS = {"labels", "response_ids", "response_positions", "response_mask"}
+_NOT_INPUTS = {"labels", "response_ids", "response_positions", "response_mask", "has_image", "has_audio"}
+_AUDIO_INPUTS = {"input_features", "feature_attention_mask"}  # per clip, not per token: never cut at max_length
 
 
 def _accepted(fn) -> tuple[set[str], bool]:
@@ -321,16 +381,25 @@ def _image_token_id(model) -> int | None:
     return None
 
 
-def _vision_pooled(model, batch: dict[str, Tensor], tokens: Tensor) -> Tensor:
-    """Per-sample mean of the visual tokens fed to the LM: tokens [N, D] in placeholder order."""
+def _audio_token_id(model) -> int | None:
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        v = getattr(c, "audio_token_id", None) if c is not None else None
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _pooled_placeholders(model, batch: dict[str, Tensor], tokens: Tensor, *, token_id: int | None = None, what: str = "visual") -> Tensor:
+    """Per-sample mean of the visual (or audio) tokens fed to the LM: tokens [N, D] in placeholder order -> [B, D]
+    (zeros for a sample without any)."""
     ids = batch["input_ids"]
-    img_id = _image_token_id(model)
+    img_id = _image_token_id(model) if token_id is None else token_id
     if img_id is None:
-        raise ValueError(f"{type(model).__name__}: no image_token_id in the config; cannot pool the visual tokens")
+        raise ValueError(f"{type(model).__name__}: no {'image' if what == 'visual' else what}_token_id in the config; cannot pool the {what} tokens")
     placeholder = ids == img_id
     counts = placeholder.sum(1).tolist()
     if sum(counts) != tokens.shape[0]:
-        raise ValueError(f"{tokens.shape[0]} visual tokens for {sum(counts)} image placeholders")
+        raise ValueError(f"{tokens.shape[0]} {what} tokens for {sum(counts)} placeholders")
     out = tokens.new_zeros(ids.shape[0], tokens.shape[-1])
     for i, part in enumerate(torch.split(tokens, counts)):
         if part.shape[0]:
@@ -347,20 +416,21 @@ def forward_signals(
     ``response_mask`` [B, R]. features (only those asked): ``"text_hidden"`` = hidden_states[text_layer]
     at the response positions [B, R, D] (hidden_states[0] = embeddings, [-1] = the final normed
     state; a list of layers gives a dict {layer: [B, R, D]}); ``"vision_pooled"`` = per-sample mean
-    of the merged visual tokens fed to the LM [B, D_lm] (all images of a sample averaged together).
+    of the merged visual tokens fed to the LM [B, D_lm] (all images of a sample averaged together);
+    ``"audio_pooled"`` = per-sample mean of the audio tower's output tokens fed to the LM [B, D_audio]
+    (Qwen3-Omni). A sample without an image (clip) gets zeros there: ``batch["has_image"]`` /
+    ``batch["has_audio"]`` say which samples count.
     """
     features = tuple(features)
-    unknown = set(features) - {"text_hidden", "vision_pooled"}
+    unknown = set(features) - {"text_hidden", "vision_pooled", "audio_pooled"}
     if unknown:
-        raise ValueError(f"unknown generative features {sorted(unknown)}; choose from 'text_hidden', 'vision_pooled'")
+        raise ValueError(f"unknown generative features {sorted(unknown)}; choose from 'text_hidden', 'vision_pooled', 'audio_pooled'")
     base = _backbone(model)
     named, var_kw = _accepted(base.forward)
     # only what the backbone takes by name: the Omni thinker has no mm_token_type_ids parameter
     inputs = {k: v for k, v in batch.items() if k in named and k not in _NOT_INPUTS}
     visual = None
-    if "vision_pooled" in features:
-        if batch.get("pixel_values") is None:
-            raise ValueError("feature 'vision_pooled' needs pixel_values in the batch")
+    if "vision_pooled" in features and batch.get("pixel_values") is not None:
         if "image_grid_thw" in batch:  # Qwen-VL family
             enc = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         else:
@@ -372,7 +442,19 @@ def forward_signals(
     if "use_cache" in named or var_kw:
         inputs["use_cache"] = False
     want_hidden = "text_hidden" in features
-    out = base(**inputs, output_hidden_states=want_hidden, return_dict=True)
+    heard: list[Tensor] = []  # the audio tower's output tokens [N, D], caught on their way into the LM
+    hook = None
+    if "audio_pooled" in features:
+        tower = getattr(base, "audio_tower", None)
+        if tower is None:
+            raise ValueError(f"{type(model).__name__} has no audio tower; feature 'audio_pooled' needs one")
+        if batch.get("input_features") is not None:
+            hook = tower.register_forward_hook(lambda m, i, o: heard.append(o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0]))
+    try:
+        out = base(**inputs, output_hidden_states=want_hidden, return_dict=True)
+    finally:
+        if hook is not None:
+            hook.remove()
     pos = batch["response_positions"]
     last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = pos.unsqueeze(-1).expand(-1, -1, last.shape[-1]).to(last.device)
@@ -390,8 +472,16 @@ def forward_signals(
             h = hs[layer]
             picked_hidden[layer] = torch.gather(h, 1, idx.to(h.device))
         sig.features["text_hidden"] = picked_hidden if many else picked_hidden[text_layer]
+    B = pos.shape[0]
     if visual is not None:
-        sig.features["vision_pooled"] = _vision_pooled(model, batch, visual.to(last.device))
+        sig.features["vision_pooled"] = _pooled_placeholders(model, batch, visual.to(last.device))
+    elif "vision_pooled" in features:  # no image in this batch
+        sig.features["vision_pooled"] = last.new_zeros(B, vision_feature_size(model))
+    if heard:
+        tokens = heard[-1].reshape(-1, heard[-1].shape[-1]).to(last.device)
+        sig.features["audio_pooled"] = _pooled_placeholders(model, batch, tokens, token_id=_audio_token_id(model), what="audio")
+    elif "audio_pooled" in features:  # no clip in this batch
+        sig.features["audio_pooled"] = last.new_zeros(B, audio_feature_size(model))
     return sig
 
 
@@ -432,6 +522,32 @@ def vision_feature_size(model) -> int:
     vc = getattr(model.config, "vision_config", None)
     out = getattr(vc, "out_hidden_size", None) if vc is not None else None
     return int(out) if out else hidden_size(model)
+
+
+def has_audio_tower(model) -> bool:
+    """True when the model hears audio (an ``audio_config`` and an ``audio_tower``, e.g. the Qwen3-Omni thinker)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    base = getattr(model, "model", model)
+    return getattr(model.config, "audio_config", None) is not None and getattr(base, "audio_tower", None) is not None
+
+
+def audio_feature_size(model) -> int:
+    """The width of ``audio_pooled``: the audio tower's output (the LM width for the Qwen3-Omni thinker)."""
+    ac = getattr(model.config, "audio_config", None)
+    out = getattr(ac, "output_dim", None) if ac is not None else None
+    return int(out) if out else hidden_size(model)
+
+
+def check_audio(model, name: str, records: Sequence, path: str) -> None:
+    """A RecordError naming the first record with audio and the model when `model` has no audio tower."""
+    first = next((r for r in records if getattr(r, "audio", None) is not None), None)
+    if first is not None and not has_audio_tower(model):
+        raise RecordError(
+            path, first.line, "audio",
+            f"the data carries audio but the model {name!r} ({type(model).__name__}) has no audio tower; "
+            "use a model that hears audio (e.g. a Qwen3-Omni thinker) or drop the audio records",
+        )
 
 
 def num_text_layers(model) -> int:

@@ -38,14 +38,16 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 # A Qwen-style chat template (the wheel ships none): content is a string or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts; images become the vision span
-# that the processor expands to the right number of <|image_pad|> tokens.
+# {"type": "image"} / {"type": "audio"} / {"type": "text", "text": ...} parts; images become the vision
+# span that the processor expands to the right number of <|image_pad|> tokens, audio clips the audio
+# span (<|audio_pad|>, expanded by the Omni processor from the clip's length).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\n' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' or 'image' in part -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'audio' or 'audio' in part -%}{{- '<|audio_start|><|audio_pad|><|audio_end|>' -}}"
     "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
@@ -56,10 +58,11 @@ CHAT_TEMPLATE = (
 
 # Text / vision widths of the tiny presets. head_dim 32 -> mrope [8, 4, 4]; 16 -> [4, 2, 2].
 VLM_PRESETS: dict[str, dict[str, Any]] = {
-    "vlm-teacher": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384, v_hidden=64, v_depth=2, v_heads=4, v_mlp=128),
-    "vlm-student": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=160, v_hidden=32, v_depth=1, v_heads=2, v_mlp=64),
-    "vlm-nano": dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, mlp=64, v_hidden=16, v_depth=1, v_heads=1, v_mlp=32),
+    "vlm-teacher": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384, v_hidden=64, v_depth=2, v_heads=4, v_mlp=128, a_hidden=64, a_layers=2, a_heads=4, a_mlp=128),
+    "vlm-student": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=160, v_hidden=32, v_depth=1, v_heads=2, v_mlp=64, a_hidden=32, a_layers=1, a_heads=2, a_mlp=64),
+    "vlm-nano": dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, mlp=64, v_hidden=16, v_depth=1, v_heads=1, v_mlp=32, a_hidden=16, a_layers=1, a_heads=2, a_mlp=32),
 }
+# a_*: the Qwen3-Omni thinker's audio tower (Whisper-style encoder over 128 mel bins; output_dim = the LM width)
 
 VLM_KINDS = ("qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_omni_thinker")
 
@@ -255,15 +258,15 @@ def vlm_config(kind: str, tokenizer, preset: str = "vlm-student", patch_size: in
         vision = _qwen3_vision(p, patch_size, merge)
         audio = dict(
             num_mel_bins=128,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            d_model=16,
+            encoder_layers=p["a_layers"],
+            encoder_attention_heads=p["a_heads"],
+            encoder_ffn_dim=p["a_mlp"],
+            d_model=p["a_hidden"],
             output_dim=p["hidden"],
             n_window=50,
             n_window_infer=100,
             conv_chunksize=50,
-            downsample_hidden_size=16,
+            downsample_hidden_size=p["a_hidden"],
             max_source_positions=1500,
         )
         ids_omni = dict(

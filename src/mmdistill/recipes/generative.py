@@ -13,7 +13,9 @@ Loss terms (``loss.terms``):
   forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; ``temperature`` number or schedule;
   ``scale_t2``; ``chunk_size`` positions per chunk; ``beta`` / ``alpha``).
 - ``vision``: MSE between the pooled merged visual tokens of student and teacher (learned
-  projection when widths differ).
+  projection when widths differ); only samples with an image count.
+- ``audio``: the same for the audio tower's output tokens (Qwen3-Omni thinker; options ``kind``,
+  ``normalize``); only samples with an audio clip count.
 - ``text``: cosine between hidden states at response tokens, for each pair of a layer map
   (``layers: [[student_layer, teacher_layer], ...]``, default ``[[-2, -2]]``, the penultimate).
 """
@@ -36,8 +38,9 @@ from ..losses.features import FeatureLoss
 from ..signals import Signals
 from .common import build_recipe, check_run_dir, evaluate_with, freeze, gradient_checkpointing, make_accelerator, save_loss_modules, train_summary, write_run_dir
 
-TEACHER_TERMS = ("kd", "vision", "text")
-GENERATIVE_TERMS = ("sft", "kd", "vision", "text")
+TEACHER_TERMS = ("kd", "vision", "audio", "text")
+GENERATIVE_TERMS = ("sft", "kd", "vision", "audio", "text")
+_POOLED = {"vision": ("vision_pooled", "has_image"), "audio": ("audio_pooled", "has_audio")}  # term -> (feature, sample mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +144,14 @@ def build_generative_loss(terms: dict[str, dict[str, Any]], *, student_dims: dic
             elif name == "kd":
                 divergence = spec.pop("divergence", "forward_kl")
                 fn = LogitDistillTerm(divergence, **spec)
-            elif name == "vision":
+            elif name in _POOLED:
                 unknown = sorted(set(spec) - {"kind", "normalize"})
                 if unknown:
                     raise ValueError(f"unknown option(s) {unknown}; valid: kind, normalize")
-                fn = FeatureDistillTerm("vision_pooled", student_dims["vision"], teacher_dims["vision"], kind=spec.get("kind", "mse"), normalize=spec.get("normalize", False))
+                feature, present = _POOLED[name]
+                if name not in student_dims or name not in teacher_dims:
+                    raise ValueError(f"the {'student' if name not in student_dims else 'teacher'} has no {name} tower")
+                fn = FeatureDistillTerm(feature, student_dims[name], teacher_dims[name], kind=spec.get("kind", "mse"), normalize=spec.get("normalize", False), sample_mask=present)
             else:
                 unknown = sorted(set(spec) - {"layers", "kind"})
                 if unknown:
@@ -163,7 +169,7 @@ def wanted_features(loss: CompositeLoss) -> tuple[dict[str, Any], dict[str, Any]
     t: dict[str, Any] = {}
     for fn in loss.term_modules.values():
         if isinstance(fn, FeatureDistillTerm):
-            s["vision_pooled"] = t["vision_pooled"] = True
+            s[fn.feature] = t[fn.feature] = True
         if isinstance(fn, LayerMapTextTerm):
             s.setdefault("text_layers", []).extend(fn.student_layers())
             t.setdefault("text_layers", []).extend(fn.teacher_layers())
@@ -201,7 +207,9 @@ class GenerativeStep(nn.Module):
     def _signals(self, model, proc, recs, imgs, feats, device) -> tuple[Signals, dict]:
         from ..models import generative as gm
 
-        batch = gm.encode_chat(proc, recs, imgs, response_field=self.response_field, max_length=self.max_length, path=self.path)
+        rate = gm.audio_sampling_rate(proc)  # each model hears the clips at its own processor's rate
+        auds = [self.images.audio(r, rate) if rate is not None else [] for r in recs]
+        batch = gm.encode_chat(proc, recs, imgs, audios=auds, response_field=self.response_field, max_length=self.max_length, path=self.path)
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
             model = model.get_base_model()
@@ -231,7 +239,7 @@ def signals_with_features(model, batch: dict, feats: dict[str, Any]) -> Signals:
     from ..models import generative as gm
 
     layers = sorted(set(feats.get("text_layers", [])))
-    names = (["vision_pooled"] if feats.get("vision_pooled") else []) + (["text_hidden"] if layers else [])
+    names = [f for f in ("vision_pooled", "audio_pooled") if feats.get(f)] + (["text_hidden"] if layers else [])
     sig = gm.forward_signals(model, batch, features=tuple(names), text_layer=layers)  # a list: {layer: [B, R, D]}
     for layer, hidden in (sig.features.pop("text_hidden") if layers else {}).items():
         sig.features[f"text@{layer}"] = hidden
@@ -312,7 +320,10 @@ def set_trainable(model, which: str) -> None:
 def dims(model) -> dict[str, int]:
     from ..models import generative as gm
 
-    return {"hidden": gm.hidden_size(model), "vision": gm.vision_feature_size(model)}
+    out = {"hidden": gm.hidden_size(model), "vision": gm.vision_feature_size(model)}
+    if gm.has_audio_tower(model):
+        out["audio"] = gm.audio_feature_size(model)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +377,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     try:
         student, s_proc = build_student(build_recipe(recipe, store), teacher, t_proc, records)
         if teacher is not None:
+            gm.check_audio(teacher, recipe.teacher.model, records, path)
             gm.check_pairing(teacher, t_proc, student, s_proc, need_logits="kd" in terms)
+        gm.check_audio(student, recipe.student.model or f"{recipe.student.init} {recipe.student.arch or ''}".strip(), records, path)
         if store is not None and "kd" in terms:
             vocab = store.constants.get("vocab")
             if vocab is not None and vocab != gm._out_vocab(student):

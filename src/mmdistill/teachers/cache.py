@@ -35,7 +35,7 @@ def _features(recipe: Recipe) -> dict[str, Any]:
     names = set(recipe.loss.terms)
     if recipe.family == "generative":
         layers = sorted({int(pair[1]) for pair in recipe.loss.terms["text"].options.get("layers", [[-2, -2]])}) if "text" in names else []
-        return {"vision_pooled": "vision" in names, "text_layers": layers}
+        return {"vision_pooled": "vision" in names, "text_layers": layers, **({"audio_pooled": True} if "audio" in names else {})}
     if recipe.family == "reranker":
         from ..losses.ranking import RANKING_TERMS
 
@@ -98,7 +98,9 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
     teacher.eval().to(device)
     feats = _features(recipe)
     gen = torch.Generator().manual_seed(seed)
-    constants = {"vocab": int(teacher.lm_head.out_features), "dims": {"hidden": gm.hidden_size(teacher), "vision": gm.vision_feature_size(teacher)}}
+    from ..recipes.generative import dims
+
+    constants = {"vocab": int(teacher.lm_head.out_features), "dims": dims(teacher)}
     betas = tail_betas(tail_temperatures) if tail_temperatures else None  # settings_of: top-k stores of a tempered KD term
     if betas:
         constants["tail_betas"] = betas
@@ -130,7 +132,7 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
             if grid is not None:
                 row["tail_grid"] = grid[i][m].float()
             for name, value in sig.features.items():
-                row[f"features.{name}"] = (value[i] if name == "vision_pooled" else value[i][m.to(value.device)]).to(dtype).cpu()
+                row[f"features.{name}"] = (value[i] if name in ("vision_pooled", "audio_pooled") else value[i][m.to(value.device)]).to(dtype).cpu()
             rows.append(row)
         return rows
 

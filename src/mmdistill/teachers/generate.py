@@ -160,22 +160,36 @@ class LocalGenerator:
                 ids.add(self.tokenizer.convert_tokens_to_ids(t))
         return ids
 
-    def prompt_text(self, prompt: str, n_images: int) -> str:
-        """The chat-template text for one user turn (images first) with the generation prompt."""
+    def prompt_text(self, prompt: str, n_images: int, n_audio: int = 0) -> str:
+        """The chat-template text for one user turn (images, then audio clips, first) with the generation prompt."""
         from ..models.generative import _messages
 
-        return self.processor.apply_chat_template(_messages(prompt, n_images, None), add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(_messages(prompt, n_images, None, n_audio), add_generation_prompt=True, tokenize=False)
 
     def encode(self, records: Sequence, images: Sequence[Sequence]) -> dict:
-        """The left-padded model inputs for `records` (tensors on the model's device)."""
+        """The left-padded model inputs for `records` (tensors on the model's device); a record's audio clip is read
+        from its file at the processor's sampling rate (a model without an audio tower: TeacherError naming it)."""
         import torch
+
+        from ..data.audio import AudioError
+        from ..models.generative import audio_sampling_rate, has_audio_tower
 
         if len(records) != len(images):
             raise ValueError(f"{len(records)} records but {len(images)} image lists")
-        texts, flat = [], []
+        texts, flat, clips = [], [], []
+        rate = audio_sampling_rate(self.processor)
         for rec, imgs in zip(records, images):
             imgs = list(imgs or [])
-            text = self.prompt_text(rec.prompt, len(imgs))
+            auds: list = []
+            if getattr(rec, "audio", None) is not None:
+                if rate is None or not has_audio_tower(self.model):
+                    raise TeacherError(f"the record carries audio but the model {self.name!r} ({type(self.model).__name__}) has no audio tower")
+                try:
+                    auds = rec.load_audio(sampling_rate=rate)
+                except AudioError as e:
+                    raise TeacherError(str(e)) from None
+            clips.extend(auds)
+            text = self.prompt_text(rec.prompt, len(imgs), len(auds))
             if self._image_token and text.count(self._image_token) != len(imgs):
                 raise TeacherError(
                     f"{len(imgs)} image(s) but the chat template places {text.count(self._image_token)} "
@@ -185,8 +199,9 @@ class LocalGenerator:
             flat.extend(imgs)
         bos = self.tokenizer.bos_token
         add = not (bos is not None and texts[0].startswith(bos))  # templates that write the BOS themselves
+        audio = {"audio": clips, "sampling_rate": rate} if clips else {}
         enc = self.processor(  # a text-only model's processor is its tokenizer: no images argument
-            text=texts, **({"images": flat} if flat else {}), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=add
+            text=texts, **({"images": flat} if flat else {}), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=add, **audio
         )
         return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
@@ -519,6 +534,8 @@ def _out_record(record: ChatRecord, gen: Generation, *, key: str, model: str, ou
         obj["image"] = _rewrite_ref(record.image, base, out_dir)
     elif record.images is not None:
         obj["images"] = [_rewrite_ref(r, base, out_dir) for r in record.images]
+    if record.audio is not None:
+        obj["audio"] = _rewrite_ref(record.audio, base, out_dir)
     obj["teacher_response"] = gen.text
     if record.difficulty is None:
         derived = derive_difficulty(gen.mean_logprob, thresholds)
