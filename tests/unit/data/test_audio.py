@@ -123,11 +123,11 @@ def test_records_with_audio(tmp_path):
         {"audio": 3, "prompt": "p", "response": "x"},
     ])
     records, errors = read_records(f, on_error="skip")
-    assert [r.line for r in records] == [1, 2]  # bad.wav exists: only decoding finds it
+    assert [r.line for r in records] == [1, 2, 4]  # bad.wav exists: only decoding finds it; line 4 is a text-only chat
     assert records[0].audio_refs() == [("audio", "ok.wav")] and records[0].image_list == []
     by_line = {e.line: e for e in errors}
     assert by_line[3].field == "audio" and "escapes the data folder" in str(by_line[3])
-    assert by_line[4].field == "image" and '"audio"' in by_line[4].message
+    assert 4 not in by_line and records[2].audio_refs() == [] and records[2].image_list == []
     assert by_line[5].field == "audio" and "expected a string" in by_line[5].message
     # check_file decodes: the corrupt clip is named with its file, line and field
     found = [str(e) for e in check_file(f, decode_images=True)]
@@ -138,6 +138,6 @@ def test_records_with_audio(tmp_path):
         load_chat(two, "response", "fail", None, ImageCache(), log=lambda *_: None)
     cache = ImageCache()
     kept, errs = load_chat(f, "response", "skip", None, cache, log=lambda *_: None)
-    assert [r.line for r in kept] == [1] and any(e.line == 2 and e.field == "audio" for e in errs)
+    assert [r.line for r in kept] == [1, 4] and any(e.line == 2 and e.field == "audio" for e in errs)
     clip = cache.audio(kept[0])[0]
     assert clip.shape == (4800,) and cache.audio(kept[0])[0] is clip  # cached
