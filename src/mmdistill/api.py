@@ -374,6 +374,10 @@ def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
 def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:
     """ShapesWorld (or the user's `data` folder) end to end: teacher, student without and with KD, one report."""
     out = Path(out)
+    if family == "pipeline":
+        if data is not None:
+            raise RecipeError("demo --family pipeline runs on ShapesWorld; for your data, edit a copy of configs/" + PIPELINE_DEMO + " and run `mmdistill pipeline`")
+        return demo_pipeline(out, n=n, quick=quick, seed=seed, log=log)
     recipes = demo_recipes(out, family=family, quick=quick, seed=seed, data=data)
     if data is None and not (out / "data" / "summary.json").is_file():
         log(f"generating ShapesWorld ({n} images) in {out / 'data'}")
@@ -445,6 +449,41 @@ def prune(model_dir: str | Path, out: str | Path, *, experts: float | None = Non
     from .compress.apply import prune_folder
 
     return prune_folder(model_dir, out, experts=experts, method=method, drop_layers=drop_layers, width=width, calibration=calibration, max_samples=max_samples, overwrite=overwrite, log=log)
+
+
+def pipeline(config: str | Path, overrides: list[str] | None = None, *, until: str | None = None, log: Callable = print) -> dict[str, Any]:
+    """Run (or resume) a prune -> distill -> quantize -> evaluate pipeline YAML; see pipeline.py."""
+    from .pipeline import run_pipeline
+
+    return run_pipeline(config, overrides, until=until, log=log)
+
+
+PIPELINE_DEMO = "pipeline/reranker-prune-distill-quantize.yaml"
+
+
+def demo_pipeline(out: Path, *, n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
+    """ShapesWorld, the reranker teacher (and the VLM it starts from) as the reranker demo trains them, then the shipped
+    reranker pipeline on it: prune -> heal -> int8 -> evaluate, one report (out/pipeline/report)."""
+    from .config import load_pipeline
+    from .pipeline import run_pipeline
+
+    recipes = demo_recipes(out, family="reranker", quick=quick, seed=seed)
+    teachers = {k: recipes[k] for k in ("vlm-teacher", "teacher")}
+    if not (out / "data" / "summary.json").is_file():
+        log(f"generating ShapesWorld ({n} images) in {out / 'data'}")
+        synth(out / "data", n=n, seed=seed)
+    train_stages(teachers, log=log)
+    sets = [f"output_dir={out / 'pipeline'}", f"seed={seed}", f"original.model={teachers['teacher'].output_dir / 'model'}", "original.train=[]",
+            f"data.train={out / 'data' / 'rerank_train.jsonl'}", f"data.val={out / 'data' / 'rerank_test.jsonl'}"]
+    cfg = load_pipeline(shipped_config(PIPELINE_DEMO), sets)
+    if quick:
+        for s in cfg.stages:
+            if s.distill is not None:
+                s.distill.overrides = {**s.distill.overrides, "train.max_steps": 6, "train.batch_size": 4, "train.warmup_steps": 1, "train.save_every": 3, "train.log_every": 2, "data.max_records": 32}
+            if s.prune is not None:
+                s.prune.calibration = 8
+        cfg.eval.max_items, cfg.eval.repeats, cfg.eval.batch = 16, 2, 4
+    return run_pipeline(cfg, log=log)
 
 
 def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False) -> dict[str, Any]:

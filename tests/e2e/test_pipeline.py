@@ -1,0 +1,123 @@
+"""`mmdistill pipeline` on a tiny ShapesWorld reranker: prune -> heal -> int8 -> evaluate, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def mmd(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def write(path: Path, d: dict) -> Path:
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    mmd("data", "synth", root / "data", "--n", 100, "--seed", 3)
+    data = {"train": str(root / "data/rerank_train.jsonl"), "val": str(root / "data/rerank_test.jsonl"), "max_records": 24, "max_length": 192}
+    train = {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "save_every": 2, "log_every": 1, "lr": 0.002}
+    teacher = {"family": "reranker", "output_dir": str(root / "teacher"), "data": data, "train": train,
+               "student": {"init": "tiny", "preset": "vlm-nano", "overrides": {"text_config.num_hidden_layers": 2}},
+               "loss": {"terms": {"ce": {}, "bce": {"options": {"max_label": 3}}}}, "eval": {"max_items": 8}}
+    write(root / "teacher.yaml", teacher)
+    heal = {**teacher, "output_dir": str(root / "unused"), "teacher": {"model": "set-by-the-pipeline"}, "loss": {"terms": {"margin_mse": {}, "ce": {}}}}
+    write(root / "heal.yaml", heal)
+    pipe = {
+        "family": "reranker",
+        "output_dir": str(root / "pipe"),
+        "original": {"model": str(root / "teacher/model"), "train": [str(root / "teacher.yaml")]},  # trained by the first run
+        "data": {"train": data["train"], "val": data["val"], "max_length": 192},
+        "stages": [
+            {"name": "prune", "prune": {"layers": {"text": [1]}, "widths": {"text_config.intermediate_size": 32, "vision_config.intermediate_size": 16}, "calibration": 8}},
+            {"name": "heal", "distill": {"recipe": str(root / "heal.yaml"), "overrides": {"train.max_steps": 4}}},
+            {"name": "int8", "quantize": {"method": "int8-weight"}},
+        ],
+        "eval": {"max_items": 8, "batch": 4, "repeats": 2},
+    }
+    write(root / "pipe.yaml", pipe)
+    return root
+
+
+def test_stop_after_a_stage_then_resume_reuses_it(world):
+    from transformers import AutoModelForImageTextToText
+
+    p = mmd("pipeline", world / "pipe.yaml", "--until", "prune")
+    assert "stopped after stage 'prune'" in p.stdout
+    assert (world / "teacher/model/config.json").is_file()  # original.train made the original model first
+    assert (world / "pipe/prune/model/config.json").is_file() and not (world / "pipe/heal").exists()
+    prune_meta = (world / "pipe/prune/stage.json").read_text()
+    mtime = (world / "pipe/prune/model/model.safetensors").stat().st_mtime_ns
+
+    p = mmd("pipeline", world / "pipe.yaml")
+    assert "prune: done already" in p.stdout and "== heal" in p.stdout and "== int8" in p.stdout
+    assert (world / "pipe/prune/stage.json").read_text() == prune_meta  # not redone
+    assert (world / "pipe/prune/model/model.safetensors").stat().st_mtime_ns == mtime
+
+    # every stage's output is a plain folder transformers loads
+    t = AutoModelForImageTextToText.from_pretrained(world / "teacher/model")
+    pr = AutoModelForImageTextToText.from_pretrained(world / "pipe/prune/model")
+    healed = AutoModelForImageTextToText.from_pretrained(world / "pipe/heal/model")
+    q = AutoModelForImageTextToText.from_pretrained(world / "pipe/int8/model")
+    assert pr.config.text_config.num_hidden_layers == 1 and pr.config.text_config.intermediate_size == 32
+    assert sum(x.numel() for x in pr.parameters()) < sum(x.numel() for x in t.parameters())
+    a, b = pr.state_dict(), healed.state_dict()
+    assert any(not (a[k] == b[k]).all() for k in a)  # healing trained the pruned weights
+    assert "quantization_config" in json.loads((world / "pipe/int8/model/config.json").read_text())
+    del q
+
+    rep = json.loads((world / "pipe/report/report.json").read_text())
+    rows = {r["stage"]: r for r in rep["rows"]}
+    assert list(rows) == ["original", "prune", "heal", "int8"]
+    assert rows["original"]["retention"] == pytest.approx(100.0) and rows["original"]["size_ratio"] == pytest.approx(100.0)
+    for r in rows.values():
+        assert r["bs1_ms"] > 0 and r["batch_ms"] > 0 and r["peak_added_bytes"] > 0 and 0 <= r["metrics"]["ndcg@10"] <= 100
+        assert r["retention"] == pytest.approx(100 * r["metrics"]["ndcg@10"] / rows["original"]["metrics"]["ndcg@10"])
+    assert "top3_overlap" in rows["heal"]["metrics"]  # agreement with the original
+    assert rows["int8"]["size_bytes"] < rows["heal"]["size_bytes"] < rows["original"]["size_bytes"]
+    assert rows["prune"]["params"] == rows["heal"]["params"] < rows["original"]["params"]
+    md = (world / "pipe/report/report.md").read_text()
+    assert "| int8 (quantize) |" in md and "tradeoff.png" in md
+    assert (world / "pipe/report/tradeoff.png").stat().st_size > 1000
+
+    # a finished pipeline re-run redoes nothing, not even the evaluation
+    p = mmd("pipeline", world / "pipe.yaml")
+    assert "== " not in p.stdout and "int8: evaluated already" in p.stdout
+
+    # changing the healing redoes heal and what follows it, not prune
+    p = mmd("pipeline", world / "pipe.yaml", "eval.repeats=1")
+    assert "original: evaluated already" not in p.stdout  # eval settings changed: every row re-measured
+    p = mmd("pipeline", world / "pipe.yaml", "stages=" + json.dumps(
+        yaml.safe_load((world / "pipe.yaml").read_text())["stages"][:2] + [{"name": "int8", "quantize": {"method": "int8-dynamic"}}]), "eval.repeats=1")
+    assert "prune: done already" in p.stdout and "heal: done already" in p.stdout and "== int8" in p.stdout
+
+
+def test_bad_pipelines_are_one_clear_line(world, tmp_path):
+    base = yaml.safe_load((world / "pipe.yaml").read_text())
+    base["output_dir"] = str(tmp_path / "out")
+    cases = [
+        ({**base, "stages": [{**base["stages"][0], "input": str(tmp_path / "nowhere")}]}, "input " + str(tmp_path / "nowhere") + " is neither an earlier stage nor a model folder"),
+        ({**base, "original": {"model": str(tmp_path / "missing")}}, f"original.model {tmp_path / 'missing'}: no model folder there"),
+        ({**base, "stages": [{"name": "q", "quantize": {"method": "int3"}}]}, "stages.0.quantize.method"),
+        ({**base, "stages": [{"name": "x", "prune": {"experts": 0.5}}]}, "experts prunes generative models"),
+        ({**base, "stages": [{"name": "x"}]}, "give exactly one of prune / distill / quantize"),
+        ({**base, "stagez": []}, "stagez: unknown key"),
+    ]
+    for i, (d, message) in enumerate(cases):
+        p = mmd("pipeline", write(tmp_path / f"bad{i}.yaml", d), check=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and message in err[0], (message, p.stderr)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("model.safetensors"))
