@@ -156,6 +156,12 @@ class StudentConfig(Strict):
         default_factory=dict,
         description="init=inherit: teacher layer indices to keep per tower, e.g. {'vision': [0, 3], 'text': [0, 3]}.",
     )
+    fake_quant: Literal["int8-dynamic", "int8-weight", "int4-weight"] | None = Field(
+        None,
+        description="Quantization-aware distillation: train with the student's Linear layers fake-quantized as this method quantizes them "
+        "(torchao QAT: int4 weights in groups of 32, int8 weights per channel, + int8 activations per token for int8-dynamic); the saved "
+        "model holds the full-precision weights, ready for `mmdistill quantize --method` the same method (compress/qat.py).",
+    )
     calibration: int = Field(
         64,
         ge=1,
@@ -238,6 +244,10 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if self.student.fake_quant and self.lora is not None:
+            raise ValueError("student.fake_quant trains the full student fake-quantized; it does not combine with lora (remove one)")
+        if self.student.fake_quant and self.family == "contrastive":
+            raise ValueError("student.fake_quant (quantization-aware distillation) is implemented for the reranker and generative families")
         if self.data.group_size is not None and self.family != "reranker":
             raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
         if self.data.group_sampling != "uniform" and self.data.group_size is None:
@@ -274,7 +284,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False, "student.dual": None}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False, "student.dual": None, "student.fake_quant": None}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -395,6 +405,9 @@ class PruneStage(Strict):
 
 
 class DistillStage(Strict):
+    fake_quant: Literal["int8-dynamic", "int8-weight", "int4-weight"] | None = Field(
+        None, description="Quantization-aware distillation: the student trains fake-quantized as this method (set it to the next quantize stage's method)."
+    )
     recipe: str = Field(
         description="A distillation recipe (shipped name or path) whose loss and training settings heal the stage's input: the pipeline sets its "
         "teacher (the original model), its student (init=pretrained from the input), its data and its output folder."

@@ -128,7 +128,7 @@ def _replace(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def run_prune(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable) -> dict[str, Any]:
+def run_prune(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable, resumable: bool) -> dict[str, Any]:
     p = stage.prune
     tmp = stage_dir / "model.tmp"
     if tmp.exists():
@@ -177,25 +177,27 @@ def distill_recipe(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_d
     d.update(output_dir=str(stage_dir), seed=cfg.seed, name=stage.name, role="student")
     d["data"].update(train=str(cfg.data.train), val=str(cfg.data.val), max_length=cfg.data.max_length)
     d["teacher"] = {"kind": "live", "model": str(Path(cfg.original.model)), "cache": d["teacher"].get("cache", False)}
-    d["student"] = {"init": "pretrained", "model": str(src)}
+    d["student"] = {"init": "pretrained", "model": str(src), "fake_quant": stage.distill.fake_quant}
     d["eval"]["reference"] = None
     return recipe_from_dict(d, source=f"{path} (stage {stage.name})")
 
 
-def run_distill(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable) -> dict[str, Any]:
+def run_distill(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable, resumable: bool) -> dict[str, Any]:
+    """`resumable`: the stage folder was started by this very stage (same settings, same input), so a run found there
+    with this recipe's fingerprint is continued from its last checkpoint; else it is replaced."""
     from .api import _recipe_module
 
     recipe = distill_recipe(cfg, stage, src, stage_dir)
     fp = recipe.fingerprint()
     meta = stage_dir / "run.json"
-    same = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp
+    same = resumable and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp
     if same:
         log(f"{stage.name}: resuming the distillation in {stage_dir}")
     summary = _recipe_module(cfg.family).run(recipe, resume=same, overwrite=not same, log=log, evaluate_after=False)
     return {"recipe": stage.distill.recipe, "fingerprint": fp, "steps": recipe.train.max_steps, "final": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}}
 
 
-def run_quantize(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable) -> dict[str, Any]:
+def run_quantize(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir: Path, log: Callable, resumable: bool) -> dict[str, Any]:
     from .compress.quantize import quantize_folder
 
     tmp = stage_dir / "model.tmp"
@@ -236,8 +238,11 @@ def run_stages(cfg: PipelineConfig, *, until: str | None = None, log: Callable =
             log(f"== {s.name} ({s.kind}): {src} -> {stage_dir / 'model'}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "stage.json").unlink(missing_ok=True)
+            started = Path(cfg.output_dir) / f".{s.name}.started"  # which stage fingerprint the folder's partial work belongs to (beside it: a run folder holds only the run)
+            resumable = started.is_file() and started.read_text().strip() == fps[s.name]
+            started.write_text(fps[s.name] + "\n")
             t0 = time.time()
-            details = RUNNERS[s.kind](cfg, s, src, stage_dir, log)
+            details = RUNNERS[s.kind](cfg, s, src, stage_dir, log, resumable)
             meta = {"fingerprint": fps[s.name], "kind": s.kind, "input": str(src), "seconds": round(time.time() - t0, 1), "details": details}
             tmp = stage_dir / "stage.json.tmp"
             tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -97,12 +97,13 @@ def test_stop_after_a_stage_then_resume_reuses_it(world):
     p = mmd("pipeline", world / "pipe.yaml")
     assert "== " not in p.stdout and "int8: evaluated already" in p.stdout
 
-    # changing the healing redoes heal and what follows it, not prune
-    p = mmd("pipeline", world / "pipe.yaml", "eval.repeats=1")
-    assert "original: evaluated already" not in p.stdout  # eval settings changed: every row re-measured
-    p = mmd("pipeline", world / "pipe.yaml", "stages=" + json.dumps(
-        yaml.safe_load((world / "pipe.yaml").read_text())["stages"][:2] + [{"name": "int8", "quantize": {"method": "int8-dynamic"}}]), "eval.repeats=1")
-    assert "prune: done already" in p.stdout and "heal: done already" in p.stdout and "== int8" in p.stdout
+    # a changed healing redoes heal (and what follows), not prune; --until heal stops before the rest
+    stages = yaml.safe_load((world / "pipe.yaml").read_text())["stages"]
+    stages[1]["distill"]["overrides"]["train.max_steps"] = 5
+    p = mmd("pipeline", world / "pipe.yaml", "stages=" + json.dumps(stages), "--until", "heal")
+    assert "prune: done already" in p.stdout and "== heal" in p.stdout and "== int8" not in p.stdout
+    assert json.loads((world / "pipe/heal/stage.json").read_text())["details"]["steps"] == 5
+    assert (world / "pipe/prune/stage.json").read_text() == prune_meta
 
 
 def test_bad_pipelines_are_one_clear_line(world, tmp_path):
@@ -121,3 +122,33 @@ def test_bad_pipelines_are_one_clear_line(world, tmp_path):
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(err) == 1 and message in err[0], (message, p.stderr)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("model.safetensors"))
+
+
+def test_killed_mid_healing_resumes_from_its_checkpoint(world, tmp_path):
+    """SIGKILL during the distillation stage; the re-run reuses prune and continues heal from its last checkpoint."""
+    import signal
+    import time
+
+    d = yaml.safe_load((world / "pipe.yaml").read_text())
+    d["output_dir"] = str(tmp_path / "pipe")
+    d["stages"][1]["distill"]["overrides"] = {"train.max_steps": 400, "train.save_every": 2, "train.keep_last": 1}
+    cfg = write(tmp_path / "kill.yaml", d)
+    proc = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "pipeline", str(cfg), "--until", "heal"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    ckpts = tmp_path / "pipe/heal/checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in (ckpts.iterdir() if ckpts.is_dir() else [])):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "pipe/prune/stage.json").is_file() and not (tmp_path / "pipe/heal/stage.json").exists()
+    saved = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
+    assert 0 < saved < 400
+
+    d["stages"][1]["distill"]["overrides"]["train.max_steps"] = 400  # same stage: resumed, not restarted
+    p = mmd("pipeline", cfg, "--until", "heal")
+    assert "prune: done already" in p.stdout and "heal: resuming the distillation" in p.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "pipe/heal/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # each step logged once, to the end
+    assert json.loads((tmp_path / "pipe/heal/stage.json").read_text())["kind"] == "distill"
