@@ -368,7 +368,18 @@ def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
             log(f"{name}: reusing the trained {name} in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
-        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+        _recipe_module(recipe.family).run(recipe, log=log, **resume_or_restart(recipe))
+
+
+def resume_or_restart(recipe: Recipe) -> dict[str, bool]:
+    """`run` keywords for a stage a demo or pipeline owns: continue this very run from its last checkpoint when its
+    folder holds one (a stopped demo picks up where it was), else start over in the folder."""
+    meta = Path(recipe.output_dir) / "run.json"
+    try:
+        same = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
+    except ValueError:
+        same = False
+    return {"resume": True, "overwrite": False} if same else {"resume": False, "overwrite": True}
 
 
 def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int = 10000, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:

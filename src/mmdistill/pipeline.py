@@ -105,14 +105,14 @@ def _done(stage_dir: Path, fp: str) -> bool:
 
 def ensure_original(cfg: PipelineConfig, *, log: Callable = print) -> None:
     """Train the recipes of `original.train` that are not finished; then the original model folder must exist."""
-    from .api import _recipe_module, is_finished
+    from .api import _recipe_module, is_finished, resume_or_restart
 
     for name in cfg.original.train:
         recipe = load_recipe(resolve_recipe(name))
         if is_finished(recipe):
             continue
         log(f"== original: training {name} -> {recipe.output_dir}")
-        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+        _recipe_module(recipe.family).run(recipe, log=log, **resume_or_restart(recipe))
     if not (Path(cfg.original.model) / "config.json").is_file():
         hint = " (its `original.train` recipes did not write it: check their output_dir)" if cfg.original.train else " (or list the recipes that make it in `original.train`)"
         raise PipelineError(f"original.model {cfg.original.model}: no model folder there{hint}")

@@ -131,24 +131,58 @@ def test_killed_mid_healing_resumes_from_its_checkpoint(world, tmp_path):
 
     d = yaml.safe_load((world / "pipe.yaml").read_text())
     d["output_dir"] = str(tmp_path / "pipe")
-    d["stages"][1]["distill"]["overrides"] = {"train.max_steps": 400, "train.save_every": 2, "train.keep_last": 1}
+    d["stages"][1]["distill"]["overrides"] = {"train.max_steps": 150, "train.save_every": 2, "train.keep_last": 1}
     cfg = write(tmp_path / "kill.yaml", d)
     proc = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "pipeline", str(cfg), "--until", "heal"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     ckpts = tmp_path / "pipe/heal/checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in (ckpts.iterdir() if ckpts.is_dir() else [])):
         assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    time.sleep(1.0)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "pipe/prune/stage.json").is_file() and not (tmp_path / "pipe/heal/stage.json").exists()
     saved = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))
-    assert 0 < saved < 400
+    assert 0 < saved < 150
 
-    d["stages"][1]["distill"]["overrides"]["train.max_steps"] = 400  # same stage: resumed, not restarted
-    p = mmd("pipeline", cfg, "--until", "heal")
+    p = mmd("pipeline", cfg, "--until", "heal")  # the same stage: resumed, not restarted
     assert "prune: done already" in p.stdout and "heal: resuming the distillation" in p.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "pipe/heal/metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 400  # each step logged once, to the end
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # each step logged once, to the end
+    assert json.loads((tmp_path / "pipe/heal/train_summary.json").read_text())["resumed_from"] == saved
     assert json.loads((tmp_path / "pipe/heal/stage.json").read_text())["kind"] == "distill"
+
+
+def test_generative_moe_pipeline_prunes_experts_heals_and_quantizes(tmp_path):
+    """The generative family: a tiny Qwen3-VL-MoE, half its experts pruned by REAP, healed by KD against it, int8."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmdistill.data.synth import generate
+    from mmdistill.models.tiny import build_tiny_vlm, train_qwen_tokenizer
+
+    generate(tmp_path / "data", n=40, seed=4, workers=1)
+    rows = [json.loads(line) for line in (tmp_path / "data/chat_train.jsonl").read_text().splitlines()]
+    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    build_tiny_vlm(tmp_path / "moe", [], kind="qwen3_vl_moe", preset="vlm-nano", tokenizer=tok, seed=1, overrides={"text_config.num_experts": 8})
+    data = {"train": str(tmp_path / "data/chat_train.jsonl"), "val": str(tmp_path / "data/chat_test.jsonl"), "max_length": 160}
+    heal = {"family": "generative", "output_dir": "unused", "data": {**data, "max_records": 16}, "teacher": {"model": "set-by-the-pipeline"},
+            "loss": {"terms": {"sft": {}, "kd": {"options": {"chunk_size": 64}}}},
+            "train": {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "save_every": 3, "log_every": 1}, "eval": {"max_items": 4}}
+    pipe = {
+        "family": "generative", "output_dir": str(tmp_path / "pipe"), "original": {"model": str(tmp_path / "moe")}, "data": data,
+        "stages": [
+            {"name": "experts50", "prune": {"experts": 0.5, "method": "reap", "calibration": 8}},
+            {"name": "heal", "distill": {"recipe": str(write(tmp_path / "heal.yaml", heal))}},
+            {"name": "int8", "quantize": {"method": "int8-weight"}},
+        ],
+        "eval": {"max_items": 4, "batch": 2, "repeats": 1, "max_new_tokens": 4},
+    }
+    p = mmd("pipeline", write(tmp_path / "pipe.yaml", pipe))
+    assert "experts: kept 4 of 8 per layer by reap" in p.stdout
+    pruned = AutoModelForImageTextToText.from_pretrained(tmp_path / "pipe/experts50/model")
+    assert pruned.config.text_config.num_experts == 4
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "pipe/int8/model")
+    rep = json.loads((tmp_path / "pipe/report/report.json").read_text())
+    assert [r["stage"] for r in rep["rows"]] == ["original", "experts50", "heal", "int8"] and rep["rows"][0]["headline"] == "vqa_accuracy"
+    assert rep["rows"][1]["params"] < rep["rows"][0]["params"] and rep["rows"][3]["size_bytes"] < rep["rows"][2]["size_bytes"]
+    assert all(r["bs1_ms"] > 0 and "agreement" in r["metrics"] for r in rep["rows"][1:])
