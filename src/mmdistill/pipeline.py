@@ -277,6 +277,14 @@ def measure_model(family: str, model_path: str, val: str, batch: int, repeats: i
 
     if threads:
         torch.set_num_threads(threads)
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)  # import the model's code (and torchao) before the baseline: count the model, not the libraries
+    for arch in config.architectures or []:
+        getattr(transformers, arch, None)
+    if getattr(config, "quantization_config", None) is not None:
+        import torchao  # noqa: F401
     base = _rss_bytes()
     if family == "reranker":
         from .data.loaders import load_rerank
@@ -310,7 +318,7 @@ def measure_model(family: str, model_path: str, val: str, batch: int, repeats: i
 
         def timed(x):
             def fn():
-                with torch.inference_mode():
+                with torch.no_grad():  # not inference_mode: torchao's quantized MoE expert tensors cannot be indexed under it
                     model(**x)
 
             return measure_latency(fn, warmup=2, repeats=repeats)["median_ms"]
