@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-ORDER = ["contrastive_kd", "contrastive_ablation", "kd_step_cost", "demo", "synth_speed", "generative_memory", "demo_generative", "demo_reranker", "reranker_kd", "reranker_kd-long-students", "reranker_kd-strong-teacher", "reranker_kd-pruned", "reranker_kd-pruned-rerun", "reranker_kd-pruned-graded", "reranker_pruned_arch_alone", "reranker_kd-pruned-6k", "reranker_pruned_arch_alone-6k", "reranker_ablation", "reranker_ablation-long-students", "reranker_seed_agreement", "reranker_seed_agreement-pruned", "generative_kd", "generative_kd-strong-teacher", "generative_kd-long-students", "generative_ablation", "onnx_vs_eager", "serve_load", "serve_soak", "export_serve_notes", "repeated_captions", "teacher_store", "compress", "pipeline", "qad", "cpu_int8", "dual_students", "dual_students_notes"]
+ORDER = ["contrastive_kd", "contrastive_ablation", "kd_step_cost", "demo", "synth_speed", "generative_memory", "demo_generative", "demo_reranker", "reranker_kd", "reranker_kd-long-students", "reranker_kd-strong-teacher", "reranker_kd-pruned", "reranker_kd-pruned-rerun", "reranker_kd-pruned-graded", "reranker_pruned_arch_alone", "reranker_kd-pruned-6k", "reranker_pruned_arch_alone-6k", "reranker_ablation", "reranker_ablation-long-students", "reranker_seed_agreement", "reranker_seed_agreement-pruned", "generative_kd", "generative_kd-strong-teacher", "generative_kd-long-students", "generative_ablation", "onnx_vs_eager", "serve_load", "serve_soak", "export_serve_notes", "repeated_captions", "teacher_store", "compress", "pipeline", "qad", "cpu_int8", "cpu_int8_notes", "dual_students", "dual_students_notes"]
 
 INTRO = """# Benchmarks
 
