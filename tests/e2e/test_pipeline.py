@@ -186,3 +186,26 @@ def test_generative_moe_pipeline_prunes_experts_heals_and_quantizes(tmp_path):
     assert [r["stage"] for r in rep["rows"]] == ["original", "experts50", "heal", "int8"] and rep["rows"][0]["headline"] == "vqa_accuracy"
     assert rep["rows"][1]["params"] < rep["rows"][0]["params"] and rep["rows"][3]["size_bytes"] < rep["rows"][2]["size_bytes"]
     assert all(r["bs1_ms"] > 0 and "agreement" in r["metrics"] for r in rep["rows"][1:])
+
+
+def test_quantization_aware_distillation_trains_fake_quantized_and_saves_plain(world, tmp_path):
+    """student.fake_quant: the student trains with fake-quantized Linear layers against its fp teacher and saves plain ones."""
+    from transformers import AutoModelForImageTextToText
+
+    if not (world / "teacher/model/config.json").is_file():  # made by the first test's pipeline (original.train)
+        mmd("train", world / "teacher.yaml")
+    d = yaml.safe_load((world / "heal.yaml").read_text())
+    d.update(output_dir=str(tmp_path / "qad"), teacher={"model": str(world / "teacher/model")},
+             student={"init": "pretrained", "model": str(world / "teacher/model"), "fake_quant": "int4-weight"})
+    d["train"]["max_steps"] = 3
+    p = mmd("distill", write(tmp_path / "qad.yaml", d))
+    assert "Linear layers fake-quantized as int4-weight" in p.stdout
+    cfg = json.loads((tmp_path / "qad/model/config.json").read_text())
+    assert "quantization_config" not in cfg  # full-precision weights, for `mmdistill quantize` afterwards
+    s = AutoModelForImageTextToText.from_pretrained(tmp_path / "qad/model").state_dict()
+    t = AutoModelForImageTextToText.from_pretrained(world / "teacher/model").state_dict()
+    assert set(s) == set(t) and any(not (s[k] == t[k]).all() for k in s)
+    d["lora"] = {"r": 4}
+    d["family"] = "reranker"
+    p = mmd("distill", write(tmp_path / "bad.yaml", d), check=False)
+    assert p.returncode == 2 and "fake_quant" in p.stderr.strip().splitlines()[-1]
