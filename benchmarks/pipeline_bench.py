@@ -21,6 +21,10 @@ from pathlib import Path
 from common import git_rev, machine, write
 
 
+def final_stage(rep: dict) -> str:
+    return rep["rows"][-1]["stage"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/pipeline-bench"))
@@ -52,6 +56,34 @@ def main() -> None:
     final, head = rep["rows"][-1], rep["rows"][-1]["headline"]
     stages = {r["stage"]: r for r in rep["rows"]}
 
+    # the report times each model in its own process, minutes apart: on this shared machine the load moves in between,
+    # so the final-vs-teacher latency ratio is also taken side by side, in one process, in interleaved rounds
+    import statistics
+
+    import torch
+
+    from mmdistill.data.loaders import load_rerank
+    from mmdistill.evaluate.reranker import query_latency
+    from mmdistill.models import reranker as rm
+
+    torch.set_num_threads(1)
+    cache = rm.ImageCache()
+    recs, _ = load_rerank(args.out / "data" / "rerank_test.jsonl", "fail", 1, cache, log=lambda *_: None)
+    models = {"teacher": rep["original"], "final": str(args.out / "pipeline" / final_stage(rep) / "model")}
+    loaded = {}
+    for k, path in models.items():
+        loaded[k] = rm.load_reranker(path, max_length=320)
+        loaded[k].model.eval()
+        loaded[k].images = cache
+    times: dict = {(k, n): [] for k in loaded for n in (1, 20)}
+    for _ in range(5):
+        for k, r in loaded.items():
+            for n in (1, 20):
+                times[k, n].append(query_latency(r, recs[0], n)[f"query_k{n}"])
+    side = {f"{k}_k{n}_ms": statistics.median(v) for (k, n), v in times.items()}
+    side["ratio_k1"] = 100 * side["final_k1_ms"] / side["teacher_k1_ms"]
+    side["ratio_k20"] = 100 * side["final_k20_ms"] / side["teacher_k20_ms"]
+
     def verdict(ok: bool) -> str:
         return "met" if ok else "missed"
 
@@ -72,14 +104,17 @@ def main() -> None:
         table,
         "",
         f"- Final model size on disk: **{final['size_ratio']:.1f}%** of the teacher's (target ≤ 10%: {verdict(final['size_ratio'] <= 10)}).",
-        f"- Final model latency: **{final['bs1_ratio']:.1f}%** of the teacher's at batch 1, **{final['batch_ratio']:.1f}%** batched "
-        f"(target ≤ 25%: {verdict(max(final['bs1_ratio'], final['batch_ratio']) <= 25)} at both).",
+        f"- Final model latency, side by side in one process (5 interleaved rounds, median): teacher {side['teacher_k1_ms']:.1f} / "
+        f"{side['teacher_k20_ms']:.1f} ms, final {side['final_k1_ms']:.1f} / {side['final_k20_ms']:.1f} ms for one query with 1 / 20 documents = "
+        f"**{side['ratio_k1']:.1f}%** at batch 1 and **{side['ratio_k20']:.1f}%** batched (target ≤ 25%: {verdict(max(side['ratio_k1'], side['ratio_k20']) <= 25)} at both). "
+        f"The table's own ratios ({final['bs1_ratio']:.1f}% / {final['batch_ratio']:.1f}%) compare models timed minutes apart in separate processes, "
+        "under a load that moved in between: read these instead.",
         f"- Final model {head}: **{final['retention']:.1f}%** of the teacher's (target ≥ 95%: {verdict(final['retention'] >= 95)}).",
         f"- Healing: {head} {stages['prune']['metrics'][head]:.2f} right after pruning → {stages['heal']['metrics'][head]:.2f} after distillation "
         f"against the unpruned teacher; int8 weights then move it by {final['metrics'][head] - stages['heal']['metrics'][head]:+.2f} points.",
         "",
     ])
-    write(args.results, "pipeline", {"seconds": seconds, "keep": args.keep, "parts": parts, "report": rep, "machine": machine(), "commit": git_rev(), "load": [load0, load1]}, md)
+    write(args.results, "pipeline", {"seconds": seconds, "keep": args.keep, "parts": parts, "side_by_side": side, "report": rep, "machine": machine(), "commit": git_rev(), "load": [load0, load1]}, md)
 
 
 if __name__ == "__main__":

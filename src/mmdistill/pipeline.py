@@ -256,9 +256,11 @@ def run_stages(cfg: PipelineConfig, *, until: str | None = None, log: Callable =
 # evaluation
 
 
-def _rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
+    """A byte figure of /proc/self/status: VmRSS (resident now) or VmHWM (the peak of this address space; unlike
+    ru_maxrss, which Linux carries over from the parent through fork and exec, it starts afresh in a spawned process)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -266,11 +268,9 @@ def _rss_bytes() -> int:
 def measure_model(family: str, model_path: str, val: str, batch: int, repeats: int, threads: int | None, max_length: int) -> dict[str, float]:
     """Latency at batch 1 and at `batch`, and the peak resident memory loading and running the model adds.
 
-    Meant to run in a fresh process (see `measure_isolated`): ru_maxrss is the process's peak, so the process
-    must hold nothing but this model. Reranker: one query with 1 / `batch` documents; generative: one forward
+    Meant to run in a fresh process (see `measure_isolated`): the peak is the process's, so it must hold nothing but
+    this model. Reranker: one query with 1 / `batch` documents; generative: one forward
     (prefill) over 1 / `batch` prompts with their images."""
-    import resource
-
     import torch
 
     from .evaluate.bench import measure_latency
@@ -285,7 +285,7 @@ def measure_model(family: str, model_path: str, val: str, batch: int, repeats: i
         getattr(transformers, arch, None)
     if getattr(config, "quantization_config", None) is not None:
         import torchao  # noqa: F401
-    base = _rss_bytes()
+    base = _status_bytes("VmRSS")
     if family == "reranker":
         from .data.loaders import load_rerank
         from .evaluate.reranker import query_latency
@@ -324,7 +324,7 @@ def measure_model(family: str, model_path: str, val: str, batch: int, repeats: i
             return measure_latency(fn, warmup=2, repeats=repeats)["median_ms"]
 
         bs1, batched = timed(one), timed(many)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     return {"bs1_ms": bs1, "batch_ms": batched, "batch": batch, "peak_rss_bytes": peak, "peak_added_bytes": max(peak - base, 0)}
 
 
