@@ -209,3 +209,14 @@ def test_quantization_aware_distillation_trains_fake_quantized_and_saves_plain(w
     d["family"] = "reranker"
     p = mmd("distill", write(tmp_path / "bad.yaml", d), check=False)
     assert p.returncode == 2 and "fake_quant" in p.stderr.strip().splitlines()[-1]
+
+
+def test_demo_pipeline_quick(tmp_path):
+    """`mmdistill demo --family pipeline --quick`: ShapesWorld, the teacher chain, the shipped reranker pipeline, one report."""
+    p = mmd("demo", "--family", "pipeline", "--quick", "--n", 80, "--out", tmp_path / "demo")
+    rep = json.loads((tmp_path / "demo/pipeline/report/report.json").read_text())
+    assert [r["stage"] for r in rep["rows"]] == ["original", "prune", "heal", "int8"]
+    assert rep["original"] == str(tmp_path / "demo/teacher/model")
+    assert "| int8 (quantize) |" in p.stdout and "report written to" in p.stdout
+    p = mmd("demo", "--family", "pipeline", "--data", tmp_path / "demo/data", "--out", tmp_path / "other", check=False)
+    assert p.returncode == 2 and "mmdistill pipeline" in p.stderr
