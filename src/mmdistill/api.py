@@ -379,7 +379,18 @@ def train_stages(recipes: dict[str, Recipe], *, log: Callable = print) -> None:
             log(f"{name}: reusing the trained {name} in {recipe.output_dir}")
             continue
         log(f"== {name}: {recipe.output_dir}")
-        _recipe_module(recipe.family).run(recipe, overwrite=True, log=log)
+        _recipe_module(recipe.family).run(recipe, log=log, **resume_or_restart(recipe))
+
+
+def resume_or_restart(recipe: Recipe) -> dict[str, bool]:
+    """`run` keywords for a stage a demo or pipeline owns: continue this very run from its last checkpoint when its
+    folder holds one (a stopped demo picks up where it was), else start over in the folder."""
+    meta = Path(recipe.output_dir) / "run.json"
+    try:
+        same = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == recipe.fingerprint()
+    except ValueError:
+        same = False
+    return {"resume": True, "overwrite": False} if same else {"resume": False, "overwrite": True}
 
 
 def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int | None = None, quick: bool = False, seed: int = 0, data: str | Path | None = None, log: Callable = print) -> dict[str, Any]:
@@ -387,6 +398,10 @@ def demo(out: str | Path = "runs/demo", *, family: str = "contrastive", n: int |
     `n`: ShapesWorld images (default 10000; 1000 for omni, whose images are also spoken by espeak-ng)."""
     out = Path(out)
     n = n if n is not None else DEMO_N.get(family, 10000)
+    if family == "pipeline":
+        if data is not None:
+            raise RecipeError("demo --family pipeline runs on ShapesWorld; for your data, edit a copy of configs/" + PIPELINE_DEMO + " and run `mmdistill pipeline`")
+        return demo_pipeline(out, n=n, quick=quick, seed=seed, log=log)
     recipes = demo_recipes(out, family=family, quick=quick, seed=seed, data=data)
     audio = family == "omni"
     have = out / "data" / "summary.json"
@@ -471,6 +486,41 @@ def prune(model_dir: str | Path, out: str | Path, *, experts: float | None = Non
     from .compress.apply import prune_folder
 
     return prune_folder(model_dir, out, experts=experts, method=method, drop_layers=drop_layers, width=width, calibration=calibration, max_samples=max_samples, overwrite=overwrite, log=log)
+
+
+def pipeline(config: str | Path, overrides: list[str] | None = None, *, until: str | None = None, log: Callable = print) -> dict[str, Any]:
+    """Run (or resume) a prune -> distill -> quantize -> evaluate pipeline YAML; see pipeline.py."""
+    from .pipeline import run_pipeline
+
+    return run_pipeline(config, overrides, until=until, log=log)
+
+
+PIPELINE_DEMO = "pipeline/reranker-prune-distill-quantize.yaml"
+
+
+def demo_pipeline(out: Path, *, n: int = 10000, quick: bool = False, seed: int = 0, log: Callable = print) -> dict[str, Any]:
+    """ShapesWorld, the reranker teacher (and the VLM it starts from) as the reranker demo trains them, then the shipped
+    reranker pipeline on it: prune -> heal -> int8 -> evaluate, one report (out/pipeline/report)."""
+    from .config import load_pipeline
+    from .pipeline import run_pipeline
+
+    recipes = demo_recipes(out, family="reranker", quick=quick, seed=seed)
+    teachers = {k: recipes[k] for k in ("vlm-teacher", "teacher")}
+    if not (out / "data" / "summary.json").is_file():
+        log(f"generating ShapesWorld ({n} images) in {out / 'data'}")
+        synth(out / "data", n=n, seed=seed)
+    train_stages(teachers, log=log)
+    sets = [f"output_dir={out / 'pipeline'}", f"seed={seed}", f"original.model={teachers['teacher'].output_dir / 'model'}", "original.train=[]",
+            f"data.train={out / 'data' / 'rerank_train.jsonl'}", f"data.val={out / 'data' / 'rerank_test.jsonl'}"]
+    cfg = load_pipeline(shipped_config(PIPELINE_DEMO), sets)
+    if quick:
+        for s in cfg.stages:
+            if s.distill is not None:
+                s.distill.overrides = {**s.distill.overrides, "train.max_steps": 6, "train.batch_size": 4, "train.warmup_steps": 1, "train.save_every": 3, "train.log_every": 2, "data.max_records": 32}
+            if s.prune is not None:
+                s.prune.calibration = 8
+        cfg.eval.max_items, cfg.eval.repeats, cfg.eval.batch = 16, 2, 4
+    return run_pipeline(cfg, log=log)
 
 
 def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False) -> dict[str, Any]:

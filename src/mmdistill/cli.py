@@ -296,7 +296,7 @@ def _print_report(res, out: Path) -> None:
 
 @app.command()
 def demo(
-    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative | omni (Qwen3-Omni thinker: images and speech; needs espeak-ng)."),
+    family: str = typer.Option("contrastive", help="Model family: contrastive | reranker | generative | omni (Qwen3-Omni thinker: images and speech; needs espeak-ng); or pipeline (the reranker teacher pruned, healed, quantized and evaluated)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, the runs and the report."),
     n: Optional[int] = typer.Option(None, "--n", help="ShapesWorld images to generate (default 10000; omni 1000)."),
     quick: bool = typer.Option(False, help="A few steps only (smoke test)."),
@@ -307,7 +307,7 @@ def demo(
     from . import api
 
     res = _guard(api.demo, out, family=family, n=n, quick=quick, seed=seed, data=data)
-    _print_report(res, out / "report")
+    _print_report(res, out / ("pipeline/report" if family == "pipeline" else "report"))
 
 
 @app.command()
@@ -429,6 +429,23 @@ def quantize(
 
     res = _guard(api.quantize, model, out, method=method, overwrite=overwrite)
     typer.echo(f"{method} model written to {out}: {res['size_bytes']:,} -> {res['quantized_size_bytes']:,} bytes of weights")
+
+
+@app.command()
+def pipeline(
+    config: Path = typer.Argument(..., help="Pipeline YAML (configs/pipeline/<family>-prune-distill-quantize.yaml)."),
+    overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. output_dir=runs/p eval.max_items=50."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (a later run resumes from the next one)."),
+):
+    """Prune -> distill (heal against the original) -> quantize -> evaluate, as the YAML declares; resumes at the first unfinished stage."""
+    from . import api
+
+    res = _guard(api.pipeline, config, overrides or None, until=until, log=typer.echo)
+    if "rows" in res:
+        from .config import load_pipeline
+
+        out = Path(load_pipeline(config, overrides or None).output_dir) / "report"
+        _print_report(res, out)
 
 
 def main() -> None:

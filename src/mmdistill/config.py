@@ -158,6 +158,12 @@ class StudentConfig(Strict):
         default_factory=dict,
         description="init=inherit: teacher layer indices to keep per tower, e.g. {'vision': [0, 3], 'text': [0, 3]}.",
     )
+    fake_quant: Literal["int8-dynamic", "int8-weight", "int4-weight"] | None = Field(
+        None,
+        description="Quantization-aware distillation: train with the student's Linear layers fake-quantized as this method quantizes them "
+        "(torchao QAT: int4 weights in groups of 32, int8 weights per channel, + int8 activations per token for int8-dynamic); the saved "
+        "model holds the full-precision weights, ready for `mmdistill quantize --method` the same method (compress/qat.py).",
+    )
     calibration: int = Field(
         64,
         ge=1,
@@ -241,6 +247,10 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if self.student.fake_quant and self.lora is not None:
+            raise ValueError("student.fake_quant trains the full student fake-quantized; it does not combine with lora (remove one)")
+        if self.student.fake_quant and self.family == "contrastive":
+            raise ValueError("student.fake_quant (quantization-aware distillation) is implemented for the reranker and generative families")
         if self.data.group_size is not None and self.family != "reranker":
             raise ValueError(f"data.group_size samples a reranker query's documents; a {self.family} recipe has none (remove it)")
         if self.data.group_sampling != "uniform" and self.data.group_size is None:
@@ -277,7 +287,7 @@ class Recipe(Strict):
 
 # Fields added after runs were recorded, with their defaults: left out of `Recipe.fingerprint` at the default,
 # so a run recorded before the field existed still resumes and is still reused (same result, same hash).
-ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False, "student.dual": None}
+ADDED_FIELDS: dict[str, Any] = {"student.calibration": 64, "data.group_sampling": "uniform", "teacher.kind": "live", "teacher.path": None, "teacher.on_missing": "fail", "data.stream": False, "student.dual": None, "student.fake_quant": None}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -357,3 +367,128 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     return recipe_from_dict(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines: prune -> distill (heal) -> quantize -> evaluate, declared in YAML (`mmdistill pipeline`)
+
+
+class PipelineOriginal(Strict):
+    model: str = Field(description="Folder of the original (unpruned) model: the first stage's input, the healing teacher and the report's 100% row.")
+    train: list[str] = Field(
+        default_factory=list,
+        description="Recipes (shipped names such as reranker/shapesworld-teacher.yaml, or paths) that make `model`, trained in order "
+        "when `model` is missing or a recipe's run is unfinished; empty: `model` must exist.",
+    )
+
+
+class PipelineData(Strict):
+    train: Path = Field(description="Training records of the family (calibration for pruning, healing data for distillation).")
+    val: Path = Field(description="Held-out records every stage is evaluated on.")
+    max_length: int = Field(512, ge=8, description="Longest tokenised input (as a recipe's data.max_length); also set on the distillation stages.")
+
+
+class PruneStage(Strict):
+    layers: dict[str, list[int]] = Field(default_factory=dict, description="Blocks to keep per tower, e.g. {text: [0, 1, 3], vision: [0]} (the recipes' init=inherit).")
+    widths: dict[str, int] = Field(
+        default_factory=dict,
+        description="Narrower widths as dotted config keys, e.g. {text_config.hidden_size: 64}: the most active channels, heads and neurons on "
+        "`calibration` training records are kept (compress/prune.py).",
+    )
+    experts: float | None = Field(None, gt=0, lt=1, description="Generative MoE: fraction of every sparse layer's experts to prune (compress/experts.py).")
+    method: Literal["reap", "frequency", "reconstruction"] = Field("reap", description="Expert saliency for `experts`.")
+    drop_layers: str | None = Field(None, description="Generative: blocks to drop, auto:N (by block importance) or text:3,5;vision:1 (compress/depth.py).")
+    calibration: int = Field(64, ge=4, description="Training records the saliencies and importances are measured on.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneStage":
+        if not (self.layers or self.widths or self.experts is not None or self.drop_layers):
+            raise ValueError("a prune stage needs layers, widths, experts and/or drop_layers")
+        return self
+
+
+class DistillStage(Strict):
+    fake_quant: Literal["int8-dynamic", "int8-weight", "int4-weight"] | None = Field(
+        None, description="Quantization-aware distillation: the student trains fake-quantized as this method (set it to the next quantize stage's method)."
+    )
+    recipe: str = Field(
+        description="A distillation recipe (shipped name or path) whose loss and training settings heal the stage's input: the pipeline sets its "
+        "teacher (the original model), its student (init=pretrained from the input), its data and its output folder."
+    )
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys to change, e.g. {train.max_steps: 300}.")
+
+
+class QuantizeStage(Strict):
+    method: Literal["int8-dynamic", "int8-weight", "int4-weight"] = Field(description="torchao method (compress/quantize.py).")
+
+
+class PipelineStage(Strict):
+    name: str = Field(description="Stage name: its folder under output_dir and its row in the report.")
+    input: str | None = Field(None, description="The stage (by name) or model folder this stage starts from; default the previous stage (the first: the original).")
+    prune: PruneStage | None = Field(None, description="Prune the input (exactly one of prune / distill / quantize).")
+    distill: DistillStage | None = Field(None, description="Distill the input against the original model (healing).")
+    quantize: QuantizeStage | None = Field(None, description="Quantize the input.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineStage":
+        given = [k for k in ("prune", "distill", "quantize") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"stage {self.name!r}: give exactly one of prune / distill / quantize (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("prune", "distill", "quantize") if getattr(self, k) is not None)
+
+
+class PipelineEval(Strict):
+    max_items: int | None = Field(300, ge=1, description="Validation records evaluated per stage (queries / prompts).")
+    batch: int = Field(20, ge=2, description="Batched latency: documents scored with one query (reranker) or prompts per forward (generative).")
+    repeats: int = Field(10, ge=1, description="Timed calls per latency figure (the median is reported).")
+    threads: int | None = Field(None, ge=1, description="torch threads while timing (default: torch's choice).")
+    max_new_tokens: int = Field(40, ge=1, description="Generative: longest generated answer.")
+
+
+class PipelineConfig(Strict):
+    family: Literal["reranker", "generative"] = Field(description="Model family of every stage.")
+    output_dir: Path = Field(description="One folder per stage (each with model/) and report/.")
+    seed: int = Field(0, description="Seed of the distillation stages.")
+    original: PipelineOriginal
+    data: PipelineData
+    stages: list[PipelineStage] = Field(min_length=1, description="Stages in run order.")
+    eval: PipelineEval = Field(default_factory=PipelineEval)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        seen: list[str] = []
+        for s in self.stages:
+            if s.name in seen or s.name in ("original", "report"):
+                raise ValueError(f"stage name {s.name!r} is {'used twice' if s.name in seen else 'reserved'}")
+            if s.prune is not None:
+                generative_only = [k for k in ("experts", "drop_layers") if getattr(s.prune, k) is not None]
+                if self.family == "reranker" and generative_only:
+                    raise ValueError(f"stage {s.name!r}: {generative_only[0]} prunes generative models; a reranker stage prunes layers and widths")
+                if self.family == "generative" and s.prune.layers:
+                    raise ValueError(f"stage {s.name!r}: a generative stage drops blocks with drop_layers (layers is the reranker's keep-list)")
+            seen.append(s.name)
+        return self
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """A pipeline YAML, validated; errors are one line naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: pipeline file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a pipeline is a mapping of keys, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(str(path), e)) from None

@@ -98,7 +98,7 @@ def test_verify_finds_corrupt_truncated_and_missing_shards(world, tmp_path):
     assert mmd("teacher", "verify", store).stdout.strip().endswith("ok")
     info = json.loads(mmd("teacher", "inspect", store).stdout)
     assert info["records"] == 40 and info["family"] == "generative" and info["bytes_per_token"] > 0
-    assert info["settings"]["top_k"] == 64 and info["settings"]["features"] == {"vision_pooled": True, "text_layers": [-2]}
+    assert info["settings"]["top_k"] == 16 and info["settings"]["features"] == {"vision_pooled": True, "text_layers": [-2]}
     shards = sorted(store.glob("shard-*.safetensors"))
     bad = tmp_path / "bad"
     shutil.copytree(store, bad)

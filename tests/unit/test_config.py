@@ -8,7 +8,8 @@ from mmdistill import api
 from mmdistill.config import RecipeError, load_recipe, parse_overrides
 from mmdistill.losses.composite import build_contrastive_loss
 
-SHIPPED = sorted(p for p in api.CONFIG_DIR.rglob("*.yaml") if p.parent.name != "accelerate")  # accelerate launch configs: tests/unit/engine
+SHIPPED = sorted(p for p in api.CONFIG_DIR.rglob("*.yaml") if p.parent.name not in ("pipeline", "accelerate"))  # accelerate launch configs: tests/unit/engine
+PIPELINES = sorted((api.CONFIG_DIR / "pipeline").glob("*.yaml"))
 
 
 def build_loss(family, terms, teacher):
@@ -153,3 +154,38 @@ def test_demo_stages_can_be_swapped_for_the_pruned_students(tmp_path):
     assert rs["student-base"].student.overrides == rs["student-kd"].student.overrides  # the same student, with and without KD
     with pytest.raises(RecipeError, match=r"unknown reranker stage\(s\) \['student'\]"):
         api.demo_recipes(tmp_path, family="reranker", stages={"student": "reranker/shapesworld-student-pruned-kd.yaml"})
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_shipped_pipeline_validates(path, tmp_path):
+    """A shipped pipeline validates, its teacher recipes and distillation recipes resolve, and each distillation
+    stage gives a valid recipe of the pipeline's family with the original as teacher and the input as student."""
+    from mmdistill.config import load_pipeline
+    from mmdistill.pipeline import distill_recipe, resolve_recipe, stage_inputs
+
+    cfg = load_pipeline(path)
+    for name in cfg.original.train:
+        assert load_recipe(resolve_recipe(name)).output_dir
+    kinds = [s.kind for s in cfg.stages]
+    assert kinds == ["prune", "distill", "quantize"]
+    inputs = stage_inputs(cfg)
+    for s in cfg.stages:
+        if s.distill is not None:
+            r = distill_recipe(cfg, s, tmp_path / inputs[s.name], tmp_path / s.name)
+            assert r.family == cfg.family and r.teacher.model == str(cfg.original.model)
+            assert r.student.init == "pretrained" and r.student.model == str(tmp_path / inputs[s.name])
+            assert r.output_dir == tmp_path / s.name and r.data.val == cfg.data.val
+    # the original model's last recipe writes the folder the pipeline starts from
+    last = load_recipe(resolve_recipe(cfg.original.train[-1]))
+    assert Path(cfg.original.model) == last.output_dir / "model"
+
+
+def test_pipeline_errors_name_file_and_key(tmp_path):
+    from mmdistill.config import load_pipeline
+
+    p = tmp_path / "p.yaml"
+    p.write_text("family: reranker\noutput_dir: x\noriginal: {model: m}\ndata: {train: a, val: b}\nstages:\n  - {name: a, quantize: {method: int8-weight}}\n  - {name: a, quantize: {method: int8-weight}}\n")
+    with pytest.raises(RecipeError, match=r"p.yaml: .*stage name 'a' is used twice"):
+        load_pipeline(p)
+    with pytest.raises(RecipeError, match=r"p.yaml: eval.batch: Input should be greater than or equal to 2"):
+        load_pipeline(p, ["stages=[{name: a, quantize: {method: int8-weight}}]", "eval.batch=1"])

@@ -389,6 +389,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
         t_dims = dims(teacher) if teacher is not None else (store.constants["dims"] if store is not None else None)
         loss = build_generative_loss(terms, student_dims=dims(student), teacher_dims=t_dims)
         set_trainable(student, recipe.student.trainable)
+        if recipe.student.fake_quant:  # quantization-aware distillation (compress/qat.py)
+            from ..compress.qat import prepare
+
+            log(f"student: {prepare(student, recipe.student.fake_quant)} Linear layers fake-quantized as {recipe.student.fake_quant}")
         gradient_checkpointing(student, recipe)
         peft_model = None
         if recipe.lora is not None:
@@ -418,6 +422,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
 
             save_adapter(model, out / "adapter", processor=s_proc)
             model = model.merge_and_unload()
+        if recipe.student.fake_quant:  # save plain Linear layers with the trained full-precision weights
+            from ..compress.qat import strip
+
+            strip(model)
         model.save_pretrained(out / "model")
         s_proc.save_pretrained(out / "model")
         save_loss_modules(unwrapped.loss, out)

@@ -251,6 +251,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
     try:
         texts = rm.record_texts(records)  # a tiny student's tokenizer is trained on them (plus the prompt frame)
         student = build_student(build_recipe(recipe, store), teacher, texts, records)
+        if recipe.student.fake_quant:  # quantization-aware distillation (compress/qat.py)
+            from ..compress.qat import prepare
+
+            log(f"student: {prepare(student.model, recipe.student.fake_quant)} Linear layers fake-quantized as {recipe.student.fake_quant}")
         student.max_length = recipe.data.max_length
         student.images = cache
         t_hidden = teacher.hidden_size() if teacher is not None else (store.constants["dims"]["hidden"] if store is not None else None)
@@ -276,6 +280,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, log=pr
 
     def save_final(unwrapped: RerankStep) -> None:
         student.model = unwrapped.model
+        if recipe.student.fake_quant:  # save plain Linear layers with the trained full-precision weights
+            from ..compress.qat import strip
+
+            strip(student.model)
         student.save(out / "model")
         save_loss_modules(unwrapped.loss, out)
 

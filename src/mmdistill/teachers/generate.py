@@ -243,7 +243,7 @@ class LocalGenerator:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: torchao's quantized MoE expert tensors cannot be indexed under it
                 res = self.model.generate(**inputs, **kwargs)
         except (ValueError, TypeError, IndexError, RuntimeError) as e:
             raise TeacherError(f"generation failed: {_first_line(e)}") from None
