@@ -60,7 +60,9 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class RecordKeys:
-    """``key(record)``: sha256 of a record's kind, texts and image bytes (image files hashed once each)."""
+    """``key(record)``: sha256 of a record's kind, texts and media bytes (image and audio files hashed once each).
+    Fields a record leaves empty are not part of it, so a new optional field does not change the keys of records
+    that do not use it."""
 
     def __init__(self):
         self._images: dict[Path, str] = {}
@@ -72,8 +74,9 @@ class RecordKeys:
         return self._images[path]
 
     def key(self, record) -> str:
-        content = record.model_dump(mode="json", exclude={"id", "meta", "difficulty", "skills"})
-        for field, ref in record.image_refs():  # an image counts by its bytes, not by its file name
+        content = record.model_dump(mode="json", exclude={"id", "meta", "difficulty", "skills"}, exclude_none=True)
+        refs = record.image_refs() + (record.audio_refs() if hasattr(record, "audio_refs") else [])
+        for field, ref in refs:  # an image or a clip counts by its bytes, not by its file name
             *parents, leaf = field.split(".")
             node = content
             for p in parents:

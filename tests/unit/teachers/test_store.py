@@ -126,3 +126,22 @@ def test_cache_progress_logs_rate_and_eta_when_not_a_terminal():
     quiet = CacheProgress(10, lines.append, show=False)
     quiet.advance(10)
     assert len(lines) == 2
+
+
+def test_keys_hash_audio_bytes_and_ignore_empty_fields(tmp_path):
+    import wave
+
+    for name, level in (("a.wav", 1000), ("copy.wav", 1000), ("b.wav", 2000)):
+        with wave.open(str(tmp_path / name), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes((torch.full((1600,), level, dtype=torch.int16)).numpy().tobytes())
+    rows = [{"audio": "a.wav", "prompt": "Transcribe.", "response": "x"}, {"audio": "copy.wav", "prompt": "Transcribe.", "response": "x"},
+            {"audio": "b.wav", "prompt": "Transcribe.", "response": "x"}, {"prompt": "Transcribe.", "response": "x", "teacher_response": None}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs, _ = read_records(tmp_path / "c.jsonl")
+    keys = RecordKeys()
+    k = [keys.key(r) for r in recs]
+    assert k[0] == k[1] and len({k[0], k[2], k[3]}) == 3  # a clip counts by its bytes
+    # a field the record leaves empty is not part of it: the same as the record without the field
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "Transcribe.", "response": "x"}) + "\n")
+    assert keys.key(read_records(tmp_path / "d.jsonl")[0][0]) == k[3]
