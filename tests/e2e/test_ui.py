@@ -243,9 +243,9 @@ def test_start_a_demo_watch_it_then_browse_its_report(tmp_path):
         deadline = time.time() + 300
         while not watching(d):
             assert time.time() < deadline, (seen, ui.el("#job-log textarea").get_attribute("value"))
-            if shot is None and d.find_elements(By.CSS_SELECTOR, "#loss-curve img") and re.search(r"step [1-9]", ui.el("#job-progress").text):
+            running = "running" in ui.el("#job-status").text  # read first: a quick job may finish while we look
+            if shot is None and running and d.find_elements(By.CSS_SELECTOR, "#loss-curve img") and re.search(r"step [1-9]", ui.el("#job-progress").text):
                 shot = ui.screenshot("train-live")  # while the run is going: a loss curve and a step count on screen
-                assert "running" in ui.el("#job-status").text
             time.sleep(0.3)
         assert "finished" in ui.el("#job-status").text, ui.el("#job-log textarea").get_attribute("value")
         assert shot is not None, f"no loss curve seen while the run was going; progress seen: {seen}"
