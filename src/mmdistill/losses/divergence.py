@@ -244,17 +244,13 @@ def _sparse_student_logprobs(logits: Tensor, ids: Tensor, temperature: float) ->
     return torch.cat([kept, tail], dim=-1).clamp_min(LOG_FLOOR)
 
 
-def _sparse_teacher_logprobs(topk_logprobs: Tensor, tail_logmass: Tensor, temperature: float, tail_tempered: Tensor | None = None) -> Tensor:
+def _sparse_teacher_logprobs(topk_logprobs: Tensor, tail: Tensor, temperature: float) -> Tensor:
     """Teacher log-probs over kept ids + tail bucket at ``temperature`` (renormalised). -> [n, k + 1]
-    ``tail_tempered`` [n] = log Σ_tail p_j^(1/T) (exact tail tempering); None: the tail tempered as one token."""
+    ``tail`` [n] = log Σ_tail p_j^(1/T) of the stored temperature-1 probabilities (at T = 1: the tail mass)."""
     kept = topk_logprobs.float().clamp_min(LOG_FLOOR)
-    if temperature == 1.0:
-        tail = tail_logmass.float()
-    elif tail_tempered is not None:
-        kept, tail = kept / temperature, tail_tempered.float()
-    else:
-        kept, tail = kept / temperature, tail_logmass.float().clamp_min(LOG_FLOOR) / temperature
-    lt = torch.cat([kept, tail.clamp_min(LOG_FLOOR).unsqueeze(-1)], dim=-1)
+    if temperature != 1.0:
+        kept = kept / temperature
+    lt = torch.cat([kept, tail.float().clamp_min(LOG_FLOOR).unsqueeze(-1)], dim=-1)
     return lt.log_softmax(-1).clamp_min(LOG_FLOOR)
 
 
@@ -321,24 +317,24 @@ def _sparse(
         raise ValueError(f"tail_logmass has shape {tuple(tail_logmass.shape)}; expected {tuple(lead)}")
     if tail_tempered is not None and tail_tempered.shape != lead:
         raise ValueError(f"tail_tempered has shape {tuple(tail_tempered.shape)}; expected {tuple(lead)}")
-    if tail_tempered is None:
-        tail_tempered = torch.zeros(()).expand(lead)  # unused placeholder (one-token tempering)
-        one_token = True
-    else:
-        one_token = False
+    if temperature == 1.0:
+        tail = tail_logmass
+    elif tail_tempered is not None:
+        tail = tail_tempered
+    else:  # no tempered tail given: the tail tempered as if it were one token (see the module docstring)
+        tail = tail_logmass.float().clamp_min(LOG_FLOOR) / temperature
     rows = _select_rows(mask, lead, student_logits.device)
     s = _flat(student_logits, lead, rows)  # [n, V]
     ids = _flat(topk_ids.long(), lead, rows)  # [n, k]
     lp = _flat(topk_logprobs, lead, rows)  # [n, k]
-    tail = _flat(tail_logmass, lead, rows)  # [n]
-    tail_t = _flat(tail_tempered, lead, rows)  # [n]
+    tail = _flat(tail, lead, rows)  # [n]
 
-    def fn(s_chunk: Tensor, ids_chunk: Tensor, lp_chunk: Tensor, tail_chunk: Tensor, tail_t_chunk: Tensor) -> Tensor:
+    def fn(s_chunk: Tensor, ids_chunk: Tensor, lp_chunk: Tensor, tail_chunk: Tensor) -> Tensor:
         ls = _sparse_student_logprobs(s_chunk, ids_chunk, temperature)  # [c, k + 1]
-        lt = _sparse_teacher_logprobs(lp_chunk, tail_chunk, temperature, None if one_token else tail_t_chunk)  # [c, k + 1]
+        lt = _sparse_teacher_logprobs(lp_chunk, tail_chunk, temperature)  # [c, k + 1]
         return per_position(ls, lt)
 
-    values = _chunked(fn, chunk_size, s, ids, lp, tail, tail_t)  # [n]
+    values = _chunked(fn, chunk_size, s, ids, lp, tail)  # [n]
     return _reduce(values, rows, lead, temperature**2 if scale_t2 else 1.0, num_items, reduction)
 
 

@@ -204,9 +204,15 @@ def _contrastive_fn(recipe: Recipe, teacher_path: str, device, *, dtype: torch.d
 FAMILY_FNS: dict[str, Callable] = {"generative": _generative_fn, "reranker": _reranker_fn, "contrastive": _contrastive_fn}
 
 
+def signal_fn(recipe: Recipe, teacher_path: str, device, settings: dict[str, Any]):
+    """The family's per-batch signal function for the store `settings` (``settings_of``): (fn, constants, batch size)."""
+    return FAMILY_FNS[recipe.family](recipe, teacher_path, device, top_k=settings.get("top_k", 0), sample=settings.get("sample"),
+                                     dtype=DTYPES[settings["dtype"]], seed=recipe.seed, tail_temperatures=settings.get("tail_temperatures"))
+
+
 def compute_rows(recipe: Recipe, teacher_path: str, records: Sequence, device="cpu", *, settings: dict[str, Any]) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
     """The live teacher's per-record signals for `records` (what a store would hold), and the store constants."""
-    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, teacher_path, device, top_k=settings.get("top_k", 0), sample=settings.get("sample"), dtype=DTYPES[settings["dtype"]], seed=recipe.seed, tail_temperatures=settings.get("tail_temperatures"))
+    fn, constants, batch = signal_fn(recipe, teacher_path, device, settings)
     rows: list[dict[str, Tensor]] = []
     for i in range(0, len(records), batch):
         rows += fn(list(records[i : i + batch]))
@@ -277,7 +283,7 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 16, sample: i
     state = PartialState(cpu=not torch.cuda.is_available())
     records, errors = _records(recipe)
     settings = settings_of(recipe, top_k=top_k, sample=sample, dtype=dtype)
-    fn, constants, batch = FAMILY_FNS[recipe.family](recipe, recipe.teacher.model, state.device, top_k=top_k, sample=sample, dtype=DTYPES[dtype], seed=recipe.seed, tail_temperatures=settings.get("tail_temperatures"))
+    fn, constants, batch = signal_fn(recipe, recipe.teacher.model, state.device, settings)
     header = {"family": recipe.family, "teacher": model_identity(recipe.teacher.model), "settings": settings, "constants": constants, "data": str(recipe.data.train)}
     if state.is_main_process:
         writer = StoreWriter(out, header, shard_records=shard_records, rank=0)
@@ -331,7 +337,7 @@ class StoreTeacher:
         want = settings_of(recipe, top_k=0, sample=None, dtype=m["settings"]["dtype"])
         have = m["settings"]
         problems = [f"{k} (store {have.get(k)!r}, recipe {want[k]!r})" for k in ("max_length", "response_field") if k in want and have.get(k) != want[k]]
-        need_t = kd_temperatures(recipe) if recipe.family == "generative" else None
+        need_t = want.get("tail_temperatures")  # the recipe's KD temperature range (generative, T != 1)
         if need_t and "sample" in have:
             log(f"teacher: {where} is a sampled store and the KD temperature runs over {need_t}: the draws' frequencies are "
                 "tempered as a distribution, which biases the loss at T != 1 (a top-k store tempers exactly)")
