@@ -452,11 +452,7 @@ class RecordFile(Sequence):
             self._fd = os.open(self.path, os.O_RDONLY)
         raw = os.pread(self._fd, length, offset)
         name = str(self.path)
-        try:
-            obj = json.loads(raw.decode("utf-8-sig" if offset == 0 else "utf-8"), parse_constant=_reject_constant)
-        except ValueError as e:
-            raise RecordError(name, line, "json", f"changed since it was read ({e})") from None
-        record, errs = _validate(obj, self.kind, name, line)
+        record, errs = _parse_line(raw, offset == 0, self.kind, name, line) or (None, [RecordError(name, line, "json", "a blank line")])
         if errs:
             raise RecordError(name, line, errs[0].field, f"changed since it was read: {errs[0].message}")
         record._line = line
@@ -519,6 +515,23 @@ def check_file(path: str | Path, kind: str | None = None, *, decode_images: bool
     return errors
 
 
+def _parse_line(raw: bytes, first: bool, kind: str | None, name: str, line_no: int) -> tuple[Record | None, list[RecordError]] | None:
+    """One JSONL line decoded, parsed and validated: ``(record, [])`` or ``(None, errors)``; None for a blank line."""
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        return None, [RecordError(name, line_no, "json", f"not valid UTF-8 ({e.reason} at byte {e.start})")]
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return None, [RecordError(name, line_no, "json", f"invalid JSON: {e.msg} (column {e.colno})")]
+    except ValueError as e:  # NaN / Infinity
+        return None, [RecordError(name, line_no, "json", str(e))]
+    return _validate(obj, kind, name, line_no)
+
+
 def _scan(path: str | Path, kind: str | None, check_images: bool, spans: list | None = None) -> Iterator[tuple[Record | None, list[RecordError]]]:
     """Validate a JSONL file line by line; yield ``(record, [])`` or ``(None, errors)``
     per non-blank line. Raises RecordError (line 0) if the file cannot be opened. ``spans``, when given, gets the
@@ -540,22 +553,10 @@ def _scan(path: str | Path, kind: str | None, check_images: bool, spans: list | 
             start, offset = offset, offset + len(raw)
             if spans is not None:
                 spans.append((start, len(raw)))
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield None, [RecordError(name, line_no, "json", f"not valid UTF-8 ({e.reason} at byte {e.start})")]
+            parsed = _parse_line(raw, line_no == 1, kind, name, line_no)
+            if parsed is None:  # a blank line
                 continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text, parse_constant=_reject_constant)
-            except json.JSONDecodeError as e:
-                yield None, [RecordError(name, line_no, "json", f"invalid JSON: {e.msg} (column {e.colno})")]
-                continue
-            except ValueError as e:  # NaN / Infinity
-                yield None, [RecordError(name, line_no, "json", str(e))]
-                continue
-            record, errs = _validate(obj, kind, name, line_no)
+            record, errs = parsed
             if record is not None and check_images:
                 errs = _check_images(record, name, line_no, base_dir, image_cache)
             if errs:
