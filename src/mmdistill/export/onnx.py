@@ -43,7 +43,7 @@ from ..models import reranker as rm
 MANIFEST = "manifest.json"
 FORMAT = "mmdistill-onnx/1"
 OPSET = 18
-TASKS = ("clip", "seq_cls", "yesno")
+TASKS = ("clip", "seq_cls", "yesno", "generate")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx.data", ".msgpack", ".h5")
 
 
@@ -89,10 +89,13 @@ def detect_task(model_dir: str | Path) -> str:
             family = None
         if family == "reranker":
             return "yesno"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith(("ForConditionalGeneration", "ForCausalLM")) for a in archs):
+        return "generate"  # the chat path (pass --task yesno for a yes/no reranker)
     raise ExportError(
-        f"{d}: {archs[0] if archs else model_type or 'this model'} is not a dual encoder or a sequence classifier and no "
-        "run.json marks it as a reranker; pass --task yesno to export it as a yes/no reranker (text path). The generative "
-        "chat path (vision encoder + decoder with KV cache) does not export (see README)"
+        f"{d}: {archs[0] if archs else model_type or 'this model'} is not a dual encoder, a sequence classifier or a "
+        "generative model, and no run.json marks it as a reranker; pass --task yesno to export it as a yes/no reranker (text path)"
     )
 
 
@@ -252,6 +255,13 @@ def load_onnx(folder: str | Path, *, int8: bool = False, threads: int | None = N
     if task == "clip":
         processor = AutoProcessor.from_pretrained(str(d))
         return OnnxDualEncoder(d, graphs, int8=int8, threads=threads), processor, manifest
+    if task == "generate":
+        from .onnx_generative import OnnxChatModel
+
+        key = "file_int8" if int8 else "file"
+        processor = AutoProcessor.from_pretrained(str(d))  # a tokenizer for a text-only causal LM
+        sessions = {name: _session(d / g[key], threads) for name, g in graphs.items()}
+        return OnnxChatModel(d, manifest, sessions, processor), processor, manifest
     key = "file_int8" if int8 else "file"
     processor = AutoTokenizer.from_pretrained(str(d)) if task == "seq_cls" or not manifest.get("vision") else AutoProcessor.from_pretrained(str(d))
     session = _session(d / graphs["reranker"][key], threads)
@@ -381,6 +391,7 @@ def export_onnx(
     max_items: int = 200,
     overwrite: bool = False,
     seed: int = 0,
+    gen_steps: int = 8,
     log: Callable = print,
 ) -> dict[str, Any]:
     """Export a model folder to ONNX in `out`, check parity in onnxruntime, write manifest.json; returns the manifest."""
@@ -414,6 +425,24 @@ def export_onnx(
         graphs["image_encoder"] = _graph_entry(out / "image_encoder.onnx")
         graphs["text_encoder"] = _graph_entry(out / "text_encoder.onnx")
         manifest.update(family="contrastive", image_size=side, embed_dim=cm.embed_dim(model))
+    elif task == "generate":
+        from ..models.generative import load_vlm
+        from . import onnx_generative as og
+
+        try:
+            from transformers import AutoConfig
+
+            kind = og.generative_kind(AutoConfig.from_pretrained(str(src)))
+        except og.GenerativeExportError as e:
+            raise ExportError(f"{src}: {e}") from None
+        model, processor = load_vlm(str(src))
+        model.eval()
+        log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind == "qwen3_vl" else "") + "decoder.onnx")
+        paths, fields = og.export_generative(model, kind, out, log=log)
+        for name, path in paths.items():
+            graphs[name] = _graph_entry(path)
+        tok = getattr(processor, "tokenizer", processor)
+        manifest.update(family="generative", **fields, eos_token_ids=og.eos_token_ids(model, tok), pad_token_id=tok.pad_token_id)
     else:
         reranker = rm.load_reranker(str(src), kind=task)
         reranker.model.eval()
@@ -445,6 +474,18 @@ def export_onnx(
     if task == "clip":
         runners = {v: load_onnx(out, int8=(v == "int8"))[0] for v in variants}
         manifest["parity"] = _clip_parity(model, processor, runners, data_path, max_items, seed)
+    elif task == "generate":
+        runners = {v: load_onnx(out, int8=(v == "int8"))[0] for v in variants}
+        if data_path is not None:
+            items, images, source = og.read_items(data_path, max_items)
+        else:
+            side = 64
+            ip = getattr(processor, "image_processor", None)
+            if ip is not None:
+                side = int(round((ip.size.get("longest_edge") or 4096) ** 0.5))
+            items, images = og.generated_chat(8, seed, side)
+            source = f"generated ({len(items)} ShapesWorld questions about freshly rendered scenes)"
+        manifest["parity"], manifest["latency"] = og.chat_parity(model, runners, items, images, steps=gen_steps, source=source, log=log)
     else:
         runners = {v: load_onnx(out, int8=(v == "int8"), max_length=reranker.max_length)[0] for v in variants}
         manifest["parity"] = _rerank_parity(reranker, runners, data_path, max_items, seed)
@@ -461,9 +502,14 @@ def parity_lines(manifest: dict[str, Any]) -> list[str]:
         if not res:
             continue
         diffs = " ".join(f"{k}={v:.3g}" for k, v in res.items() if k.endswith("max_abs_diff"))
+        if "tokens_identical" in res:
+            diffs = f"greedy tokens identical {res['tokens_identical']} over {par['steps']} steps " + diffs
         metric = res.get("metric")
         extra = f" {metric['name']}: eager={metric['eager']:.2f} onnx={metric['onnx']:.2f}" if metric else ""
         lines.append(f"{variant}: {diffs}{extra}")
+    lat = manifest.get("latency")
+    if lat:
+        lines.append("latency per generated token (batch 1, prefill included): eager " + f"{lat['eager_ms_per_token']:.2f} ms" + "".join(f", ORT {v} {lat[f'{v}_ms_per_token']:.2f} ms" for v in ("fp32", "int8") if f"{v}_ms_per_token" in lat))
     return lines
 
 

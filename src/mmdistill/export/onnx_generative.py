@@ -1,0 +1,539 @@
+"""ONNX export of the generative family's chat path: vision encoder + decoder with a KV cache, and a greedy runner.
+
+What exports (``task="generate"``):
+
+- **Qwen3-VL** (``Qwen3VLForConditionalGeneration``): two graphs.
+
+  ``vision_encoder.onnx``: pixel_values [N, C·2·p·p] (the processor's flattened patches of every image, packed) +
+  the grid-dependent tensors that transformers' ``vision_utils`` computes from ``image_grid_thw`` with Python loops
+  and ``.tolist()`` — interp_indices / interp_weights [N, 4] (the learned position table resampled to each grid),
+  rotary_pos_ids [N, 2] (h, w of each patch), cu_seqlens [images + 1] (where each image's patches start) — ->
+  image_embeds [N / merge², D] and deepstack_embeds [deepstack layers, N / merge², D]. The tower's own forward takes
+  these precomputed tensors (its ``kwargs`` hook); the attention over packed images, which eager runs per image by
+  splitting on ``cu_seqlens.tolist()``, runs in the graph as one attention with a block-diagonal mask built from
+  ``cu_seqlens`` by tensor ops (an attention function registered with transformers' ``AttentionInterface`` for the
+  export only).
+
+  ``decoder.onnx``: input_ids [B, T], vision_embeds [B, T, D] and vision_mask [B, T] (the image features already
+  placed at the image-token positions; the graph takes ``where(mask, vision_embeds, embed(input_ids))``, what eager's
+  ``masked_scatter`` gives), deepstack_embeds [layers, B, T, D] (zeros off the image positions: added to the first
+  decoder layers' outputs, what eager's ``_deepstack_process`` adds at the image positions), position_ids [4, B, T]
+  (row 0 the text positions, rows 1-3 the multimodal rope t/h/w positions that the model's own ``get_rope_index``
+  computes in Python from the grids), attention_mask [B, past + T], past_key_i / past_value_i [B, kv heads, past,
+  head dim] for each layer (past may be 0: one graph serves the prefill and every cached step) -> logits [B, V] (the
+  last position's: what greedy decoding reads) and present_key_i / present_value_i [B, kv heads, past + T, head dim].
+
+- **Text-only causal LMs** of the family (``Qwen3ForCausalLM`` and other decoders whose transformers cache is one
+  full-attention ``DynamicLayer`` per layer): ``decoder.onnx`` with input_ids, position_ids [B, T], attention_mask
+  and the past key/values -> logits [B, V] and the present key/values.
+
+Not exported (``ExportError`` naming the architecture): Qwen2.5-VL (its vision tower's window attention reorders the
+patches by ``get_vision_window_index`` and alternates windowed / full blocks: the same move of the index computation
+to Python would cover it, not done), Qwen3-VL-MoE and the Qwen3-Omni thinker (MoE decoders, and the Omni audio tower;
+not tried), and decoders with sliding-window or other non-full cache layers.
+
+The weights live once, in the decoder (the embedding matrix is read by the graph's Gather and, tied, by the lm_head).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TASK = "generate"
+ATTN_NAME = "flash_packed_onnx_export"  # "flash" in the name: the tower then hands cu_seqlens to the attention function
+
+
+class GenerativeExportError(ValueError):
+    """A model the generative export does not cover (one line, with the reason)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a folder holds
+
+
+def generative_kind(config) -> str:
+    """qwen3_vl | causal_lm for the architectures the export covers; GenerativeExportError otherwise."""
+    mt = str(getattr(config, "model_type", ""))
+    arch = (getattr(config, "architectures", None) or [mt])[0]
+    if mt == "qwen3_vl":
+        return "qwen3_vl"
+    if mt == "qwen2_5_vl" or mt == "qwen2_vl":
+        raise GenerativeExportError(
+            f"{arch}: the generative ONNX export covers Qwen3-VL and text-only causal LMs; the Qwen2/2.5-VL vision tower "
+            "(window attention reordered by get_vision_window_index) is not exported"
+        )
+    if mt in ("qwen3_vl_moe", "qwen3_omni_moe", "qwen3_omni_moe_thinker") or "Omni" in arch:
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL and text-only causal LMs; MoE VLMs and the Omni thinker (audio tower) are not exported")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "num_hidden_layers"):
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types_, _ = get_layer_types_and_kwargs(config)
+        odd = sorted(set(types_) - {"full_attention"})
+        if odd:
+            raise GenerativeExportError(f"{arch}: {', '.join(odd)} cache layers are not exported (the decoder graph carries a full-attention KV cache per layer)")
+        if getattr(config, "num_experts", None):
+            raise GenerativeExportError(f"{arch}: MoE decoders are not exported (the generative ONNX export covers dense decoders)")
+        return "causal_lm"
+    raise GenerativeExportError(f"{arch}: not a Qwen3-VL model or a text-only causal LM; the generative ONNX export does not cover it")
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules that become graphs
+
+
+def _flat_cache(cache) -> list[Tensor]:
+    out: list[Tensor] = []
+    for layer in cache.layers:
+        out += [layer.keys, layer.values]
+    return out
+
+
+def _cache_from(config, past: Sequence[Tensor]):
+    """A transformers DynamicCache holding the flat past key/values (k0, v0, k1, v1, ...)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(len(past) // 2):
+        cache.layers[i].update(past[2 * i], past[2 * i + 1])
+    return cache
+
+
+class CausalLMDecoder(nn.Module):
+    """input_ids [B, T], position_ids [B, T], attention_mask [B, P + T], past k/v [B, kv, P, d] per layer ->
+    logits [B, V] (last position), present k/v [B, kv, P + T, d] per layer."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor):
+        cache = _cache_from(self.model.config, past)
+        out = self.model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        return (logits, *_flat_cache(out.cache))
+
+
+class Qwen3VLDecoder(nn.Module):
+    """input_ids, vision_embeds, vision_mask, deepstack_embeds, position_ids [4, B, T], attention_mask, past k/v ->
+    logits [B, V] (last position), present k/v."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.lm = model.model.language_model
+
+    def forward(self, input_ids: Tensor, vision_embeds: Tensor, vision_mask: Tensor, deepstack_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor):
+        embeds = torch.where(vision_mask[..., None], vision_embeds, self.lm.embed_tokens(input_ids))  # [B, T, D]
+        cache = _cache_from(self.model.config, past)
+        # deepstack: eager adds each vision layer's features at the image positions of the first decoder layers'
+        # outputs; here they come dense [B, T, D] with zeros elsewhere, so the same add is a plain sum
+        self.lm._deepstack_process = lambda hidden, _mask, embeds_: hidden + embeds_
+        try:
+            out = self.lm(
+                inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
+                visual_pos_masks=vision_mask, deepstack_visual_embeds=list(deepstack_embeds.unbind(0)),
+            )
+        finally:
+            del self.lm._deepstack_process
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        return (logits, *_flat_cache(out.cache))
+
+
+def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
+    """Attention over the patches of several images packed in one sequence, each image attending to itself only.
+
+    query / key / value [1, heads, N, d]; cu_seq_lens_q [images + 1] the boundaries. Eager (sdpa) splits the sequence
+    on ``cu_seqlens.tolist()`` and attends per image; a block-diagonal mask gives the same result with tensor ops
+    only, so the graph takes any number of images of any grids. Returns [1, N, heads, d]."""
+    n = query.shape[2]
+    image_of = (torch.arange(n, device=query.device)[:, None] >= cu_seq_lens_q[None, 1:].to(torch.long)).sum(-1)  # [N]
+    mask = image_of[:, None] == image_of[None, :]  # [N, N]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class Qwen3VLVision(nn.Module):
+    """pixel_values [N, C·t·p·p], interp_indices / interp_weights [N, 4], rotary_pos_ids [N, 2], cu_seqlens [images + 1]
+    -> image_embeds [N / merge², D], deepstack_embeds [deepstack layers, N / merge², D]."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values: Tensor, interp_indices: Tensor, interp_weights: Tensor, rotary_pos_ids: Tensor, cu_seqlens: Tensor):
+        out = self.visual(
+            pixel_values, grid_thw=None, interp_indices=interp_indices, interp_weights=interp_weights,
+            position_ids=rotary_pos_ids, cu_seqlens=cu_seqlens, max_seqlen=0, return_dict=True,
+        )
+        return out.pooler_output, torch.stack(list(out.deepstack_features))
+
+
+class _packed_attention_on:
+    """Within the block: the vision tower's attention is `packed_attention` (registered under ATTN_NAME)."""
+
+    def __init__(self, visual):
+        self.config = visual.config
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, packed_attention)
+        self.old = self.config._attn_implementation
+        self.config._attn_implementation = ATTN_NAME
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.old
+
+
+def vision_inputs(config, image_grid_thw: Tensor) -> dict[str, Tensor]:
+    """The grid-dependent inputs of the vision graph, computed in Python by transformers' own vision_utils
+    (what the tower computes from image_grid_thw when it is not given them)."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    vc = config.vision_config
+    merge = int(vc.spatial_merge_size)
+    idx, w = get_vision_interpolation_indices_and_weights(
+        image_grid_thw, num_grid_per_side=int(vc.num_position_embeddings**0.5), mode="bilinear", align_corners=True, spatial_merge_size=merge,
+    )
+    return {
+        "interp_indices": idx,
+        "interp_weights": w.float(),
+        "rotary_pos_ids": get_vision_position_ids(image_grid_thw, merge),
+        "cu_seqlens": get_vision_cu_seqlens(image_grid_thw),
+    }
+
+
+def rope_index(config, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor | None, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(position_ids [3, B, T], rope_deltas [B, 1]): Qwen3-VL's own ``get_rope_index``, run without the model's weights
+    (it reads only the config and the grids)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    holder = types.SimpleNamespace(config=config)
+    holder.get_vision_position_ids = lambda *a, **k: Qwen3VLModel.get_vision_position_ids(holder, *a, **k)
+    return Qwen3VLModel.get_rope_index(holder, input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dims: list) -> None:
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.5e9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=dims,
+            opset_version=18, external_data=big, verbose=False,
+        )
+
+
+def _kv_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _text_config(config):
+    return getattr(config, "text_config", config)
+
+
+def export_generative(model, kind: str, out: Path, log: Callable = print) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write decoder.onnx (and vision_encoder.onnx for Qwen3-VL) to `out`; returns ({graph: path}, manifest fields)."""
+    Dim = torch.export.Dim
+    tc = _text_config(model.config)
+    n_layers, kv, hd, hidden = int(tc.num_hidden_layers), int(tc.num_key_value_heads), int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads), int(tc.hidden_size)
+    B, T, P = 2, 5, 3  # example sizes; every one of them is a dynamic dimension of the graphs
+    batch, seq, past_len, total = Dim("batch"), Dim("sequence"), Dim("past"), Dim("total")
+    gen = torch.Generator().manual_seed(0)
+    past = tuple(torch.randn(B, kv, P, hd, generator=gen) for _ in range(2 * n_layers))
+    ids = torch.randint(0, int(tc.vocab_size), (B, T), generator=gen)
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    kv_dims = tuple({0: batch, 2: past_len} for _ in range(2 * n_layers))
+    paths: dict[str, Path] = {}
+    fields: dict[str, Any] = {"kind": kind, "num_layers": n_layers, "num_key_value_heads": kv, "head_dim": hd, "hidden_size": hidden, "vocab_size": int(tc.vocab_size)}
+    if kind == "causal_lm":
+        pos = torch.arange(P, P + T).expand(B, T).contiguous()
+        names = ["input_ids", "position_ids", "attention_mask"] + _kv_names(n_layers, "past")
+        dims = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: total}, kv_dims]
+        log(f"exporting decoder.onnx ({type(model).__name__}, {n_layers} layers, KV cache)")
+        _export(CausalLMDecoder(model), (ids, pos, mask, *past), out / "decoder.onnx", names, ["logits"] + _kv_names(n_layers, "present"), dims)
+        paths["decoder"] = out / "decoder.onnx"
+        fields["position_ids"] = "[B, T]: attention_mask.cumsum(-1) - 1 (0 at padding)"
+        return paths, fields
+
+    # Qwen3-VL
+    cfg = model.config
+    vc = cfg.vision_config
+    n_ds = len(vc.deepstack_visual_indexes)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])  # two images of different grids, packed
+    n_patches = int(grid.prod(-1).sum())
+    pv = torch.randn(n_patches, int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, generator=gen)
+    vis_in = vision_inputs(cfg, grid)
+    v_names = ["pixel_values", "interp_indices", "interp_weights", "rotary_pos_ids", "cu_seqlens"]
+    patches, bounds = Dim("patches"), Dim("images_plus_1")
+    log(f"exporting vision_encoder.onnx ({type(model.model.visual).__name__}, {vc.depth} blocks, packed images)")
+    with _packed_attention_on(model.model.visual):
+        _export(Qwen3VLVision(model.model.visual), (pv, *(vis_in[k] for k in v_names[1:])), out / "vision_encoder.onnx", v_names, ["image_embeds", "deepstack_embeds"],
+                [{0: patches}, {0: patches}, {0: patches}, {0: patches}, {0: bounds}])
+    paths["vision_encoder"] = out / "vision_encoder.onnx"
+
+    vmask = torch.zeros(B, T, dtype=torch.bool)
+    vmask[:, 1:3] = True
+    pos = torch.arange(P, P + T).view(1, 1, T).expand(4, B, T).contiguous()
+    names = ["input_ids", "vision_embeds", "vision_mask", "deepstack_embeds", "position_ids", "attention_mask"] + _kv_names(n_layers, "past")
+    dims = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {1: batch, 2: seq}, {1: batch, 2: seq}, {0: batch, 1: total}, kv_dims]
+    args = (ids, torch.randn(B, T, hidden, generator=gen), vmask, torch.randn(n_ds, B, T, hidden, generator=gen), pos, mask, *past)
+    log(f"exporting decoder.onnx ({type(model.model.language_model).__name__}, {n_layers} layers, deepstack {n_ds}, KV cache)")
+    _export(Qwen3VLDecoder(model), args, out / "decoder.onnx", names, ["logits"] + _kv_names(n_layers, "present"), dims)
+    paths["decoder"] = out / "decoder.onnx"
+    fields.update(
+        deepstack_layers=n_ds, image_token_id=int(cfg.image_token_id), video_token_id=int(cfg.video_token_id),
+        spatial_merge_size=int(vc.spatial_merge_size),
+        position_ids="[4, B, T]: row 0 attention_mask.cumsum(-1) - 1 (0 at padding), rows 1-3 Qwen3VLModel.get_rope_index (t, h, w); each cached step: the last column + 1",
+        vision_inputs="transformers.vision_utils on image_grid_thw: get_vision_interpolation_indices_and_weights (bilinear, align_corners), get_vision_position_ids, get_vision_cu_seqlens",
+    )
+    return paths, fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the graphs: greedy generation with the KV cache
+
+
+class OnnxChatModel:
+    """The exported chat graphs in onnxruntime: prefill, then one token per step with the KV cache (greedy)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], sessions: dict[str, Any], processor):
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.kind = manifest["kind"]
+        self.sessions = sessions
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.config = AutoConfig.from_pretrained(str(folder))
+        self.n_layers = int(manifest["num_layers"])
+        self.eos_ids = list(manifest.get("eos_token_ids", []))
+
+    # inputs as the eager ChatModel builds them
+    def encode(self, messages: list[dict], images: list) -> dict[str, Tensor]:
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.kind == "causal_lm":
+            enc = self.processor(text=[text], return_tensors="pt")
+        else:
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+
+    def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {"pixel_values": pixel_values.float().numpy()} | {k: v.numpy() for k, v in vision_inputs(self.config, image_grid_thw).items()}
+        emb, ds = self.sessions["vision_encoder"].run(None, feeds)
+        return emb, ds
+
+    def _prefill_feeds(self, inputs: dict[str, Tensor]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        ids = inputs["input_ids"].long()
+        am = inputs.get("attention_mask", torch.ones_like(ids)).long()
+        B, T = ids.shape
+        text_pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, T]
+        kv, hd = int(self.manifest["num_key_value_heads"]), int(self.manifest["head_dim"])
+        past = {n: np.zeros((B, kv, 0, hd), np.float32) for n in _kv_names(self.n_layers, "past")}
+        if self.kind == "causal_lm":
+            return {"input_ids": ids.numpy(), "position_ids": text_pos.numpy(), "attention_mask": am.numpy()} | past, text_pos[:, -1].numpy()
+        D = int(self.manifest["hidden_size"])
+        vision = np.zeros((B, T, D), np.float32)
+        deep = np.zeros((int(self.manifest["deepstack_layers"]), B, T, D), np.float32)
+        vmask = np.zeros((B, T), bool)
+        grid = inputs.get("image_grid_thw")
+        if grid is not None and "pixel_values" in inputs:
+            emb, ds = self.image_features(inputs["pixel_values"], grid)
+            vmask = (ids == int(self.manifest["image_token_id"])).numpy()
+            if int(vmask.sum()) != emb.shape[0]:
+                raise ValueError(f"{int(vmask.sum())} image tokens in the prompt but the vision graph gave {emb.shape[0]} features")
+            vision[vmask] = emb  # row-major over (batch, position): the order of eager's masked_scatter
+            deep[:, vmask] = ds
+            mm = inputs.get("mm_token_type_ids")
+            if mm is None:
+                raise ValueError("Qwen3-VL inputs with images need mm_token_type_ids (the processor makes it)")
+            rope, _ = rope_index(self.config, ids, mm, grid, am)  # [3, B, T]
+        else:
+            rope = text_pos[None].expand(3, B, T)
+        pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)], 0)  # [4, B, T]
+        feeds = {"input_ids": ids.numpy(), "vision_embeds": vision, "vision_mask": vmask, "deepstack_embeds": deep, "position_ids": pos.numpy(), "attention_mask": am.numpy()}
+        return feeds | past, pos[:, :, -1].numpy()
+
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, return_logits: bool = False):
+        """Greedy: (new token ids [B, n] (rows finished early padded with pad id), per-step logits [B, V] list when asked)."""
+        eos = set(self.eos_ids if eos_ids is None else eos_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        feeds, last_pos = self._prefill_feeds(inputs)
+        dec = self.sessions["decoder"]
+        out_names = ["logits"] + _kv_names(self.n_layers, "present")
+        B = feeds["input_ids"].shape[0]
+        am = feeds["attention_mask"]
+        done = np.zeros(B, bool)
+        tokens, logits_seen = [], []
+        for _ in range(max_new_tokens):
+            res = dec.run(out_names, feeds)
+            logits = res[0]
+            if return_logits:
+                logits_seen.append(logits)
+            nxt = logits.argmax(-1)
+            nxt = np.where(done, pad, nxt)
+            tokens.append(nxt)
+            done |= np.isin(nxt, list(eos))
+            if done.all():
+                break
+            am = np.concatenate([am, np.ones((B, 1), am.dtype)], 1)
+            last_pos = last_pos + 1
+            feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": am}
+            feeds |= {n.replace("present", "past"): t for n, t in zip(out_names[1:], res[1:])}
+            if self.kind == "causal_lm":
+                feeds["position_ids"] = last_pos[:, None].astype(np.int64)
+            else:
+                D = int(self.manifest["hidden_size"])
+                feeds |= {
+                    "vision_embeds": np.zeros((B, 1, D), np.float32), "vision_mask": np.zeros((B, 1), bool),
+                    "deepstack_embeds": np.zeros((int(self.manifest["deepstack_layers"]), B, 1, D), np.float32),
+                    "position_ids": last_pos[:, :, None].astype(np.int64),
+                }
+        ids = np.stack(tokens, 1) if tokens else np.zeros((B, 0), np.int64)
+        return (ids, logits_seen) if return_logits else ids
+
+
+def eager_generate(model, inputs: dict[str, Tensor], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int):
+    """model.generate greedy: (new token ids [B, n], per-step raw logits [B, V] list). eos_ids may be empty (no stop)."""
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    gc.do_sample, gc.num_beams, gc.max_new_tokens, gc.min_new_tokens = False, 1, max_new_tokens, None
+    gc.eos_token_id = list(eos_ids) or None
+    gc.pad_token_id = pad_id
+    gc.temperature = gc.top_p = gc.top_k = None
+    gc.output_logits = gc.return_dict_in_generate = True
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gc)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return new, [lg.float() for lg in out.logits]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        if t in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(t))
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out chat records, parity and latency
+
+
+def generated_chat(n: int, seed: int, image_size: int) -> tuple[list[dict], list[list]]:
+    """n held-out ShapesWorld chat items (question about a freshly rendered scene, its reference answer)."""
+    import random
+
+    from ..data import synth
+
+    items, images = [], []
+    for i in range(n):
+        scene = synth.scene_for_index(seed + 7919, 100_000 + i)
+        qs = synth.questions(scene)
+        q = qs[random.Random(seed * 1000 + i).randrange(len(qs))]
+        items.append({"prompt": q["prompt"], "response": q["response"], "skills": [q["skill"]]})
+        images.append([synth.render(scene, size=image_size)])
+    return items, images
+
+
+def _messages(prompt: str, n_images: int) -> list[dict]:
+    if not n_images:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
+
+
+def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], images: list[list], *, steps: int, source: str, log: Callable = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per variant: tokens identical to eager generate over `steps` greedy steps (no stop token), logits max abs diff at
+    the prefill and at the cached steps, and the family metric (VQA accuracy / exact match on the answers, eos on);
+    then latency per generated token, ORT vs eager, on the same prompts. Returns (parity, latency)."""
+    from ..evaluate.textgen import score_generations
+
+    first = next(iter(runners.values()))
+    tok = first.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = first.eos_ids
+    text_only = first.kind == "causal_lm"
+    encoded = [first.encode(_messages(it["prompt"], 0 if text_only else len(im)), [] if text_only else im) for it, im in zip(items, images)]
+    # eager: fixed-length greedy (no stop) for the token / logit check, then answers with the stop tokens
+    ref = [eager_generate(model, enc, steps, [], pad) for enc in encoded]
+    ref_answers = [eager_generate(model, enc, 32, eos, pad)[0] for enc in encoded]
+    parity: dict[str, Any] = {"inputs": source, "steps": steps}
+    answers: dict[str, list[str]] = {"eager": [tok.decode(a[0], skip_special_tokens=True) for a in ref_answers]}
+    for name, run in runners.items():
+        same, prefill, cached = 0, 0.0, 0.0
+        first_diff: list[int] = []
+        for enc, (want_ids, want_logits) in zip(encoded, ref):
+            got_ids, got_logits = run.generate(enc, steps, eos_ids=[], return_logits=True)
+            ok = got_ids.shape == tuple(want_ids.shape) and np.array_equal(got_ids, want_ids.numpy())
+            same += int(ok)
+            if not ok:
+                k = next((j for j in range(min(got_ids.shape[1], want_ids.shape[1])) if got_ids[0, j] != int(want_ids[0, j])), None)
+                first_diff.append(k)
+            diffs = [float(np.abs(g - w.numpy()).max()) for g, w in zip(got_logits, want_logits)]
+            prefill = max(prefill, diffs[0])
+            if len(diffs) > 1:
+                cached = max(cached, max(diffs[1:]))
+        preds = [tok.decode(run.generate(enc, 32)[0], skip_special_tokens=True) for enc in encoded]
+        answers[name] = preds
+        res: dict[str, Any] = {
+            "tokens_identical": f"{same}/{len(encoded)}", "tokens_identical_all": same == len(encoded),
+            "prefill_logits_max_abs_diff": prefill, "step_logits_max_abs_diff": cached,
+        }
+        if first_diff:
+            res["first_differing_step"] = first_diff
+        metric = score_generations([{"prediction": p, "reference": it["response"], "skills": it.get("skills")} for p, it in zip(preds, items)])
+        eager_metric = score_generations([{"prediction": p, "reference": it["response"], "skills": it.get("skills")} for p, it in zip(answers["eager"], items)])
+        key = "vqa_accuracy" if metric.get("vqa_accuracy") is not None else "rouge_l"
+        res["metric"] = {"name": key, "eager": eager_metric[key], "onnx": metric[key]}
+        res["answers_identical"] = f"{sum(a == b for a, b in zip(preds, answers['eager']))}/{len(preds)}"
+        parity[name] = res
+        log(f"{name}: tokens identical {res['tokens_identical']} over {steps} steps, logits max abs diff prefill {prefill:.2g}, cached steps {cached:.2g}")
+    latency = chat_latency(model, runners, encoded, steps, pad)
+    return parity, latency
+
+
+def chat_latency(model, runners: dict[str, OnnxChatModel], encoded: list[dict[str, Tensor]], steps: int, pad: int, rounds: int = 3) -> dict[str, Any]:
+    """ms per generated token (prefill included, `steps` tokens, batch 1), eager generate vs ORT, in interleaved rounds
+    (median); the same prompts for both."""
+    times: dict[str, list[float]] = {"eager": []} | {k: [] for k in runners}
+    for _ in range(rounds):
+        for name in times:
+            t0 = time.perf_counter()
+            for enc in encoded:
+                if name == "eager":
+                    eager_generate(model, enc, steps, [], pad)
+                else:
+                    runners[name].generate(enc, steps, eos_ids=[])
+            times[name].append(1000 * (time.perf_counter() - t0) / (len(encoded) * steps))
+    out: dict[str, Any] = {"tokens_per_prompt": steps, "prompts": len(encoded), "threads": torch.get_num_threads()}
+    out |= {f"{k}_ms_per_token": float(np.median(v)) for k, v in times.items()}
+    return out
+
+
+def read_items(path: Path, max_items: int, log: Callable = print) -> tuple[list[dict], list[list], str]:
+    """Chat records of a JSONL file (prompt, response, images) for the parity check."""
+    from ..data.loaders import ImageCache, load_chat
+
+    cache = ImageCache()
+    records, _ = load_chat(Path(path), "response", "fail", max_items, cache, log=lambda *_: None)
+    items = [{"prompt": r.prompt, "response": r.response, "skills": list(getattr(r, "skills", None) or []) or None} for r in records]
+    return items, [cache.all(r) for r in records], f"{path} ({len(records)} records)"
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    return json.dumps({k: manifest[k] for k in ("kind", "num_layers") if k in manifest})
