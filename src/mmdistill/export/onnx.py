@@ -404,6 +404,15 @@ def export_onnx(
         raise ExportError(f"{src}: no config.json; expected a Hugging Face model folder (written by save_pretrained)")
     if data is not None and not Path(data).is_file():
         raise FileNotFoundError(f"--data {data}: file not found")
+    if task == "generate":  # before anything is written: is this an architecture the export covers?
+        from transformers import AutoConfig
+
+        from . import onnx_generative as og
+
+        try:
+            kind = og.generative_kind(AutoConfig.from_pretrained(str(src)))
+        except og.GenerativeExportError as e:
+            raise ExportError(f"{src}: {e}") from None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -427,14 +436,7 @@ def export_onnx(
         manifest.update(family="contrastive", image_size=side, embed_dim=cm.embed_dim(model))
     elif task == "generate":
         from ..models.generative import load_vlm
-        from . import onnx_generative as og
 
-        try:
-            from transformers import AutoConfig
-
-            kind = og.generative_kind(AutoConfig.from_pretrained(str(src)))
-        except og.GenerativeExportError as e:
-            raise ExportError(f"{src}: {e}") from None
         model, processor = load_vlm(str(src))
         model.eval()
         log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind == "qwen3_vl" else "") + "decoder.onnx")

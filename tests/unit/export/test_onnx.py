@@ -178,12 +178,16 @@ def test_bad_folders_give_one_line_errors(tmp_path, tok):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ox.ExportError, match="not valid JSON"):
         ox.export_onnx(tmp_path / "broken", tmp_path / "o3", log=lambda *_: None)
-    # a VLM folder with nothing saying it is a reranker: the message says what to do
+    # a model of no family the export knows: the message says what to do
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    with pytest.raises(ox.ExportError, match="ViTModel is not a dual encoder.*--task yesno"):
+        ox.export_onnx(tmp_path / "vit", tmp_path / "o4", log=lambda *_: None)
+    # a VLM folder with nothing saying it is a reranker exports its chat path (tests/unit/export/test_onnx_generative.py)
     from mmdistill.models.tiny import build_tiny_vlm
 
     build_tiny_vlm(tmp_path / "run" / "model", TEXTS, preset="vlm-nano", tokenizer=tok)
-    with pytest.raises(ox.ExportError, match="--task yesno"):
-        ox.export_onnx(tmp_path / "run", tmp_path / "o4", log=lambda *_: None)
+    assert ox.detect_task(ox.model_folder(tmp_path / "run")) == "generate"
     # ... unless the run that trained it was a reranker run (its run.json says so)
     (tmp_path / "run" / "run.json").write_text(json.dumps({"fingerprint": "x", "recipe": {"family": "reranker"}}))
     assert ox.model_folder(tmp_path / "run") == tmp_path / "run" / "model"

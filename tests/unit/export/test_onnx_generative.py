@@ -1,0 +1,170 @@
+"""ONNX export of the generative chat path: a tiny Qwen3-VL (vision encoder + decoder with KV cache) and a tiny
+text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
+`generate` on prompts the export never saw (other lengths, several images in one prompt, a left-padded batch);
+and the one-line errors for architectures the export does not cover."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmdistill.data import synth
+from mmdistill.export import onnx as ox
+from mmdistill.export import onnx_generative as og
+from mmdistill.models.generative import load_vlm
+from mmdistill.models.tiny import build_tiny_lm, build_tiny_vlm, train_qwen_tokenizer
+
+# the tiny models' text: ShapesWorld questions and answers
+TEXTS = [f"{q['prompt']} {q['response']}" for i in range(40) for q in synth.questions(synth.scene_for_index(0, i))]
+# random weights at the default init (std 0.02) make a tiny decoder repeat one token whatever the prompt; a wider
+# init gives greedy sequences that change with the prompt and the image, so "same tokens" means something
+WIDE = {"text_config.initializer_range": 0.2}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_qwen_tokenizer(TEXTS, vocab_size=400)
+
+
+def _chat_file(d, n=3):
+    """Held-out chat records with images on disk (scenes the tokenizer's text did not come from)."""
+    lines = []
+    for i in range(n):
+        scene = synth.scene_for_index(5, 500 + i)
+        synth.render(scene, size=64).save(d / f"{i}.png")
+        q = synth.questions(scene)[i % 2]
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": q["prompt"], "response": q["response"], "skills": [q["skill"]]}))
+    path = d / "chat.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("vlm")
+    build_tiny_vlm(d / "model", TEXTS, preset="vlm-nano", tokenizer=tok, overrides=WIDE)
+    manifest = ox.export_onnx(d / "model", d / "onnx", data=_chat_file(d), gen_steps=6, log=lambda *_: None)
+    model, proc = load_vlm(str(d / "model"))
+    return d, model.eval(), proc, manifest
+
+
+def _encode(proc, prompts, images_per_prompt):
+    texts = [proc.apply_chat_template(og._messages(p, len(ims)), add_generation_prompt=True, tokenize=False) for p, ims in zip(prompts, images_per_prompt)]
+    flat = [im for ims in images_per_prompt for im in ims]
+    enc = proc(text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side="left")
+    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def _check(runner, model, enc, steps, pad):
+    """Greedy tokens identical to eager generate; prefill (step 0) and cached-step logits within 1e-4."""
+    want_ids, want_logits = og.eager_generate(model, enc, steps, [], pad)
+    got_ids, got_logits = runner.generate(enc, steps, eos_ids=[], return_logits=True)
+    assert got_ids.shape == tuple(want_ids.shape) == (enc["input_ids"].shape[0], steps)
+    assert np.array_equal(got_ids, want_ids.numpy())
+    assert len(got_logits) == steps
+    for g, w in zip(got_logits, want_logits):
+        assert np.abs(g - w.numpy()).max() <= 1e-4
+    return want_ids
+
+
+def test_vlm_export_writes_both_graphs_and_the_manifest_says_how_to_feed_them(vlm):
+    d, model, _, manifest = vlm
+    assert manifest["task"] == "generate" and manifest["kind"] == "qwen3_vl" and manifest["family"] == "generative"
+    assert set(manifest["graphs"]) == {"vision_encoder", "decoder"}
+    dec = manifest["graphs"]["decoder"]
+    names = [i["name"] for i in dec["inputs"]]
+    assert names[:6] == ["input_ids", "vision_embeds", "vision_mask", "deepstack_embeds", "position_ids", "attention_mask"]
+    assert names[6:] == [f"past_{k}_{i}" for i in range(manifest["num_layers"]) for k in ("key", "value")]
+    pos = dec["inputs"][4]["shape"]
+    assert pos == [4, "batch", "sequence"]
+    assert dec["inputs"][6]["shape"][2] == "past" and dec["outputs"][0]["shape"] == ["batch", manifest["vocab_size"]]
+    assert [o["name"] for o in dec["outputs"][1:]] == [f"present_{k}_{i}" for i in range(manifest["num_layers"]) for k in ("key", "value")]
+    vis = manifest["graphs"]["vision_encoder"]
+    assert [i["name"] for i in vis["inputs"]] == ["pixel_values", "interp_indices", "interp_weights", "rotary_pos_ids", "cu_seqlens"]
+    assert not list((d / "onnx").glob("*.safetensors"))
+    # parity recorded at export time, on the held-out records
+    par = manifest["parity"]
+    assert "chat.jsonl" in par["inputs"] and par["steps"] == 6
+    fp = par["fp32"]
+    assert fp["tokens_identical_all"] and fp["tokens_identical"] == "3/3"
+    assert fp["prefill_logits_max_abs_diff"] <= 1e-4 and fp["step_logits_max_abs_diff"] <= 1e-4
+    assert fp["metric"]["name"] == "vqa_accuracy" and fp["metric"]["onnx"] == pytest.approx(fp["metric"]["eager"])
+    lat = manifest["latency"]
+    assert lat["eager_ms_per_token"] > 0 and lat["fp32_ms_per_token"] > 0 and lat["tokens_per_prompt"] == 6
+
+
+def test_vlm_onnx_greedy_matches_eager_generate_on_new_prompts(vlm):
+    d, model, proc, _ = vlm
+    runner, _, _ = ox.load_onnx(d / "onnx")
+    pad = proc.tokenizer.pad_token_id
+    rng = np.random.default_rng(3)
+    img = lambda: Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # noqa: E731
+    seqs = []
+    # one image; two images in one prompt (two grids packed in one vision call); a text-only prompt
+    for prompt, ims in [("What colour is the circle?", [img()]), ("Describe the image. Is the red square left of the blue circle?", [img(), img()]), ("How many coloured shapes are there?", [])]:
+        seqs.append(_check(runner, model, _encode(proc, [prompt], [ims]), 5, pad)[0].tolist())
+    # a left-padded batch of two prompts of different lengths
+    _check(runner, model, _encode(proc, ["Where is the red circle?", "Describe the image."], [[img()], [img()]]), 4, pad)
+    # the greedy sequences depend on the prompt (a graph that ignored its inputs would not match eager by luck)
+    assert len({tuple(s) for s in seqs}) == 3 and any(len(set(s)) > 1 for s in seqs)
+
+
+def test_vision_graph_matches_the_towers_features(vlm):
+    d, model, proc, _ = vlm
+    runner, _, _ = ox.load_onnx(d / "onnx")
+    ims = [synth.render(synth.scene_for_index(9, i), size=64) for i in range(3)]
+    enc = proc.image_processor(images=ims, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
+    emb, ds = runner.image_features(enc["pixel_values"], enc["image_grid_thw"])
+    assert np.abs(emb - torch.cat(ref.pooler_output).numpy()).max() <= 1e-4
+    assert np.abs(ds - torch.stack([torch.cat(f) for f in ref.deepstack_features]).numpy()).max() <= 1e-4
+    # each image attends to itself only: the first image's features do not change when others are packed beside it
+    alone = proc.image_processor(images=ims[:1], return_tensors="pt")
+    emb1, _ = runner.image_features(alone["pixel_values"], alone["image_grid_thw"])
+    assert np.abs(emb[: emb1.shape[0]] - emb1).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    # its own tokenizer: the VLM's processor marked the shared one as a Qwen3-VL processor's (processor_class)
+    build_tiny_lm(d / "model", TEXTS, preset="vlm-nano", vocab_size=400, overrides={"initializer_range": 0.2})
+    manifest = ox.export_onnx(d / "model", d / "onnx", int8=True, gen_steps=5, log=lambda *_: None)
+    model, tokenizer = load_vlm(str(d / "model"))
+    return d, model.eval(), tokenizer, manifest
+
+
+def test_causal_lm_export_and_greedy_parity(lm):
+    d, model, tokenizer, manifest = lm
+    assert manifest["kind"] == "causal_lm" and list(manifest["graphs"]) == ["decoder"]
+    assert [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]][:3] == ["input_ids", "position_ids", "attention_mask"]
+    fp = manifest["parity"]["fp32"]
+    assert "generated" in manifest["parity"]["inputs"] and fp["tokens_identical_all"]
+    assert fp["prefill_logits_max_abs_diff"] <= 1e-4 and fp["step_logits_max_abs_diff"] <= 1e-4
+    # int8: a different graph (logits differ), recorded beside fp32
+    assert 0 < manifest["parity"]["int8"]["prefill_logits_max_abs_diff"] < 1.0
+    runner, _, _ = ox.load_onnx(d / "onnx")
+    for prompts in (["What shape is at the top left?"], ["Is the red circle small or large?", "Describe the image."]):
+        texts = [tokenizer.apply_chat_template(og._messages(p, 0), add_generation_prompt=True, tokenize=False) for p in prompts]
+        enc = dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left"))
+        _check(runner, model, enc, 6, tokenizer.pad_token_id)
+    # with the stop tokens on, the runner stops where generate stops
+    enc = dict(tokenizer([texts[0]], return_tensors="pt"))
+    want, _ = og.eager_generate(model, enc, 20, manifest["eos_token_ids"], tokenizer.pad_token_id)
+    assert np.array_equal(runner.generate(enc, 20), want.numpy())
+
+
+def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
+    build_tiny_vlm(tmp_path / "q25", TEXTS, kind="qwen2_5_vl", preset="vlm-nano", tokenizer=tok)
+    with pytest.raises(ox.ExportError, match=r"Qwen2_5_VLForConditionalGeneration.*window attention.*not exported") as e:
+        ox.export_onnx(tmp_path / "q25", tmp_path / "o1", log=lambda *_: None)
+    assert "\n" not in str(e.value) and str(tmp_path / "q25") in str(e.value)
+    from mmdistill.models.tiny import build_tiny_moe_lm
+
+    build_tiny_moe_lm(tmp_path / "moe", TEXTS, preset="vlm-nano", num_experts=4, tokenizer=tok)
+    with pytest.raises(ox.ExportError, match="MoE decoders are not exported"):
+        ox.export_onnx(tmp_path / "moe", tmp_path / "o2", log=lambda *_: None)
+    assert not (tmp_path / "o1" / "manifest.json").exists()
