@@ -37,9 +37,11 @@ def serve_task(model_dir: Path, task: str = "auto") -> str:
             raise ServeError(f"--task {task!r}: choose auto, {', '.join(FAMILY_OF_TASK)}")
         return task
     if (model_dir / ox.MANIFEST).is_file():
-        return ox.read_manifest(model_dir)["task"]
+        t = ox.read_manifest(model_dir)["task"]
+        return "chat" if t == "generate" else t
     try:
-        return ox.detect_task(model_dir)
+        t = ox.detect_task(model_dir)
+        return "chat" if t == "generate" else t
     except ox.ExportError as e:
         if "--task yesno" not in str(e):  # missing folder / config: a real error
             raise ServeError(str(e)) from None
