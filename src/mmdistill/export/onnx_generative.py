@@ -459,7 +459,7 @@ def _messages(prompt: str, n_images: int) -> list[dict]:
 
 def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], images: list[list], *, steps: int, source: str, log: Callable = print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per variant: tokens identical to eager generate over `steps` greedy steps (no stop token), logits max abs diff at
-    the prefill and at the cached steps, and the family metric (VQA accuracy / exact match on the answers, eos on);
+    the prefill and at the cached steps (while both decode the same prefix), and the family metric (VQA accuracy / exact match on the answers, eos on);
     then latency per generated token, ORT vs eager, on the same prompts. Returns (parity, latency)."""
     from ..evaluate.textgen import score_generations
 
@@ -484,7 +484,9 @@ def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], ima
             if not ok:
                 k = next((j for j in range(min(got_ids.shape[1], want_ids.shape[1])) if got_ids[0, j] != int(want_ids[0, j])), None)
                 first_diff.append(k)
-            diffs = [float(np.abs(g - w.numpy()).max()) for g, w in zip(got_logits, want_logits)]
+            # logits compared while both decoded the same prefix: up to and including the first differing token
+            upto = len(got_logits) if ok else (first_diff[-1] + 1 if first_diff[-1] is not None else min(len(got_logits), len(want_logits)))
+            diffs = [float(np.abs(g - w.numpy()).max()) for g, w in zip(got_logits[:upto], want_logits[:upto])]
             prefill = max(prefill, diffs[0])
             if len(diffs) > 1:
                 cached = max(cached, max(diffs[1:]))
