@@ -366,28 +366,34 @@ class OnnxChatModel:
         feeds = {"input_ids": ids.numpy(), "vision_embeds": vision, "vision_mask": vmask, "deepstack_embeds": deep, "position_ids": pos.numpy(), "attention_mask": am.numpy()}
         return feeds | past, pos[:, :, -1].numpy()
 
-    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, return_logits: bool = False):
-        """Greedy: (new token ids [B, n] (rows finished early padded with pad id), per-step logits [B, V] list when asked)."""
+    def decode(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, temperature: float = 0.0, seed: int | None = None):
+        """Yield (next token ids [B], logits [B, V]) one step at a time: the prefill, then one cached decoder call per
+        token; greedy at temperature 0, else sampled from softmax(logits / temperature). Rows that produced a stop
+        token get the pad id from then on; it stops when every row has."""
         eos = set(self.eos_ids if eos_ids is None else eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rng = np.random.default_rng(seed)
         feeds, last_pos = self._prefill_feeds(inputs)
         dec = self.sessions["decoder"]
         out_names = ["logits"] + _kv_names(self.n_layers, "present")
         B = feeds["input_ids"].shape[0]
         am = feeds["attention_mask"]
         done = np.zeros(B, bool)
-        tokens, logits_seen = [], []
         for _ in range(max_new_tokens):
             res = dec.run(out_names, feeds)
             logits = res[0]
-            if return_logits:
-                logits_seen.append(logits)
-            nxt = logits.argmax(-1)
+            if temperature > 0:
+                z = logits.astype(np.float64) / temperature
+                p = np.exp(z - z.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                nxt = np.array([rng.choice(p.shape[-1], p=row) for row in p])
+            else:
+                nxt = logits.argmax(-1)
             nxt = np.where(done, pad, nxt)
-            tokens.append(nxt)
+            yield nxt, logits
             done |= np.isin(nxt, list(eos))
             if done.all():
-                break
+                return
             am = np.concatenate([am, np.ones((B, 1), am.dtype)], 1)
             last_pos = last_pos + 1
             feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": am}
@@ -401,6 +407,16 @@ class OnnxChatModel:
                     "deepstack_embeds": np.zeros((int(self.manifest["deepstack_layers"]), B, 1, D), np.float32),
                     "position_ids": last_pos[:, :, None].astype(np.int64),
                 }
+
+    def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, return_logits: bool = False):
+        """Greedy: new token ids [B, n] (rows finished early padded with the pad id); with return_logits also the
+        per-step logits [B, V]."""
+        tokens, logits_seen = [], []
+        for nxt, logits in self.decode(inputs, max_new_tokens, eos_ids=eos_ids):
+            tokens.append(nxt)
+            if return_logits:
+                logits_seen.append(logits)
+        B = inputs["input_ids"].shape[0]
         ids = np.stack(tokens, 1) if tokens else np.zeros((B, 0), np.int64)
         return (ids, logits_seen) if return_logits else ids
 

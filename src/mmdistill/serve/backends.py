@@ -227,6 +227,47 @@ class ChatModel:
         yield len(new), ("stop" if any(t in self._eos for t in new) else "length")
 
 
+class OnnxChat(ChatModel):
+    """A ChatModel whose generation runs the exported chat graphs in onnxruntime (KV cache; greedy at temperature 0,
+    else sampled from softmax(logits / temperature), like the torch backend's top_k=0 sampling)."""
+
+    def __init__(self, runner, processor):
+        self.runner = runner
+        self.processor = processor
+        self.backend = "onnx"
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        cfg = getattr(runner.config, "text_config", runner.config)
+        self.context = int(getattr(cfg, "max_position_embeddings", 4096))
+        self.lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._eos = list(runner.eos_ids)
+
+    def encode(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
+        with self._encode_lock:
+            return self.runner.encode(messages, images)
+
+    def generate(self, inputs: dict[str, torch.Tensor], max_tokens: int, temperature: float = 0.0) -> tuple[str, int, str]:
+        with self.lock:
+            new = [int(t[0]) for t, _ in self.runner.decode(inputs, max_tokens, eos_ids=self._eos, temperature=temperature)]
+        finish = "stop" if any(t in self._eos for t in new) else "length"
+        return self.tokenizer.decode(new, skip_special_tokens=True), len(new), finish
+
+    def stream(self, inputs: dict[str, torch.Tensor], max_tokens: int, temperature: float = 0.0) -> Iterator[str | tuple[int, str]]:
+        new: list[int] = []
+        text = ""
+        with self.lock:
+            for t, _ in self.runner.decode(inputs, max_tokens, eos_ids=self._eos, temperature=temperature):
+                new.append(int(t[0]))
+                full = self.tokenizer.decode(new, skip_special_tokens=True)
+                if len(full) > len(text) and not full.endswith("\ufffd"):  # a whole character more (byte-level BPE)
+                    yield full[len(text):]
+                    text = full
+        full = self.tokenizer.decode(new, skip_special_tokens=True)
+        if len(full) > len(text):
+            yield full[len(text):]
+        yield len(new), ("stop" if any(t in self._eos for t in new) else "length")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -254,6 +295,8 @@ def load_backend(model_dir: str | Path, *, backend: str = "auto", task: str = "a
         runner, processor, _ = ox.load_onnx(d, int8=int8, max_length=max_length, threads=threads)
         if task == "clip":
             return Embedder(runner, processor, backend="onnx")
+        if task == "chat":
+            return OnnxChat(runner, processor)
         return RerankScorer(runner, backend="onnx")
     if task == "clip":
         model, processor = cm.load_model(str(d))

@@ -168,3 +168,26 @@ def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
     with pytest.raises(ox.ExportError, match="MoE decoders are not exported"):
         ox.export_onnx(tmp_path / "moe", tmp_path / "o2", log=lambda *_: None)
     assert not (tmp_path / "o1" / "manifest.json").exists()
+
+
+def test_serve_backend_answers_from_the_onnx_export_as_the_torch_backend_does(vlm):
+    """`mmdistill serve EXPORT` loads the chat graphs (OnnxChat): same greedy answer and stream as the torch ChatModel."""
+    from mmdistill.serve.backends import ChatModel, OnnxChat, load_backend
+
+    d, _, _, _ = vlm
+    onnx_chat = load_backend(d / "onnx")
+    torch_chat = load_backend(d / "model")
+    assert isinstance(onnx_chat, OnnxChat) and onnx_chat.backend == "onnx" and isinstance(torch_chat, ChatModel)
+    assert onnx_chat.context == torch_chat.context and set(onnx_chat._eos) == set(torch_chat._eos)
+    image = synth.render(synth.scene_for_index(21, 3), size=64)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]
+    inputs = onnx_chat.encode(messages, [image])
+    assert torch.equal(inputs["input_ids"], torch_chat.encode(messages, [image])["input_ids"])
+    want = torch_chat.generate(inputs, 12)
+    got = onnx_chat.generate(inputs, 12)
+    assert got == want and got[1] >= 1
+    pieces = list(onnx_chat.stream(inputs, 12))
+    assert "".join(p for p in pieces if isinstance(p, str)) == want[0] and pieces[-1] == (want[1], want[2])
+    # sampling runs too (temperature > 0): tokens from the vocabulary, no more than asked
+    text, n, _ = onnx_chat.generate(inputs, 5, temperature=1.0)
+    assert isinstance(text, str) and 1 <= n <= 5
