@@ -452,13 +452,15 @@ def init(family: str, data: str | Path, out: str | Path, *, runs: str | Path | N
 # export and serving
 
 
-def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task: str = "auto", int8: bool = False, data: str | Path | None = None, max_items: int = 200, overwrite: bool = False, log: Callable = print) -> dict[str, Any]:
-    """Export a model folder (ONNX: CLIP encoders, reranker scores) with a parity check in onnxruntime."""
+def export(model_dir: str | Path, out: str | Path, *, format: str = "onnx", task: str = "auto", int8: bool = False, data: str | Path | None = None, max_items: int = 200, overwrite: bool = False, gen_steps: int = 8, log: Callable = print) -> dict[str, Any]:
+    """Export a model folder (ONNX: CLIP encoders, reranker scores, the generative chat path) with a parity check in onnxruntime."""
     from .export.onnx import ExportError, export_onnx
 
     if format != "onnx":
         raise ExportError(f"--format {format!r}: only onnx is supported")
-    return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, log=log)
+    if gen_steps < 1:
+        raise ExportError(f"--steps {gen_steps}: must be >= 1")
+    return export_onnx(model_dir, out, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, gen_steps=gen_steps, log=log)
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", task: str = "auto", int8: bool = False, threads: int | None = None, config: Any = None, reference: str | Path | None = None, webhook: str | None = None,

@@ -332,17 +332,18 @@ def export(
     model: Path = typer.Argument(..., help="Model folder (or a run folder holding model/)."),
     out: Path = typer.Option(..., "--out", help="Output folder: the .onnx graphs, tokenizer/processor files, manifest.json."),
     format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno (yesno: a VLM / causal LM read as a yes/no reranker, text path)."),
+    task: str = typer.Option("auto", "--task", help="auto | clip | seq_cls | yesno | generate (yesno: a VLM / causal LM read as a yes/no reranker, text path; generate: its chat path, vision encoder + decoder with KV cache; auto picks generate for a VLM / causal LM not marked as a reranker)."),
     int8: bool = typer.Option(False, "--int8", help="Also write ORT dynamic int8 graphs (*.int8.onnx) and check their parity."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Held-out records (pair or rerank JSONL) for the parity check; default: generated inputs."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out records (pair, rerank or chat JSONL) for the parity check; default: generated inputs."),
     max_items: int = typer.Option(200, "--max-items", help="Records used from --data."),
+    steps: int = typer.Option(8, "--steps", help="generate: greedy tokens per record compared with eager generate (and timed)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ):
-    """Export to ONNX (CLIP encoders, reranker scores) and check parity against eager PyTorch in onnxruntime."""
+    """Export to ONNX (CLIP encoders, reranker scores, the generative chat path) and check parity against eager PyTorch in onnxruntime."""
     from . import api
     from .export.onnx import graph_files, parity_lines
 
-    manifest = _guard(api.export, model, out, format=format, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite)
+    manifest = _guard(api.export, model, out, format=format, task=task, int8=int8, data=data, max_items=max_items, overwrite=overwrite, gen_steps=steps)
     typer.echo(f"wrote {', '.join(graph_files(manifest))} + manifest.json to {out} (opset {manifest['opset']})")
     for line in parity_lines(manifest):
         typer.echo(line)

@@ -1,4 +1,4 @@
-"""ONNX export of dual encoders and rerankers, with a parity check in onnxruntime.
+"""ONNX export of dual encoders, rerankers and the generative chat path, with a parity check in onnxruntime.
 
 What exports (``export_onnx``):
 
@@ -11,11 +11,18 @@ What exports (``export_onnx``):
   [B, L], left padded as ``Reranker`` pads) -> score [B], computed by ``Reranker.forward`` itself,
   so the score is exactly the eager one: the single logit (seq_cls) or logit(yes) − logit(no) at
   the last position (yesno).
+- **generate** (the chat path of a Qwen3-VL model or a text-only causal LM; see ``onnx_generative``):
+  ``vision_encoder.onnx`` (Qwen3-VL: packed patches of any number of images + the grid-dependent
+  position / interpolation / boundary tensors, computed in Python by transformers' own helpers ->
+  image features and deepstack features) and ``decoder.onnx`` (input ids, the image features placed
+  at the image tokens, position ids — Qwen3-VL's multimodal rope rows from the model's own
+  ``get_rope_index`` —, attention mask and the past key/values of every layer -> last-position
+  logits and the present key/values: one graph for the prefill and each cached step).
+  ``OnnxChatModel`` decodes greedily with the KV cache; the parity check compares its tokens and
+  logits with eager ``generate``, and the manifest records ms per generated token both ways.
+  Qwen2.5-VL, the MoE VLMs, the Omni thinker and sliding-window decoders give an ExportError.
 
-Not exported: the generative VLMs' chat path (vision encoder + decoder with a KV cache) and the
-yes/no reranker's image inputs. Qwen-VL vision towers take a variable number of patches with
-per-image grids (``image_grid_thw``) and the decoder needs multimodal rope positions computed by
-Python loops over the grids; see README "Export to ONNX".
+Not exported: the yes/no reranker's image inputs, video inputs of the chat path.
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript). Checked with torch 2.14.1:
 both it and the legacy TorchScript exporter export these models, but the TorchScript tracer freezes
