@@ -4,6 +4,8 @@ text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy O
 and the one-line errors for architectures the export does not cover."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -132,7 +134,12 @@ def lm(tmp_path_factory):
     d = tmp_path_factory.mktemp("lm")
     # its own tokenizer: the VLM's processor marked the shared one as a Qwen3-VL processor's (processor_class)
     build_tiny_lm(d / "model", TEXTS, preset="vlm-nano", vocab_size=400, overrides={"initializer_range": 0.2})
-    manifest = ox.export_onnx(d / "model", d / "onnx", int8=True, gen_steps=5, log=lambda *_: None)
+    # through the CLI: what it prints is the manifest's parity
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(d / "model"), "--out", str(d / "onnx"), "--int8", "--steps", "5"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    manifest = ox.read_manifest(d / "onnx")
+    assert f"fp32: greedy tokens identical {manifest['parity']['fp32']['tokens_identical']} over 5 steps" in p.stdout
+    assert "latency per generated token" in p.stdout and "decoder.onnx" in p.stdout and "decoder.int8.onnx" in p.stdout
     model, tokenizer = load_vlm(str(d / "model"))
     return d, model.eval(), tokenizer, manifest
 
@@ -167,7 +174,10 @@ def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
     build_tiny_moe_lm(tmp_path / "moe", TEXTS, preset="vlm-nano", num_experts=4, tokenizer=tok)
     with pytest.raises(ox.ExportError, match="MoE decoders are not exported"):
         ox.export_onnx(tmp_path / "moe", tmp_path / "o2", log=lambda *_: None)
-    assert not (tmp_path / "o1" / "manifest.json").exists()
+    assert not (tmp_path / "o1").exists()  # refused before anything is written
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "q25"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "window attention" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_serve_backend_answers_from_the_onnx_export_as_the_torch_backend_does(vlm):
