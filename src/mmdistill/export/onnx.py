@@ -446,7 +446,7 @@ def export_onnx(
 
         model, processor = load_vlm(str(src))
         model.eval()
-        log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind == "qwen3_vl" else "") + "decoder.onnx")
+        log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind != "causal_lm" else "") + "decoder.onnx")
         paths, fields = og.export_generative(model, kind, out, log=log)
         for name, path in paths.items():
             graphs[name] = _graph_entry(path)

@@ -62,18 +62,15 @@ class GenerativeExportError(ValueError):
 
 
 def generative_kind(config) -> str:
-    """qwen3_vl | causal_lm for the architectures the export covers; GenerativeExportError otherwise."""
+    """qwen3_vl | qwen2_5_vl | causal_lm for the architectures the export covers; GenerativeExportError otherwise."""
     mt = str(getattr(config, "model_type", ""))
     arch = (getattr(config, "architectures", None) or [mt])[0]
-    if mt == "qwen3_vl":
-        return "qwen3_vl"
-    if mt == "qwen2_5_vl" or mt == "qwen2_vl":
-        raise GenerativeExportError(
-            f"{arch}: the generative ONNX export covers Qwen3-VL and text-only causal LMs; the Qwen2/2.5-VL vision tower "
-            "(window attention reordered by get_vision_window_index) is not exported"
-        )
+    if mt in ("qwen3_vl", "qwen2_5_vl"):
+        return mt
+    if mt == "qwen2_vl":
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL, Qwen2.5-VL and text-only causal LMs; Qwen2-VL is not exported (not tried)")
     if mt in ("qwen3_vl_moe", "qwen3_omni_moe", "qwen3_omni_moe_thinker") or "Omni" in arch:
-        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL and text-only causal LMs; MoE VLMs and the Omni thinker (audio tower) are not exported")
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL, Qwen2.5-VL and text-only causal LMs; MoE VLMs and the Omni thinker (audio tower) are not exported (not tried)")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "num_hidden_layers"):
@@ -86,7 +83,7 @@ def generative_kind(config) -> str:
         if getattr(config, "num_experts", None):
             raise GenerativeExportError(f"{arch}: MoE decoders are not exported (the generative ONNX export covers dense decoders)")
         return "causal_lm"
-    raise GenerativeExportError(f"{arch}: not a Qwen3-VL model or a text-only causal LM; the generative ONNX export does not cover it")
+    raise GenerativeExportError(f"{arch}: not a Qwen3-VL / Qwen2.5-VL model or a text-only causal LM; the generative ONNX export does not cover it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,15 +122,24 @@ class CausalLMDecoder(nn.Module):
         return (logits, *_flat_cache(out.cache))
 
 
-class Qwen3VLDecoder(nn.Module):
-    """input_ids, vision_embeds, vision_mask, deepstack_embeds, position_ids [4, B, T], attention_mask, past k/v ->
-    logits [B, V] (last position), present k/v."""
+class QwenVLDecoder(nn.Module):
+    """input_ids, vision_embeds, vision_mask, [deepstack_embeds (Qwen3-VL)], position_ids [4, B, T], attention_mask,
+    past k/v -> logits [B, V] (last position), present k/v."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.lm = model.model.language_model
 
+    def forward(self, input_ids: Tensor, vision_embeds: Tensor, vision_mask: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor):
+        embeds = torch.where(vision_mask[..., None], vision_embeds, self.lm.embed_tokens(input_ids))  # [B, T, D]
+        cache = _cache_from(self.model.config, past)
+        out = self.lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        return (logits, *_flat_cache(out.cache))
+
+
+class Qwen3VLDecoder(QwenVLDecoder):
     def forward(self, input_ids: Tensor, vision_embeds: Tensor, vision_mask: Tensor, deepstack_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor):
         embeds = torch.where(vision_mask[..., None], vision_embeds, self.lm.embed_tokens(input_ids))  # [B, T, D]
         cache = _cache_from(self.model.config, past)
@@ -180,6 +186,22 @@ class Qwen3VLVision(nn.Module):
         return out.pooler_output, torch.stack(list(out.deepstack_features))
 
 
+class Qwen25VLVision(nn.Module):
+    """pixel_values [N, C·t·p·p], rotary_pos_ids [N, 2], cu_seqlens [images + 1], window_index [N / merge²] (the
+    window order of the merged tokens), cu_window_seqlens [windows + 1] -> image_embeds [N / merge², D]."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values: Tensor, rotary_pos_ids: Tensor, cu_seqlens: Tensor, window_index: Tensor, cu_window_seqlens: Tensor):
+        out = self.visual(
+            pixel_values, grid_thw=None, position_ids=rotary_pos_ids, cu_seqlens=cu_seqlens, max_seqlen=0,
+            window_index=window_index, cu_window_seqlens=cu_window_seqlens, max_window_seqlen=0, return_dict=True,
+        )
+        return out.pooler_output
+
+
 class _packed_attention_on:
     """Within the block: the vision tower's attention is `packed_attention` (registered under ATTN_NAME)."""
 
@@ -200,10 +222,18 @@ class _packed_attention_on:
 def vision_inputs(config, image_grid_thw: Tensor) -> dict[str, Tensor]:
     """The grid-dependent inputs of the vision graph, computed in Python by transformers' own vision_utils
     (what the tower computes from image_grid_thw when it is not given them)."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights, get_vision_position_ids
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights, get_vision_position_ids, get_vision_window_index
 
     vc = config.vision_config
     merge = int(vc.spatial_merge_size)
+    if config.model_type == "qwen2_5_vl":
+        window_index, cu_window = get_vision_window_index(image_grid_thw, spatial_merge_size=merge, window_size=int(vc.window_size), patch_size=int(vc.patch_size))
+        return {
+            "rotary_pos_ids": get_vision_position_ids(image_grid_thw, merge),
+            "cu_seqlens": get_vision_cu_seqlens(image_grid_thw),
+            "window_index": window_index,
+            "cu_window_seqlens": cu_window,
+        }
     idx, w = get_vision_interpolation_indices_and_weights(
         image_grid_thw, num_grid_per_side=int(vc.num_position_embeddings**0.5), mode="bilinear", align_corners=True, spatial_merge_size=merge,
     )
@@ -216,13 +246,16 @@ def vision_inputs(config, image_grid_thw: Tensor) -> dict[str, Tensor]:
 
 
 def rope_index(config, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor | None, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(position_ids [3, B, T], rope_deltas [B, 1]): Qwen3-VL's own ``get_rope_index``, run without the model's weights
+    """(position_ids [3, B, T], rope_deltas [B, 1]): the model's own ``get_rope_index`` (Qwen3-VL / Qwen2.5-VL), run without the model's weights
     (it reads only the config and the grids)."""
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+    if config.model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel as cls
+    else:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel as cls
 
     holder = types.SimpleNamespace(config=config)
-    holder.get_vision_position_ids = lambda *a, **k: Qwen3VLModel.get_vision_position_ids(holder, *a, **k)
-    return Qwen3VLModel.get_rope_index(holder, input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    holder.get_vision_position_ids = lambda *a, **k: cls.get_vision_position_ids(holder, *a, **k)
+    return cls.get_rope_index(holder, input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dims: list) -> None:
@@ -267,36 +300,46 @@ def export_generative(model, kind: str, out: Path, log: Callable = print) -> tup
         fields["position_ids"] = "[B, T]: attention_mask.cumsum(-1) - 1 (0 at padding)"
         return paths, fields
 
-    # Qwen3-VL
+    # Qwen3-VL / Qwen2.5-VL
     cfg = model.config
     vc = cfg.vision_config
-    n_ds = len(vc.deepstack_visual_indexes)
-    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])  # two images of different grids, packed
+    n_ds = len(vc.deepstack_visual_indexes) if kind == "qwen3_vl" else 0
+    unit = int(vc.spatial_merge_size)
+    if kind == "qwen2_5_vl":  # grids big enough for several attention windows, and one image alone
+        w = int(vc.window_size) // int(vc.patch_size)  # a window's side in patches
+        grid = torch.tensor([[1, 2 * w, 2 * w], [1, unit, w + unit]])
+    else:
+        grid = torch.tensor([[1, 2 * unit, 2 * unit], [1, unit, 2 * unit]])  # two images of different grids, packed
     n_patches = int(grid.prod(-1).sum())
     pv = torch.randn(n_patches, int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2, generator=gen)
     vis_in = vision_inputs(cfg, grid)
-    v_names = ["pixel_values", "interp_indices", "interp_weights", "rotary_pos_ids", "cu_seqlens"]
-    patches, bounds = Dim("patches"), Dim("images_plus_1")
+    v_names = ["pixel_values", *vis_in]
+    patches, merged, bounds, windows = Dim("patches"), Dim("merged_tokens"), Dim("images_plus_1"), Dim("windows_plus_1")
+    axis = {"interp_indices": {0: patches}, "interp_weights": {0: patches}, "rotary_pos_ids": {0: patches}, "cu_seqlens": {0: bounds}, "window_index": {0: merged}, "cu_window_seqlens": {0: windows}}
+    wrapper, v_outs = (Qwen3VLVision(model.model.visual), ["image_embeds", "deepstack_embeds"]) if kind == "qwen3_vl" else (Qwen25VLVision(model.model.visual), ["image_embeds"])
     log(f"exporting vision_encoder.onnx ({type(model.model.visual).__name__}, {vc.depth} blocks, packed images)")
     with _packed_attention_on(model.model.visual):
-        _export(Qwen3VLVision(model.model.visual), (pv, *(vis_in[k] for k in v_names[1:])), out / "vision_encoder.onnx", v_names, ["image_embeds", "deepstack_embeds"],
-                [{0: patches}, {0: patches}, {0: patches}, {0: patches}, {0: bounds}])
+        _export(wrapper, (pv, *vis_in.values()), out / "vision_encoder.onnx", v_names, v_outs, [{0: patches}] + [axis[k] for k in vis_in])
     paths["vision_encoder"] = out / "vision_encoder.onnx"
 
     vmask = torch.zeros(B, T, dtype=torch.bool)
     vmask[:, 1:3] = True
     pos = torch.arange(P, P + T).view(1, 1, T).expand(4, B, T).contiguous()
-    names = ["input_ids", "vision_embeds", "vision_mask", "deepstack_embeds", "position_ids", "attention_mask"] + _kv_names(n_layers, "past")
-    dims = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {1: batch, 2: seq}, {1: batch, 2: seq}, {0: batch, 1: total}, kv_dims]
-    args = (ids, torch.randn(B, T, hidden, generator=gen), vmask, torch.randn(n_ds, B, T, hidden, generator=gen), pos, mask, *past)
+    vis_args, vis_names, vis_dims = [torch.randn(B, T, hidden, generator=gen), vmask], ["vision_embeds", "vision_mask"], [{0: batch, 1: seq}, {0: batch, 1: seq}]
+    if n_ds:
+        vis_args.append(torch.randn(n_ds, B, T, hidden, generator=gen))
+        vis_names.append("deepstack_embeds")
+        vis_dims.append({1: batch, 2: seq})
+    names = ["input_ids", *vis_names, "position_ids", "attention_mask"] + _kv_names(n_layers, "past")
+    dims = [{0: batch, 1: seq}, *vis_dims, {1: batch, 2: seq}, {0: batch, 1: total}, kv_dims]
     log(f"exporting decoder.onnx ({type(model.model.language_model).__name__}, {n_layers} layers, deepstack {n_ds}, KV cache)")
-    _export(Qwen3VLDecoder(model), args, out / "decoder.onnx", names, ["logits"] + _kv_names(n_layers, "present"), dims)
+    _export(Qwen3VLDecoder(model) if n_ds else QwenVLDecoder(model), (ids, *vis_args, pos, mask, *past), out / "decoder.onnx", names, ["logits"] + _kv_names(n_layers, "present"), dims)
     paths["decoder"] = out / "decoder.onnx"
     fields.update(
         deepstack_layers=n_ds, image_token_id=int(cfg.image_token_id), video_token_id=int(cfg.video_token_id),
         spatial_merge_size=int(vc.spatial_merge_size),
-        position_ids="[4, B, T]: row 0 attention_mask.cumsum(-1) - 1 (0 at padding), rows 1-3 Qwen3VLModel.get_rope_index (t, h, w); each cached step: the last column + 1",
-        vision_inputs="transformers.vision_utils on image_grid_thw: get_vision_interpolation_indices_and_weights (bilinear, align_corners), get_vision_position_ids, get_vision_cu_seqlens",
+        position_ids=f"[4, B, T]: row 0 attention_mask.cumsum(-1) - 1 (0 at padding), rows 1-3 {type(model.model).__name__}.get_rope_index (t, h, w); each cached step: the last column + 1",
+        vision_inputs="transformers.vision_utils on image_grid_thw: " + ("get_vision_interpolation_indices_and_weights (bilinear, align_corners), get_vision_position_ids, get_vision_cu_seqlens" if n_ds else "get_vision_position_ids, get_vision_cu_seqlens, get_vision_window_index"),
     )
     return paths, fields
 
@@ -330,10 +373,11 @@ class OnnxChatModel:
             enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
 
-    def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image_embeds [N / merge², D], deepstack_embeds [layers, N / merge², D] or None) of the packed images."""
         feeds = {"pixel_values": pixel_values.float().numpy()} | {k: v.numpy() for k, v in vision_inputs(self.config, image_grid_thw).items()}
-        emb, ds = self.sessions["vision_encoder"].run(None, feeds)
-        return emb, ds
+        out = self.sessions["vision_encoder"].run(None, feeds)
+        return out[0], (out[1] if len(out) > 1 else None)
 
     def _prefill_feeds(self, inputs: dict[str, Tensor]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         ids = inputs["input_ids"].long()
@@ -346,7 +390,8 @@ class OnnxChatModel:
             return {"input_ids": ids.numpy(), "position_ids": text_pos.numpy(), "attention_mask": am.numpy()} | past, text_pos[:, -1].numpy()
         D = int(self.manifest["hidden_size"])
         vision = np.zeros((B, T, D), np.float32)
-        deep = np.zeros((int(self.manifest["deepstack_layers"]), B, T, D), np.float32)
+        n_ds = int(self.manifest.get("deepstack_layers", 0))
+        deep = np.zeros((n_ds, B, T, D), np.float32)
         vmask = np.zeros((B, T), bool)
         grid = inputs.get("image_grid_thw")
         if grid is not None and "pixel_values" in inputs:
@@ -355,7 +400,8 @@ class OnnxChatModel:
             if int(vmask.sum()) != emb.shape[0]:
                 raise ValueError(f"{int(vmask.sum())} image tokens in the prompt but the vision graph gave {emb.shape[0]} features")
             vision[vmask] = emb  # row-major over (batch, position): the order of eager's masked_scatter
-            deep[:, vmask] = ds
+            if n_ds:
+                deep[:, vmask] = ds
             mm = inputs.get("mm_token_type_ids")
             if mm is None:
                 raise ValueError("Qwen3-VL inputs with images need mm_token_type_ids (the processor makes it)")
@@ -363,7 +409,9 @@ class OnnxChatModel:
         else:
             rope = text_pos[None].expand(3, B, T)
         pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)], 0)  # [4, B, T]
-        feeds = {"input_ids": ids.numpy(), "vision_embeds": vision, "vision_mask": vmask, "deepstack_embeds": deep, "position_ids": pos.numpy(), "attention_mask": am.numpy()}
+        feeds = {"input_ids": ids.numpy(), "vision_embeds": vision, "vision_mask": vmask, "position_ids": pos.numpy(), "attention_mask": am.numpy()}
+        if n_ds:
+            feeds["deepstack_embeds"] = deep
         return feeds | past, pos[:, :, -1].numpy()
 
     def decode(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, temperature: float = 0.0, seed: int | None = None):
@@ -402,11 +450,9 @@ class OnnxChatModel:
                 feeds["position_ids"] = last_pos[:, None].astype(np.int64)
             else:
                 D = int(self.manifest["hidden_size"])
-                feeds |= {
-                    "vision_embeds": np.zeros((B, 1, D), np.float32), "vision_mask": np.zeros((B, 1), bool),
-                    "deepstack_embeds": np.zeros((int(self.manifest["deepstack_layers"]), B, 1, D), np.float32),
-                    "position_ids": last_pos[:, :, None].astype(np.int64),
-                }
+                feeds |= {"vision_embeds": np.zeros((B, 1, D), np.float32), "vision_mask": np.zeros((B, 1), bool), "position_ids": last_pos[:, :, None].astype(np.int64)}
+                if self.manifest.get("deepstack_layers"):
+                    feeds["deepstack_embeds"] = np.zeros((int(self.manifest["deepstack_layers"]), B, 1, D), np.float32)
 
     def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, *, eos_ids: Sequence[int] | None = None, return_logits: bool = False):
         """Greedy: new token ids [B, n] (rows finished early padded with the pad id); with return_logits also the
