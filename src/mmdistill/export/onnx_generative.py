@@ -468,12 +468,14 @@ class OnnxChatModel:
 
 
 def eager_generate(model, inputs: dict[str, Tensor], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int):
-    """model.generate greedy: (new token ids [B, n], per-step raw logits [B, V] list). eos_ids may be empty (no stop)."""
+    """model.generate greedy: (new token ids [B, n], per-step raw logits [B, V] list). eos_ids may be empty: no stop,
+    exactly max_new_tokens tokens."""
     import copy
 
     gc = copy.deepcopy(model.generation_config)
     gc.do_sample, gc.num_beams, gc.max_new_tokens, gc.min_new_tokens = False, 1, max_new_tokens, None
-    gc.eos_token_id = list(eos_ids) or None
+    # no stop: generate fills a None eos from the model's own config, so name an id the lm_head never produces
+    gc.eos_token_id = list(eos_ids) or [int(model.lm_head.out_features)]
     gc.pad_token_id = pad_id
     gc.temperature = gc.top_p = gc.top_k = None
     gc.output_logits = gc.return_dict_in_generate = True

@@ -1,5 +1,5 @@
-"""ONNX export of the generative chat path: a tiny Qwen3-VL (vision encoder + decoder with KV cache) and a tiny
-text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
+"""ONNX export of the generative chat path: a tiny Qwen3-VL and a tiny Qwen2.5-VL (vision encoder + decoder with KV
+cache) and a tiny text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
 `generate` on prompts the export never saw (other lengths, several images in one prompt, a left-padded batch);
 and the one-line errors for architectures the export does not cover."""
 
@@ -164,19 +164,50 @@ def test_causal_lm_export_and_greedy_parity(lm):
     assert np.array_equal(runner.generate(enc, 20), want.numpy())
 
 
+@pytest.fixture(scope="module")
+def q25(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q25")
+    # two vision blocks: the first windowed, the second full attention (what fullatt_block_indexes says)
+    over = {"text_config.initializer_range": 0.2, "vision_config.depth": 2, "vision_config.fullatt_block_indexes": [1]}
+    build_tiny_vlm(d / "model", TEXTS, kind="qwen2_5_vl", preset="vlm-nano", vocab_size=400, overrides=over)
+    manifest = ox.export_onnx(d / "model", d / "onnx", gen_steps=5, log=lambda *_: None)
+    model, proc = load_vlm(str(d / "model"))
+    return d, model.eval(), proc, manifest
+
+
+def test_qwen25_vl_exports_with_its_window_attention(q25):
+    d, model, proc, manifest = q25
+    assert manifest["kind"] == "qwen2_5_vl" and "deepstack_embeds" not in [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]]
+    assert [i["name"] for i in manifest["graphs"]["vision_encoder"]["inputs"]] == ["pixel_values", "rotary_pos_ids", "cu_seqlens", "window_index", "cu_window_seqlens"]
+    fp = manifest["parity"]["fp32"]
+    assert fp["tokens_identical_all"] and fp["prefill_logits_max_abs_diff"] <= 1e-4 and fp["step_logits_max_abs_diff"] <= 1e-4
+    runner, _, _ = ox.load_onnx(d / "onnx")
+    # grids of several windows (8x8 patches: 2x2 windows; 2x6 and 12x4: windows cut at the edges), packed
+    vc = model.config.vision_config
+    grid = torch.tensor([[1, 8, 8], [1, 2, 6], [1, 12, 4]])
+    pv = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, generator=torch.Generator().manual_seed(0))
+    assert len(og.vision_inputs(model.config, grid)["cu_window_seqlens"]) > 4
+    with torch.no_grad():
+        want = torch.cat(model.model.get_image_features(pv, grid, return_dict=True).pooler_output)
+    got, deep = runner.image_features(pv, grid)
+    assert deep is None and np.abs(got - want.numpy()).max() <= 1e-4
+    img = synth.render(synth.scene_for_index(4, 4), size=64)
+    _check(runner, model, _encode(proc, ["What shape is at the top left?"], [[img]]), 5, proc.tokenizer.pad_token_id)
+
+
 def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
-    build_tiny_vlm(tmp_path / "q25", TEXTS, kind="qwen2_5_vl", preset="vlm-nano", tokenizer=tok)
-    with pytest.raises(ox.ExportError, match=r"Qwen2_5_VLForConditionalGeneration.*window attention.*not exported") as e:
-        ox.export_onnx(tmp_path / "q25", tmp_path / "o1", log=lambda *_: None)
-    assert "\n" not in str(e.value) and str(tmp_path / "q25") in str(e.value)
+    build_tiny_vlm(tmp_path / "vlmoe", TEXTS, kind="qwen3_vl_moe", preset="vlm-nano", tokenizer=tok)
+    with pytest.raises(ox.ExportError, match=r"Qwen3VLMoeForConditionalGeneration.*MoE VLMs.*not exported") as e:
+        ox.export_onnx(tmp_path / "vlmoe", tmp_path / "o1", log=lambda *_: None)
+    assert "\n" not in str(e.value) and str(tmp_path / "vlmoe") in str(e.value)
     from mmdistill.models.tiny import build_tiny_moe_lm
 
     build_tiny_moe_lm(tmp_path / "moe", TEXTS, preset="vlm-nano", num_experts=4, tokenizer=tok)
     with pytest.raises(ox.ExportError, match="MoE decoders are not exported"):
         ox.export_onnx(tmp_path / "moe", tmp_path / "o2", log=lambda *_: None)
     assert not (tmp_path / "o1").exists()  # refused before anything is written
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "q25"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and "window attention" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "vlmoe"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "MoE VLMs" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
 
