@@ -7,8 +7,8 @@ Builds the tiny student architectures (CLIPModel `clip-student`: 2+2 layers, wid
 Qwen3-VL yes/no rerankers `vlm-student`: 2 layers, width 64) with random weights (latency and parity do not
 depend on training), exports each with `mmdistill export --int8`, then times eager PyTorch, ORT fp32 and ORT
 int8 on the same preprocessed inputs, side by side in one process with the same thread count. The generative
-students (Qwen3-VL `vlm-student`: 2 decoder layers, width 64, 1 vision block; the text-only Qwen3ForCausalLM of the
-same widths) are built with a wider random init (std 0.2) so that their greedy tokens follow the prompt, and are
+students (Qwen3-VL and Qwen2.5-VL `vlm-student`: 2 decoder layers, width 64, 1 vision block; the text-only
+Qwen3ForCausalLM of the same widths) are built with a wider random init (std 0.2) so that their greedy tokens follow the prompt, and are
 timed on held-out ShapesWorld questions (64 px images): prefill (vision + first decoder call) and each cached step,
 eager `generate` against the ORT runner.
 Writes benchmarks/results/onnx_vs_eager.{json,md}.
@@ -155,7 +155,7 @@ def main() -> None:
         "",
         f"Generative students (chat path: ORT greedy runner with the KV cache against eager `generate`, batch 1, {GEN_PROMPTS} held-out ShapesWorld "
         f"questions, {GEN_STEPS} new tokens each, no stop token). Prefill: the vision graph (VL) and the first decoder call over the prompt "
-        f"({', '.join(str(n) for n in gen_rows[0][1]['prompt_tokens'])} tokens for the VL student with its 4 image tokens); step: one cached decoder call (eager: (generate of "
+        f"({', '.join(str(n) for n in gen_rows[0][1]['prompt_tokens'])} tokens for the Qwen3-VL student with its 4 image tokens); step: one cached decoder call (eager: (generate of "
         f"{GEN_STEPS} tokens − generate of 1) / {GEN_STEPS - 1}). Parity from the export's own check (`mmdistill export` on 8 other generated ShapesWorld questions, {GEN_STEPS} greedy steps each): tokens identical = prompts whose {GEN_STEPS} tokens all equal eager's; logits diff = max over the prefill and the cached steps while both sides decode the same prefix (up to the first differing token). "
         "The int8 graphs (ORT dynamic quantization of every MatMul) leave eager's greedy path within 16 tokens on most prompts of these random-weight students (init std 0.2): timed here, not recommended for them.",
         "",
@@ -182,13 +182,14 @@ def generative(args, corpus: list[str], payload: dict) -> list:
 
     items, images = og.generated_chat(GEN_PROMPTS, 11, 64)
     rows = []
-    for kind, label in (("qwen3_vl", "Qwen3-VL student (vision + decoder, KV cache)"), ("causal_lm", "Qwen3 causal LM student (decoder, KV cache)")):
+    kinds = (("qwen3_vl", "Qwen3-VL student (vision + decoder, KV cache)"), ("qwen2_5_vl", "Qwen2.5-VL student (vision + decoder, KV cache)"), ("causal_lm", "Qwen3 causal LM student (decoder, KV cache)"))
+    for kind, label in kinds:
         d = args.out / f"gen-{kind}"
         if not (d / "config.json").is_file():
             qa = [f"{q['prompt']} {q['response']}" for i in range(200) for q in synth.questions(synth.scene_for_index(0, i))]
             tok = train_qwen_tokenizer(corpus + qa, vocab_size=1000)
-            if kind == "qwen3_vl":
-                build_tiny_vlm(d, corpus, preset="vlm-student", tokenizer=tok, overrides={"text_config.initializer_range": 0.2})
+            if kind != "causal_lm":
+                build_tiny_vlm(d, corpus, kind=kind, preset="vlm-student", tokenizer=tok, overrides={"text_config.initializer_range": 0.2})
             else:
                 build_tiny_lm(d, corpus, preset="vlm-student", tokenizer=tok, overrides={"initializer_range": 0.2})
         manifest = ox.export_onnx(d, args.out / f"gen-{kind}-onnx", int8=True, overwrite=True, gen_steps=GEN_STEPS, log=lambda *_: None)

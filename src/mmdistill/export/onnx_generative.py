@@ -23,14 +23,19 @@ What exports (``task="generate"``):
   head dim] for each layer (past may be 0: one graph serves the prefill and every cached step) -> logits [B, V] (the
   last position's: what greedy decoding reads) and present_key_i / present_value_i [B, kv heads, past + T, head dim].
 
+- **Qwen2.5-VL** (``Qwen2_5_VLForConditionalGeneration``): the same two graphs. Its vision tower attends within
+  windows in most blocks and over each whole image in ``fullatt_block_indexes``, after reordering the merged tokens
+  into window order; the order (window_index) and the window boundaries (cu_window_seqlens), which transformers'
+  ``get_vision_window_index`` computes with Python loops, are inputs beside rotary_pos_ids and cu_seqlens, and both
+  kinds of block run through the same block-diagonal attention. No deepstack: its decoder takes no deepstack_embeds.
+
 - **Text-only causal LMs** of the family (``Qwen3ForCausalLM`` and other decoders whose transformers cache is one
   full-attention ``DynamicLayer`` per layer): ``decoder.onnx`` with input_ids, position_ids [B, T], attention_mask
   and the past key/values -> logits [B, V] and the present key/values.
 
-Not exported (``ExportError`` naming the architecture): Qwen2.5-VL (its vision tower's window attention reorders the
-patches by ``get_vision_window_index`` and alternates windowed / full blocks: the same move of the index computation
-to Python would cover it, not done), Qwen3-VL-MoE and the Qwen3-Omni thinker (MoE decoders, and the Omni audio tower;
-not tried), and decoders with sliding-window or other non-full cache layers.
+Not exported (``ExportError`` naming the architecture, before anything is written): Qwen3-VL-MoE, the Qwen3-Omni
+thinker and MoE causal LMs (MoE decoders, and the Omni audio tower: not tried), Qwen2-VL (not tried), decoders with
+sliding-window or other non-full cache layers; video inputs (the runner takes images).
 
 The weights live once, in the decoder (the embedding matrix is read by the graph's Gather and, tied, by the lm_head).
 """
