@@ -157,7 +157,7 @@ def main() -> None:
         f"questions, {GEN_STEPS} new tokens each, no stop token). Prefill: the vision graph (VL) and the first decoder call over the prompt "
         f"({', '.join(str(n) for n in gen_rows[0][1]['prompt_tokens'])} tokens for the Qwen3-VL student with its 4 image tokens); step: one cached decoder call (eager: (generate of "
         f"{GEN_STEPS} tokens − generate of 1) / {GEN_STEPS - 1}). Parity from the export's own check (`mmdistill export` on 8 other generated ShapesWorld questions, {GEN_STEPS} greedy steps each): tokens identical = prompts whose {GEN_STEPS} tokens all equal eager's; logits diff = max over the prefill and the cached steps while both sides decode the same prefix (up to the first differing token). "
-        "The int8 graphs (ORT dynamic quantization of every MatMul) leave eager's greedy path within 16 tokens on most prompts of these random-weight students (init std 0.2): timed here, not recommended for them.",
+        "The int8 graphs (ORT dynamic quantization of every MatMul) often leave eager's greedy path within the 16 tokens on these random-weight students (init std 0.2; see the int8 tokens-identical column): timed here, not recommended for them.",
         "",
         "| model | eager prefill ms | ORT fp32 prefill ms | eager ms / step | ORT fp32 ms / step | speed-up / step | ORT int8 ms / step | fp32 tokens identical | fp32 logits max abs diff | int8 tokens identical | int8 logits max abs diff |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
