@@ -42,7 +42,6 @@ The weights live once, in the decoder (the embedding matrix is read by the graph
 
 from __future__ import annotations
 
-import json
 import time
 import types
 import warnings
@@ -604,7 +603,3 @@ def read_items(path: Path, max_items: int, log: Callable = print) -> tuple[list[
     records, _ = load_chat(Path(path), "response", "fail", max_items, cache, log=lambda *_: None)
     items = [{"prompt": r.prompt, "response": r.response, "skills": list(getattr(r, "skills", None) or []) or None} for r in records]
     return items, [cache.all(r) for r in records], f"{path} ({len(records)} records)"
-
-
-def describe(manifest: dict[str, Any]) -> str:
-    return json.dumps({k: manifest[k] for k in ("kind", "num_layers") if k in manifest})
