@@ -33,9 +33,13 @@ What exports (``task="generate"``):
   full-attention ``DynamicLayer`` per layer): ``decoder.onnx`` with input_ids, position_ids [B, T], attention_mask
   and the past key/values -> logits [B, V] and the present key/values.
 
-Not exported (``ExportError`` naming the architecture, before anything is written): Qwen3-VL-MoE, the Qwen3-Omni
-thinker and MoE causal LMs (MoE decoders, and the Omni audio tower: not tried), Qwen2-VL (not tried), decoders with
-sliding-window or other non-full cache layers; video inputs (the runner takes images).
+- **MoE decoders** (Qwen3-VL-MoE, Qwen3-MoE causal LMs): the same graphs as their dense kin; transformers' default
+  experts implementation (``grouped_mm``, a custom op with no ONNX lowering) is switched to its ``batched_mm`` one
+  for the export (each token through its top-k experts by gathered weights: static shapes).
+
+Not exported (``ExportError`` naming the architecture, before anything is written): the Qwen3-Omni thinker (its
+audio tower and its own rope index over audio: not tried), Qwen2-VL (not tried), decoders with sliding-window or other
+non-full cache layers; video inputs (the runner takes images).
 
 The weights live once, in the decoder (the embedding matrix is read by the graph's Gather and, tied, by the lm_head).
 """
@@ -71,10 +75,12 @@ def generative_kind(config) -> str:
     arch = (getattr(config, "architectures", None) or [mt])[0]
     if mt in ("qwen3_vl", "qwen2_5_vl"):
         return mt
+    if mt == "qwen3_vl_moe":
+        return "qwen3_vl"  # the same graphs; the experts export through transformers' batched_mm implementation
     if mt == "qwen2_vl":
-        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL, Qwen2.5-VL and text-only causal LMs; Qwen2-VL is not exported (not tried)")
-    if mt in ("qwen3_vl_moe", "qwen3_omni_moe", "qwen3_omni_moe_thinker") or "Omni" in arch:
-        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL, Qwen2.5-VL and text-only causal LMs; MoE VLMs and the Omni thinker (audio tower) are not exported (not tried)")
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL (+ MoE), Qwen2.5-VL and text-only causal LMs; Qwen2-VL is not exported (not tried)")
+    if mt in ("qwen3_omni_moe", "qwen3_omni_moe_thinker") or "Omni" in arch:
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL (+ MoE), Qwen2.5-VL and text-only causal LMs; the Omni thinker (audio tower, its own rope index over audio) is not exported")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "num_hidden_layers"):
@@ -84,8 +90,6 @@ def generative_kind(config) -> str:
         odd = sorted(set(types_) - {"full_attention"})
         if odd:
             raise GenerativeExportError(f"{arch}: {', '.join(odd)} cache layers are not exported (the decoder graph carries a full-attention KV cache per layer)")
-        if getattr(config, "num_experts", None):
-            raise GenerativeExportError(f"{arch}: MoE decoders are not exported (the generative ONNX export covers dense decoders)")
         return "causal_lm"
     raise GenerativeExportError(f"{arch}: not a Qwen3-VL / Qwen2.5-VL model or a text-only causal LM; the generative ONNX export does not cover it")
 
@@ -280,8 +284,29 @@ def _text_config(config):
     return getattr(config, "text_config", config)
 
 
+def _has_experts(model) -> bool:
+    return any(type(m).__name__.endswith("Experts") for m in model.modules())
+
+
 def export_generative(model, kind: str, out: Path, log: Callable = print) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write decoder.onnx (and vision_encoder.onnx for Qwen3-VL) to `out`; returns ({graph: path}, manifest fields)."""
+    """Write decoder.onnx (and vision_encoder.onnx for the VLMs) to `out`; returns ({graph: path}, manifest fields).
+
+    MoE decoders: transformers' default experts implementation (grouped_mm) is a custom op with no ONNX lowering; for
+    the export the model switches to its ``batched_mm`` implementation (each token's top-k experts by gathered
+    weights, static shapes), then back."""
+    if not _has_experts(model):
+        return _export_generative(model, kind, out, log)
+    before = model.config._experts_implementation
+    model.set_experts_implementation("batched_mm")
+    try:
+        paths, fields = _export_generative(model, kind, out, log)
+    finally:
+        model.set_experts_implementation(before)
+    fields["experts"] = f"batched_mm in the graph (eager runs {before})"
+    return paths, fields
+
+
+def _export_generative(model, kind: str, out: Path, log: Callable = print) -> tuple[dict[str, Path], dict[str, Any]]:
     Dim = torch.export.Dim
     tc = _text_config(model.config)
     n_layers, kv, hd, hidden = int(tc.num_hidden_layers), int(tc.num_key_value_heads), int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads), int(tc.hidden_size)

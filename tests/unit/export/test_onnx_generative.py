@@ -1,5 +1,5 @@
-"""ONNX export of the generative chat path: a tiny Qwen3-VL and a tiny Qwen2.5-VL (vision encoder + decoder with KV
-cache) and a tiny text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
+"""ONNX export of the generative chat path: tiny Qwen3-VL, Qwen3-VL-MoE and Qwen2.5-VL (vision encoder + decoder with
+KV cache) and a tiny text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
 `generate` on prompts the export never saw (other lengths, several images in one prompt, a left-padded batch);
 and the one-line errors for architectures the export does not cover."""
 
@@ -195,19 +195,26 @@ def test_qwen25_vl_exports_with_its_window_attention(q25):
     _check(runner, model, _encode(proc, ["What shape is at the top left?"], [[img]]), 5, proc.tokenizer.pad_token_id)
 
 
-def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
-    build_tiny_vlm(tmp_path / "vlmoe", TEXTS, kind="qwen3_vl_moe", preset="vlm-nano", tokenizer=tok)
-    with pytest.raises(ox.ExportError, match=r"Qwen3VLMoeForConditionalGeneration.*MoE VLMs.*not exported") as e:
-        ox.export_onnx(tmp_path / "vlmoe", tmp_path / "o1", log=lambda *_: None)
-    assert "\n" not in str(e.value) and str(tmp_path / "vlmoe") in str(e.value)
-    from mmdistill.models.tiny import build_tiny_moe_lm
+def test_moe_vlm_exports_through_batched_experts(tmp_path):
+    """Qwen3-VL-MoE: transformers' default grouped_mm experts have no ONNX lowering; the export switches the model to
+    its batched_mm experts and back, and the graphs still match eager (grouped_mm) generate."""
+    build_tiny_vlm(tmp_path / "model", TEXTS, kind="qwen3_vl_moe", preset="vlm-nano", vocab_size=400, overrides=WIDE)
+    manifest = ox.export_onnx(tmp_path / "model", tmp_path / "onnx", data=_chat_file(tmp_path, n=2), gen_steps=4, log=lambda *_: None)
+    assert manifest["kind"] == "qwen3_vl" and manifest["experts"] == "batched_mm in the graph (eager runs grouped_mm)"
+    fp = manifest["parity"]["fp32"]
+    assert fp["tokens_identical"] == "2/2" and fp["prefill_logits_max_abs_diff"] <= 1e-4 and fp["step_logits_max_abs_diff"] <= 1e-4
+    model, _ = load_vlm(str(tmp_path / "model"))
+    assert model.config._experts_implementation == "grouped_mm"
 
-    build_tiny_moe_lm(tmp_path / "moe", TEXTS, preset="vlm-nano", num_experts=4, tokenizer=tok)
-    with pytest.raises(ox.ExportError, match="MoE decoders are not exported"):
-        ox.export_onnx(tmp_path / "moe", tmp_path / "o2", log=lambda *_: None)
+
+def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
+    build_tiny_vlm(tmp_path / "omni", TEXTS, kind="qwen3_omni_thinker", preset="vlm-nano", tokenizer=tok)
+    with pytest.raises(ox.ExportError, match=r"Qwen3OmniMoeThinkerForConditionalGeneration.*Omni thinker.*not exported") as e:
+        ox.export_onnx(tmp_path / "omni", tmp_path / "o1", log=lambda *_: None)
+    assert "\n" not in str(e.value) and str(tmp_path / "omni") in str(e.value)
     assert not (tmp_path / "o1").exists()  # refused before anything is written
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "vlmoe"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and "MoE VLMs" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "omni"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Omni thinker" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
 
