@@ -7,7 +7,7 @@ Builds the tiny student architectures (CLIPModel `clip-student`: 2+2 layers, wid
 Qwen3-VL yes/no rerankers `vlm-student`: 2 layers, width 64) with random weights (latency and parity do not
 depend on training), exports each with `mmdistill export --int8`, then times eager PyTorch, ORT fp32 and ORT
 int8 on the same preprocessed inputs, side by side in one process with the same thread count. The generative
-students (Qwen3-VL and Qwen2.5-VL `vlm-student`: 2 decoder layers, width 64, 1 vision block; the text-only
+students (Qwen3-VL, Qwen3-VL-MoE and Qwen2.5-VL `vlm-student`: 2 decoder layers, width 64, 1 vision block; the text-only
 Qwen3ForCausalLM of the same widths) are built with a wider random init (std 0.2) so that their greedy tokens follow the prompt, and are
 timed on held-out ShapesWorld questions (64 px images): prefill (vision + first decoder call) and each cached step,
 eager `generate` against the ORT runner.
@@ -182,7 +182,12 @@ def generative(args, corpus: list[str], payload: dict) -> list:
 
     items, images = og.generated_chat(GEN_PROMPTS, 11, 64)
     rows = []
-    kinds = (("qwen3_vl", "Qwen3-VL student (vision + decoder, KV cache)"), ("qwen2_5_vl", "Qwen2.5-VL student (vision + decoder, KV cache)"), ("causal_lm", "Qwen3 causal LM student (decoder, KV cache)"))
+    kinds = (
+        ("qwen3_vl", "Qwen3-VL student (vision + decoder, KV cache)"),
+        ("qwen3_vl_moe", "Qwen3-VL-MoE student (4 experts, top 2; batched_mm in the graph)"),
+        ("qwen2_5_vl", "Qwen2.5-VL student (vision + decoder, KV cache)"),
+        ("causal_lm", "Qwen3 causal LM student (decoder, KV cache)"),
+    )
     for kind, label in kinds:
         d = args.out / f"gen-{kind}"
         if not (d / "config.json").is_file():

@@ -11,7 +11,7 @@ What exports (``export_onnx``):
   [B, L], left padded as ``Reranker`` pads) -> score [B], computed by ``Reranker.forward`` itself,
   so the score is exactly the eager one: the single logit (seq_cls) or logit(yes) − logit(no) at
   the last position (yesno).
-- **generate** (the chat path of a Qwen3-VL / Qwen2.5-VL model or a text-only causal LM; see ``onnx_generative``):
+- **generate** (the chat path of a Qwen3-VL (+ MoE) / Qwen2.5-VL model or a text-only causal LM; see ``onnx_generative``):
   ``vision_encoder.onnx`` (VL: packed patches of any number of images + the grid-dependent
   position / interpolation / window / boundary tensors, computed in Python by transformers' own helpers ->
   image features and deepstack features) and ``decoder.onnx`` (input ids, the image features placed
@@ -20,7 +20,7 @@ What exports (``export_onnx``):
   logits and the present key/values: one graph for the prefill and each cached step).
   ``OnnxChatModel`` decodes greedily with the KV cache; the parity check compares its tokens and
   logits with eager ``generate``, and the manifest records ms per generated token both ways.
-  The MoE VLMs and causal LMs, the Omni thinker, Qwen2-VL and sliding-window decoders give an ExportError.
+  The Omni thinker, Qwen2-VL and sliding-window decoders give an ExportError.
 
 Not exported: the yes/no reranker's image inputs, video inputs of the chat path.
 
