@@ -37,7 +37,7 @@ QUIET = dict(overwrite=True, log=lambda *_: None)
 
 
 def logit_bytes(folder: Path) -> float:
-    """Bytes per response token of the logit signal alone (ids, log-probs, tail, tail grid, response ids)."""
+    """Bytes per response token of the logit signal alone (ids, log-probs, tail, tail grid or sample counts and log-partition grid, response ids)."""
     st = TeacherStore(folder)
     size = tokens = 0
     for key in st.index:
@@ -167,10 +167,12 @@ def main() -> None:
         "Loss columns: the first batch's KD term (sft + forward KL only, lr ≈ 0) from each store, relative to the same batch "
         "with the dense live teacher. A top-k store's loss is the divergence over the kept ids plus one tail bucket, tempered "
         "exactly at T = 2 (the store keeps the tail's tempered mass over the recipe's temperature range): never above the "
-        "dense loss, and as close as the teacher's tail is small. A sampled store's loss is the divergence to the draws' "
-        "frequencies (its gradient is unbiased; its value is not the dense KL). \"Logits\" bytes are the ids, log-probs, "
-        "tail, tail grid and response ids; \"with features\" adds what the recipe's feature terms read (the penultimate "
-        "hidden state of every response token is most of it).",
+        "dense loss, and as close as the teacher's tail is small. A sampled store's loss is the importance-weighted forward "
+        "KL over its draws (the draws' counts, the teacher's log-probs of the drawn ids, and log Σ p^(1/T) of the whole "
+        "vocabulary kept on the same temperature grid): an unbiased estimate of the dense KL, value and gradient, at T = 1 "
+        "and T = 2 alike, so its error here is the noise of one draw set per token, of either sign. \"Logits\" bytes are "
+        "the ids, log-probs, tail and tail grid (sampled: counts and log-partition grid) and response ids; \"with features\" "
+        "adds what the recipe's feature terms read (the penultimate hidden state of every response token is most of it).",
         "",
         f"| student trained from | samples/s (median of {args.repeats}) | step cost ÷ SFT step | KD loss (last step) |",
         "| --- | --- | --- | --- |",
