@@ -252,7 +252,7 @@ def teacher_cache(
     overrides: List[str] = typer.Argument(None, help="key=value overrides, e.g. data.max_records=1000"),
     out: Path = typer.Option(..., "--out", help="The store folder (created, or continued when it holds this teacher's signals)."),
     top_k: int = typer.Option(16, "--top-k", help="Generative: teacher ids kept per response token (with their log-probs and the tail mass)."),
-    sample: Optional[int] = typer.Option(None, "--sample", help="Generative: instead of the top-k, draw N tokens per position from the teacher (unbiased random-sampling KD)."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Generative: instead of the top-k, draw N tokens per position from the teacher and keep them with importance weights (random-sampling KD: forward KL, unbiased at any KD temperature in the recipe's range)."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16 | fp32 for stored log-probs and features."),
     shard_records: int = typer.Option(256, "--shard-records", help="Records per shard file (a shard is the unit that a killed run recomputes)."),
 ):

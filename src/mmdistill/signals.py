@@ -12,6 +12,10 @@ Shapes (B = batch, T = positions, V = vocabulary, k = kept ids, D = width, K = c
 - ``tail_logmass``  [B, T]     sparse form: log of the probability mass not in ``topk_ids``
 - ``tail_grid``     [B, T, G]  sparse form: log Σ_tail p^β on a grid of β = 1/T (exact tail tempering)
 - ``tail_betas``    [G]        the grid's β values, increasing
+- ``sample_logweights`` [B, T, k] sampled form (random-sampling KD): log of each id's share of N draws from the
+                               teacher (-inf for padding ids); ``topk_ids`` are then the drawn ids and
+                               ``topk_logprobs`` the teacher's temperature-1 log-probs of them (importance weights)
+- ``logz_grid``     [B, T, G]  sampled form: log Σ_v p^β over the whole vocabulary on the ``tail_betas`` grid
 - ``mask``          [B, T]     bool, which positions count (response tokens)
 - ``features``      name -> [B, D] or [B, T, D] (e.g. "vision_pooled", "text_pooled")
 - ``image_embeds``  [B, D]     projected image embeddings (not normalised)
@@ -37,6 +41,8 @@ class Signals:
     tail_logmass: Tensor | None = None
     tail_grid: Tensor | None = None
     tail_betas: Tensor | None = None
+    sample_logweights: Tensor | None = None
+    logz_grid: Tensor | None = None
     mask: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
     image_embeds: Tensor | None = None
@@ -48,6 +54,11 @@ class Signals:
     @property
     def is_sparse(self) -> bool:
         return self.topk_ids is not None
+
+    @property
+    def is_sampled(self) -> bool:
+        """A sparse form whose ids were drawn from the teacher (weighted by ``sample_logweights``), not its top-k."""
+        return self.sample_logweights is not None
 
     def require(self, *names: str, who: str = "loss") -> None:
         """Raise a clear error when a loss needs a field this Signals lacks."""

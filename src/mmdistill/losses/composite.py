@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mmdistill.engine.schedules import Schedule, make_schedule
 from mmdistill.losses.contrastive import affinity_mimic, clip_loss, crd_loss, fd_loss, icl_loss, siglip_loss, similarity_kd
-from mmdistill.losses.divergence import DIVERGENCES, SPARSE_DIVERGENCES, interpolate_tail
+from mmdistill.losses.divergence import DIVERGENCES, SPARSE_DIVERGENCES, interpolate_tail, sampled_forward_kl
 from mmdistill.losses.features import FEATURE_KINDS, FeatureLoss, FeatureProjector
 from mmdistill.signals import Signals
 
@@ -339,7 +339,9 @@ class LogitDistillTerm(nn.Module):
 
     Reads ``student.logits [B, T, V]`` and either ``teacher.logits [B, T, V]`` or the sparse form
     (``topk_ids``, ``topk_logprobs``, ``tail_logmass``, and ``tail_grid`` / ``tail_betas`` for exact tail
-    tempering at T ≠ 1); the mask is ``student.mask`` (else
+    tempering at T ≠ 1), or the sampled form (``sample_logweights`` beside the drawn ids and their teacher
+    log-probs, and ``logz_grid`` / ``tail_betas`` at T ≠ 1: the importance-weighted ``sampled_forward_kl``, forward
+    KL only); the mask is ``student.mask`` (else
     ``teacher.mask``, else all positions). ``batch["num_items"]`` (the global count of counted
     positions), when present, is the denominator (gradient accumulation). ``divergence`` is a key of
     ``DIVERGENCES``; ``beta`` (jsd) / ``alpha`` (skew) via ``options``; ``temperature`` may be a schedule.
@@ -383,6 +385,18 @@ class LogitDistillTerm(nn.Module):
             num_items=batch.get("num_items"),
             **self.options,
         )
+        if teacher.is_sampled:
+            if self.divergence != "forward_kl":
+                raise ValueError(f"{who}: a sampled teacher (random-sampling KD) has an unbiased form only for forward_kl; "
+                                 "use divergence: forward_kl, or a top-k teacher store")
+            teacher.require("topk_ids", "topk_logprobs", who=who + ", sampled teacher")
+            temperature = kwargs.pop("temperature")
+            logz = None
+            if temperature != 1.0:
+                teacher.require("logz_grid", "tail_betas", who=who + f", sampled teacher at temperature {temperature:g}")
+                logz = interpolate_tail(teacher.logz_grid, teacher.tail_betas, temperature)
+            return sampled_forward_kl(student.logits, teacher.topk_ids, teacher.topk_logprobs, teacher.sample_logweights, mask,
+                                      temperature=temperature, logz=logz, **kwargs)
         if teacher.is_sparse:
             teacher.require("topk_logprobs", who=who + ", sparse teacher")
             fn = SPARSE_DIVERGENCES[self.divergence]

@@ -55,6 +55,18 @@ the tail is tempered as if it were one token (``tail_logmass / T``): exact at ``
 it gives the tail less mass than the true tempered distribution (the true tail is many small tokens,
 each raised by tempering). The teacher log-probs are always renormalised over the buckets, which also
 repairs small rounding from quantised storage.
+
+Sampled teacher (random-sampling KD, ``sampled_forward_kl``): ``N`` ids drawn from the teacher at ``T = 1``,
+kept as the distinct drawn ids ``v`` with their frequencies ``f_v = count_v / N`` and the teacher's own
+log-probs ``log p(v)``. With ``β = 1/T``, ``p_T(v) = p(v)^β / Z_β`` and ``Z_β = Σ_v p(v)^β`` (the whole
+vocabulary), the importance weight ``w_v = f_v · p_T(v) / p(v)`` has expectation exactly ``p_T(v)``, so
+``Σ_v w_v (log p_T(v) − log q_T(v))`` is an unbiased estimate of ``KL(p_T ‖ q_T)`` and its gradient an unbiased
+estimate of the dense gradient, at any temperature (given the exact ``log Z_β``; a store keeps it on the same β
+grid as the tail, see ``log_partition_grid``: exact at the grid points, between them the chord of a convex
+function overestimates it, so the weights come out slightly low). Tempering the frequencies themselves
+(``f^β`` renormalised) is biased at ``T ≠ 1``. Only forward KL has this form: reverse KL, JSD, skew KL and TVD
+weigh every id by the student's probability (or compare the two everywhere), which needs the teacher's
+probability at ids the draws did not reach.
 """
 
 from __future__ import annotations
@@ -281,6 +293,14 @@ def interpolate_tail(grid: Tensor, betas: Tensor | Sequence[float], temperature:
     return out.masked_fill(both_empty, float("-inf"))
 
 
+def log_partition_grid(logprobs: Tensor, betas: Sequence[float]) -> Tensor:
+    """``log Z_β = log Σ_v p_v^β`` over the whole vocabulary for each β of ``betas`` (β = 1/T), from the full
+    temperature-1 log-probs: what a sampled store keeps so that the loss can weigh its draws at temperature T.
+    logprobs [*L, V] -> [*L, G]"""
+    lp = logprobs.float()
+    return torch.stack([(lp * float(b)).logsumexp(-1) for b in betas], dim=-1)
+
+
 def tail_logmass_from_topk(topk_logprobs: Tensor) -> Tensor:
     """log(1 − Σ exp(topk_logprobs)) — the tail mass when a store kept only the top-k. [*L, k] -> [*L]"""
     kept = topk_logprobs.float().logsumexp(-1).clamp(max=0.0)
@@ -335,6 +355,62 @@ def _sparse(
         return per_position(ls, lt)
 
     values = _chunked(fn, chunk_size, s, ids, lp, tail)  # [n]
+    return _reduce(values, rows, lead, temperature**2 if scale_t2 else 1.0, num_items, reduction)
+
+
+def sampled_forward_kl(
+    student_logits: Tensor,
+    sample_ids: Tensor,
+    teacher_logprobs: Tensor,
+    sample_logweights: Tensor,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    logz: Tensor | None = None,
+    scale_t2: bool = False,
+    chunk_size: int | None = None,
+    num_items: int | Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Importance-weighted forward KL ``KL(p_T ‖ q_T)`` from ids drawn from the teacher at T = 1 (random-sampling
+    KD; see the module docstring): per position ``Σ_v w_v (log p_T(v) − log q_T(v))`` with
+    ``log p_T(v) = β log p(v) − log Z_β`` and ``w_v = f_v · p_T(v) / p(v)``, β = 1/T. An unbiased estimate of the
+    dense ``forward_kl`` at the same temperature (its value and its gradient), not a divergence to the draws.
+
+    student_logits [*L, V]; sample_ids [*L, w] distinct ids; teacher_logprobs [*L, w] the teacher's temperature-1
+    log-probs of those ids; sample_logweights [*L, w] log of each id's share of the draws (log(count / N); -inf for
+    padding ids, which then count 0); mask [*L]; logz [*L] = ``log Σ_v p(v)^(1/T)`` over the whole vocabulary
+    (``log_partition_grid`` / ``interpolate_tail``), required at T ≠ 1 (at T = 1 it is 0).
+    """
+    _check_options(temperature, chunk_size, reduction)
+    lead = student_logits.shape[:-1]
+    if sample_ids.shape[:-1] != lead or teacher_logprobs.shape != sample_ids.shape or sample_logweights.shape != sample_ids.shape:
+        raise ValueError(
+            f"sampled teacher: sample_ids {tuple(sample_ids.shape)}, teacher_logprobs {tuple(teacher_logprobs.shape)} and "
+            f"sample_logweights {tuple(sample_logweights.shape)} must all be [*L, w] with L = {tuple(lead)} (the student logits' leading dims)"
+        )
+    if logz is None:
+        if temperature != 1.0:
+            raise ValueError(f"a sampled teacher at temperature {temperature:g} needs logz = log Σ_v p^(1/T) (the store's logz_grid)")
+        logz = torch.zeros(lead, device=student_logits.device)
+    elif logz.shape != lead:
+        raise ValueError(f"logz has shape {tuple(logz.shape)}; expected {tuple(lead)}")
+    beta = 1.0 / temperature
+    rows = _select_rows(mask, lead, student_logits.device)
+    s = _flat(student_logits, lead, rows)  # [n, V]
+    ids = _flat(sample_ids.long(), lead, rows)  # [n, w]
+    lp = _flat(teacher_logprobs, lead, rows)  # [n, w]
+    lw = _flat(sample_logweights, lead, rows)  # [n, w]
+    lz = _flat(logz, lead, rows)  # [n]
+
+    def fn(s_chunk: Tensor, ids_chunk: Tensor, lp_chunk: Tensor, lw_chunk: Tensor, lz_chunk: Tensor) -> Tensor:
+        ls = _log_softmax(s_chunk, temperature).gather(-1, ids_chunk)  # log q_T at the drawn ids [c, w]
+        lt1 = lp_chunk.float().clamp_min(LOG_FLOOR)
+        lt = beta * lt1 - lz_chunk.float().unsqueeze(-1)  # log p_T [c, w]
+        w = (lw_chunk.float() + lt - lt1).exp()  # importance weights; 0 for padding ids (log weight -inf)
+        return (w * (lt - ls)).sum(-1)
+
+    values = _chunked(fn, chunk_size, s, ids, lp, lw, lz)  # [n]
     return _reduce(values, rows, lead, temperature**2 if scale_t2 else 1.0, num_items, reduction)
 
 

@@ -3,10 +3,12 @@ store read back as the teacher ``Signals`` of a training batch (``teacher: {kind
 
 What is stored per record, by family:
 - generative: per response token the teacher's top-k ids and log-probs and the tail mass (``top_k``), or an
-  unbiased sampled set (``sample`` draws from the teacher's distribution; kept ids with log of their
-  frequency, no tail: training on it is not biased toward the head), the response token ids (to check the
-  student tokenises alike), and the features the recipe's loss reads (pooled visual tokens, hidden states
-  of the mapped layers at the response tokens);
+  unbiased sampled set (``sample`` draws from the teacher's distribution at T = 1: the distinct drawn ids, their
+  counts and the teacher's log-probs of them, which make importance weights: training on it is not biased toward
+  the head, at any KD temperature in the stored range), the response token ids (to check the student tokenises
+  alike), and the features the recipe's loss reads (pooled visual tokens, hidden states of the mapped layers at
+  the response tokens). At a KD temperature ≠ 1 a top-k store also keeps its tail tempered, and a sampled store
+  the log-partition ``log Σ_v p^β`` of the whole vocabulary, on a grid of β = 1/T over the recipe's range;
 - reranker: a score per document and, when the loss reads them, the last-token features;
 - contrastive: the image and text embeddings and, when FD/CRD-style terms read them, the pooled features.
 Floating signals are kept in ``dtype`` (fp16 by default; ids int32).
@@ -45,7 +47,7 @@ def _features(recipe: Recipe) -> dict[str, Any]:
     return {"pooled": any(getattr(CONTRASTIVE_TERMS.get(n), "needs_features", False) for n in names)}
 
 
-TAIL_GRID = 5  # β points the tempered tail is stored at, over the recipe's KD temperature range
+TAIL_GRID = 5  # β points the tempered tail (top-k) or log-partition (sampled) is stored at, over the recipe's KD temperature range
 
 
 def kd_temperatures(recipe: Recipe) -> list[float] | None:
@@ -61,7 +63,7 @@ def kd_temperatures(recipe: Recipe) -> list[float] | None:
 
 
 def tail_betas(temperatures: list[float]) -> list[float]:
-    """The β = 1/T grid (increasing) the tempered tail is stored at, for a [lowest, highest] temperature range."""
+    """The β = 1/T grid (increasing) the tempered tail / log-partition is stored at, for a [lowest, highest] temperature range."""
     lo, hi = 1.0 / temperatures[1], 1.0 / temperatures[0]
     return [lo] if lo == hi else torch.linspace(lo, hi, TAIL_GRID).tolist()
 
@@ -70,9 +72,11 @@ def settings_of(recipe: Recipe, *, top_k: int, sample: int | None, dtype: str) -
     """The recipe fields (and cache options) that shape the stored signals: a store made under other settings is refused."""
     out: dict[str, Any] = {"features": _features(recipe), "dtype": dtype, "max_length": recipe.data.max_length}
     if recipe.family == "generative":
-        out.update(response_field=recipe.data.response_field, **({"sample": sample} if sample else {"top_k": top_k}))
+        # "sample_weights": the sampled rows hold counts and the teacher's log-probs (importance weights); stores
+        # written before that held the draws' log-frequencies only and are refused (``StoreTeacher``)
+        out.update(response_field=recipe.data.response_field, **({"sample": sample, "sample_weights": "importance"} if sample else {"top_k": top_k}))
         temps = kd_temperatures(recipe)
-        if temps and not sample:
+        if temps:  # top-k: the tempered tail; sampled: log Z_β (same key: the temperature range the β grid covers)
             out["tail_temperatures"] = temps
     return out
 
@@ -90,7 +94,7 @@ def _records(recipe: Recipe):
 
 
 def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sample: int | None, dtype: torch.dtype, seed: int, tail_temperatures: list[float] | None = None):
-    from ..losses.divergence import tail_logmass_from_topk, tempered_tail_grid
+    from ..losses.divergence import log_partition_grid, tail_logmass_from_topk, tempered_tail_grid
     from ..models import generative as gm
     from ..recipes.generative import signals_with_features
 
@@ -101,7 +105,7 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
     from ..recipes.generative import dims
 
     constants = {"vocab": int(teacher.lm_head.out_features), "dims": dims(teacher)}
-    betas = tail_betas(tail_temperatures) if tail_temperatures else None  # settings_of: top-k stores of a tempered KD term
+    betas = tail_betas(tail_temperatures) if tail_temperatures else None  # settings_of: stores of a tempered KD term
     if betas:
         constants["tail_betas"] = betas
 
@@ -113,24 +117,26 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
         sig = signals_with_features(teacher, batch, feats)
         lp = torch.log_softmax(sig.logits.float(), dim=-1).cpu()  # [B, R, V]
         if sample:
-            ids, lps = _sampled(lp, sample, gen)  # [B, R, S]
-            tail = torch.full(ids.shape[:-1], float("-inf"))
+            ids, counts = _sampled(lp, sample, gen)  # [B, R, w]
+            lps = lp.gather(-1, ids)  # the teacher's own log-probs of the drawn ids (importance weights)
+            tail = None  # no tail: the draws stand for the whole distribution
         elif top_k >= lp.shape[-1]:  # every id kept: no tail (its float remainder would be noise, not mass)
             lps, ids = lp.topk(lp.shape[-1], dim=-1)
             tail = torch.full(ids.shape[:-1], float("-inf"))
         else:
             lps, ids = lp.topk(top_k, dim=-1)  # [B, R, k]
             tail = tail_logmass_from_topk(lps)  # [B, R]
-        grid = tempered_tail_grid(lp, ids, betas) if betas else None  # [B, R, G]
+        grid = (log_partition_grid(lp, betas) if sample else tempered_tail_grid(lp, ids, betas)) if betas else None  # [B, R, G]
         rows = []
         for i in range(len(recs)):
             m = sig.mask[i].bool().cpu()
-            row = {
-                "topk_ids": ids[i][m].int(), "topk_logprobs": lps[i][m].to(dtype), "tail_logmass": tail[i][m].float(),
-                "response_ids": batch["response_ids"][i].cpu()[m].int(),
-            }
+            row = {"topk_ids": ids[i][m].int(), "topk_logprobs": lps[i][m].to(dtype), "response_ids": batch["response_ids"][i].cpu()[m].int()}
+            if sample:
+                row["sample_counts"] = counts[i][m]
+            else:
+                row["tail_logmass"] = tail[i][m].float()
             if grid is not None:
-                row["tail_grid"] = grid[i][m].float()
+                row["logz_grid" if sample else "tail_grid"] = grid[i][m].float()
             for name, value in sig.features.items():
                 row[f"features.{name}"] = (value[i] if name in ("vision_pooled", "audio_pooled") else value[i][m.to(value.device)]).to(dtype).cpu()
             rows.append(row)
@@ -140,16 +146,17 @@ def _generative_fn(recipe: Recipe, teacher_path: str, device, *, top_k: int, sam
 
 
 def _sampled(lp: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`n` draws per position from exp(lp) [*, V]; the distinct drawn ids with log of their frequency, padded to
-    w = min(n, V) ids with distinct undrawn ids at log 0 = -inf. -> ids [*, w], log-weights [*, w]"""
+    """`n` draws per position from exp(lp) [*, V]; the distinct drawn ids with their counts, padded to w = min(n, V)
+    ids with distinct undrawn ids at count 0. -> ids [*, w] (long), counts [*, w] (uint8 when n < 256, else int32;
+    each row sums to n)"""
     vocab = lp.shape[-1]
     width = min(n, vocab)
     flat = lp.reshape(-1, vocab)
     draws = torch.multinomial(flat.exp(), n, replacement=True, generator=gen)  # [P, n]
-    counts = torch.zeros(flat.shape[0], vocab).scatter_add_(1, draws, torch.ones(draws.shape))  # [P, V]
+    counts = torch.zeros(flat.shape[0], vocab, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))  # [P, V]
     top, ids = counts.topk(width, dim=-1)  # every drawn id (at most n of them) first, then undrawn ones (count 0)
-    weights = (top / n).log()  # -inf for the undrawn padding
-    return ids.view(*lp.shape[:-1], width), weights.view(*lp.shape[:-1], width)
+    top = top.to(torch.uint8 if n < 256 else torch.int32)
+    return ids.view(*lp.shape[:-1], width), top.view(*lp.shape[:-1], width)
 
 
 def _reranker_fn(recipe: Recipe, teacher_path: str, device, *, dtype: torch.dtype, **_):
@@ -337,14 +344,21 @@ class StoreTeacher:
         want = settings_of(recipe, top_k=0, sample=None, dtype=m["settings"]["dtype"])
         have = m["settings"]
         problems = [f"{k} (store {have.get(k)!r}, recipe {want[k]!r})" for k in ("max_length", "response_field") if k in want and have.get(k) != want[k]]
+        if "sample" in have:
+            if have.get("sample_weights") != "importance":
+                raise StoreError(f"{where}: a sampled store from an older mmdistill: its rows lack sample_counts (the draws' counts beside the "
+                                 "teacher's log-probs, which make the importance weights); cache it again with `mmdistill teacher cache --sample N`")
+            kd = recipe.loss.terms.get("kd")
+            divergence = kd.options.get("divergence", "forward_kl") if kd is not None else "forward_kl"
+            if divergence != "forward_kl":
+                raise StoreError(f"{where}: a sampled store gives an unbiased loss only for forward_kl; the kd term's divergence is "
+                                 f"{divergence} (use a top-k store: `mmdistill teacher cache --top-k K`)")
         need_t = want.get("tail_temperatures")  # the recipe's KD temperature range (generative, T != 1)
-        if need_t and "sample" in have:
-            log(f"teacher: {where} is a sampled store and the KD temperature runs over {need_t}: the draws' frequencies are "
-                "tempered as a distribution, which biases the loss at T != 1 (a top-k store tempers exactly)")
-        if need_t and "top_k" in have:
+        if need_t and ("top_k" in have or "sample" in have):
             got = have.get("tail_temperatures")
             if not got or need_t[0] < got[0] - 1e-6 or need_t[1] > got[1] + 1e-6:
-                problems.append(f"tail_temperatures (the KD temperature runs over {need_t}; the store tempers its tail for {got})")
+                what = "log-partition" if "sample" in have else "tail"
+                problems.append(f"tail_temperatures (the KD temperature runs over {need_t}; the store tempers its {what} for {got})")
         for name, needed in want["features"].items():
             stored = have["features"].get(name)
             if needed and (not stored or (isinstance(needed, list) and not set(needed) <= set(stored))):
@@ -408,8 +422,9 @@ class StoreTeacher:
         return sig
 
     def generative(self, indices: list[int], batch: dict[str, Tensor], path: str, lines: list[int]) -> Signals:
-        """Sparse teacher Signals aligned with the student's batch: topk_ids / topk_logprobs [B, R, k], tail_logmass
-        [B, R], features; the stored response tokens must be the student's (same tokenizer)."""
+        """Sparse teacher Signals aligned with the student's batch: topk_ids / topk_logprobs [B, R, k], and tail_logmass
+        [B, R] (top-k store) or sample_logweights [B, R, k] (sampled store: log of each drawn id's share of the draws),
+        their β grids, features; the stored response tokens must be the student's (same tokenizer)."""
         from ..data.records import RecordError
 
         response_ids, rmask = batch["response_ids"].cpu(), batch["response_mask"].cpu().bool()
@@ -418,9 +433,12 @@ class StoreTeacher:
         k = rows[0]["topk_ids"].shape[-1]
         ids = torch.arange(k, dtype=torch.long).expand(B, R, k).clone()  # distinct ids at the uncounted positions
         lps = torch.full((B, R, k), -float(torch.log(torch.tensor(float(k)))))
-        tail = torch.full((B, R), float("-inf"))
+        sampled = "sample_counts" in rows[0]
+        tail = None if sampled else torch.full((B, R), float("-inf"))
+        logw = torch.full((B, R, k), float("-inf")) if sampled else None  # weight 0 at the uncounted positions
         betas = self.constants.get("tail_betas")
         grid = torch.full((B, R, len(betas)), float("-inf")) if betas else None
+        grid_name = "logz_grid" if sampled else "tail_grid"
         feats: dict[str, Tensor] = {}
         for b, row in enumerate(rows):
             m = rmask[b]
@@ -428,9 +446,13 @@ class StoreTeacher:
                 raise RecordError(path, lines[b], self.recipe.data.response_field, "the store's teacher and the student tokenise the response differently; logit KD needs the same tokenizer")
             ids[b][m] = row["topk_ids"].long()
             lps[b][m] = row["topk_logprobs"].float()
-            tail[b][m] = row["tail_logmass"].float()
+            if sampled:
+                counts = row["sample_counts"].float()
+                logw[b][m] = (counts / counts.sum(-1, keepdim=True)).log()  # each row's counts sum to the number of draws
+            else:
+                tail[b][m] = row["tail_logmass"].float()
             if grid is not None:
-                grid[b][m] = row["tail_grid"].float()
+                grid[b][m] = row[grid_name].float()
             for key in self.features:  # only what the loss reads; pooled [D] or per response token [R_b, D]
                 value = row[f"features.{key}"]
                 if key not in feats:
@@ -439,5 +461,5 @@ class StoreTeacher:
                     feats[key][b] = value.float()
                 else:
                     feats[key][b][m] = value.float()
-        return Signals(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, mask=rmask, features=feats,
-                       tail_grid=grid, tail_betas=torch.tensor(betas) if betas else None)
+        return Signals(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, mask=rmask, features=feats, sample_logweights=logw,
+                       tail_grid=None if sampled else grid, logz_grid=grid if sampled else None, tail_betas=torch.tensor(betas) if betas else None)

@@ -53,18 +53,19 @@ def test_identity_differences_name_what_differs():
     assert identity_differences({"model": "Qwen/A"}, {"model": "Qwen/B"}) == ["model (store Qwen/A, recipe Qwen/B)"]
 
 
-def test_sampled_set_is_distinct_ids_with_frequencies():
+def test_sampled_set_is_distinct_ids_with_counts():
     lp = torch.log_softmax(torch.randn(2, 3, 50) * 3, dim=-1)
-    ids, w = _sampled(lp, 16, torch.Generator().manual_seed(0))
-    assert ids.shape == w.shape == (2, 3, 16)
-    for row_ids, row_w in zip(ids.view(-1, 16), w.view(-1, 16)):
-        assert len(set(row_ids.tolist())) == 16  # distinct ids (the padding ids carry weight 0)
-        assert row_w.exp().sum().item() == pytest.approx(1.0)
-    # unbiased: over many draws the frequencies approach the teacher's probabilities
+    ids, counts = _sampled(lp, 16, torch.Generator().manual_seed(0))
+    assert ids.shape == counts.shape == (2, 3, 16) and counts.dtype == torch.uint8
+    for row_ids, row_c in zip(ids.view(-1, 16), counts.view(-1, 16)):
+        assert len(set(row_ids.tolist())) == 16  # distinct ids (the padding ids carry count 0)
+        assert int(row_c.sum()) == 16
+    # over many draws the frequencies approach the teacher's probabilities
     lp1 = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), dim=-1).expand(4000, 4)
-    ids, w = _sampled(lp1, 8, torch.Generator().manual_seed(1))  # 8 draws over 4 ids: width 4
-    freq = torch.zeros(4).index_add_(0, ids.flatten(), w.exp().flatten()) / 4000
+    ids, counts = _sampled(lp1, 8, torch.Generator().manual_seed(1))  # 8 draws over 4 ids: width 4
+    freq = torch.zeros(4).index_add_(0, ids.flatten(), counts.flatten().float() / 8) / 4000
     assert torch.allclose(freq, lp1[0].exp(), atol=0.01)
+    assert _sampled(lp1[:2], 300, torch.Generator().manual_seed(1))[1].dtype == torch.int32  # counts past uint8
 
 
 def test_a_disk_that_fills_mid_write_leaves_the_store_valid(tmp_path, monkeypatch):
