@@ -1,14 +1,15 @@
-"""Heterogeneous dual students side by side: the ShapesWorld CLIP teacher, the timm + BERT dual student alone and
-distilled (configs/contrastive/shapesworld-dual-{baseline,kd}.yaml), and the ViT-CLIP student distilled
-(shapesworld-student-kd.yaml), in one run: mean R@1 on the test gallery, parameters, and CPU latency per image of
-the image tower at batch 1 and batch 32 (and of image + text pairs), measured round-robin over the models (the fastest
-of 5 rounds' medians).
+"""Heterogeneous dual students side by side, N seeds: the ShapesWorld CLIP teacher; the timm CNN + small text tower
+dual student (configs/contrastive/shapesworld-dual-{baseline,kd}.yaml) alone, distilled, and distilled with the
+teacher's own tokenizer instead of its WordPiece one; the ViT-CLIP student distilled (shapesworld-student-kd.yaml);
+and the same dual student with a BERT text tower (`text_tower.arch: bert`) alone and distilled, the first seed only.
+Mean R@1 on the test gallery, parameters, and CPU latency per image of the image tower at batch 1 and batch 32 (and
+of image + text pairs), measured round-robin over the first seed's models (the fastest of 5 rounds' medians).
 
-    python benchmarks/dual_students.py --out runs/bench-dual-small --n 4000 --teacher-steps 250 --student-steps 200 --batch-size 32
+    python benchmarks/dual_students.py --out runs/bench-dual --seeds 0 1 2 --student-steps 300 --student-batch-size 64
 
-The defaults are the shipped recipes' budgets (about an hour on 2 shared cores); the command above is the ~10-minute
-budget BENCHMARKS.md reports. Every student gets the same steps and batch; a finished run with the same recipe is reused (so a second call only
-measures). Writes benchmarks/results/dual_students.{json,md}.
+The teacher is trained once (the shipped teacher recipe's budget unless --teacher-steps / --batch-size say otherwise),
+or taken from a finished run with --teacher-run. Every student gets the same steps and batch; a finished run with the
+same recipe is reused (so a second call only measures). Writes benchmarks/results/dual_students.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import ensure_data, git_rev, machine, run_or_reuse, variant, write
+from common import ensure_data, eval_of, git_rev, machine, mean_std, run_or_reuse, variant, write
 
 from mmdistill import api
+from mmdistill.config import recipe_from_dict
 from mmdistill.evaluate.bench import measure_latency
 from mmdistill.models import contrastive as cm
 from mmdistill.recipes import contrastive
@@ -71,77 +73,108 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-dual"))
     ap.add_argument("--n", type=int, default=10000, help="ShapesWorld images (test split = 10%%)")
     ap.add_argument("--teacher-steps", type=int, default=550, help="teacher budget (the shipped teacher recipe: 550)")
+    ap.add_argument("--batch-size", type=int, default=128, help="the teacher's batch (the shipped teacher recipe: 128)")
+    ap.add_argument("--teacher-run", type=Path, default=None, help="a finished teacher run folder to use instead of training one")
     ap.add_argument("--student-steps", type=int, default=600, help="budget of every student (dual alone, dual KD, ViT KD alike)")
-    ap.add_argument("--batch-size", type=int, default=128, help="batch of every run, the teacher's too")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE", help="extra recipe changes, e.g. dual-kd:loss.terms.fd.weight=200")
+    ap.add_argument("--student-batch-size", type=int, default=128)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     t0 = time.time()
     ensure_data(args.out, args.n)
-    vit = api.demo_recipes(args.out, seed=args.seed)
-    duals = api.demo_recipes(args.out, seed=args.seed, stages=STAGES)
-    common = {"train.batch_size": args.batch_size, "eval.latency": False, "train.save_every": 500}
-    student = {"train.max_steps": args.student_steps, "train.warmup_steps": min(50, args.student_steps // 10)}
-    recipes = {
-        "teacher": variant(vit["teacher"], "teacher", **common, **{"train.max_steps": args.teacher_steps, "train.warmup_steps": min(50, args.teacher_steps // 10)}),
-        "dual-base": variant(duals["student-base"], "dual-base", **common, **student),
-        "dual-kd": variant(duals["student-kd"], "dual-kd", **common, **student),
-        "vit-kd": variant(vit["student-kd"], "vit-kd", **common, **student),
-    }
-    for item in args.set:
-        stage, _, kv = item.partition(":")
-        key, _, raw = kv.partition("=")
-        import yaml
+    evals, wall, recipes = {}, {}, {}
 
-        recipes[stage] = variant(recipes[stage], Path(recipes[stage].output_dir).name, **{key: yaml.safe_load(raw)})
-    evals, wall = {}, {}
-    for name, recipe in recipes.items():
+    def train(name: str, recipe) -> dict:
         s = time.time()
         evals[name] = run_or_reuse(contrastive, recipe, args.out)
         summary = Path(recipe.output_dir) / "train_summary.json"  # training time of the run, also when it was reused
         wall[name] = json.loads(summary.read_text())["train_seconds"] if summary.is_file() else time.time() - s
+        recipes[name] = recipe
         print(f"{name}: mean R@1 {evals[name]['metrics']['mean_R@1']:.2f} ({wall[name]:.0f} s)", flush=True)
+        return evals[name]
 
-    # latency, one model after the other in this process
+    vit0 = api.demo_recipes(args.out, seed=args.seeds[0])
+    if args.teacher_run:
+        t_recipe = recipe_from_dict(json.loads((args.teacher_run / "run.json").read_text())["recipe"], source=str(args.teacher_run))
+        t_recipe = t_recipe.model_copy(update={"output_dir": args.teacher_run})
+        evals["teacher"], recipes["teacher"] = eval_of(contrastive, t_recipe), t_recipe
+        wall["teacher"] = json.loads((args.teacher_run / "train_summary.json").read_text())["train_seconds"]
+    else:
+        t_common = {"train.batch_size": args.batch_size, "eval.latency": False, "train.max_steps": args.teacher_steps, "train.warmup_steps": min(50, args.teacher_steps // 10)}
+        train("teacher", variant(vit0["teacher"], "teacher", **t_common))
+    teacher_model = str(Path(recipes["teacher"].output_dir) / "model")
+    student = {"train.batch_size": args.student_batch_size, "eval.latency": False, "train.save_every": 500, "train.max_steps": args.student_steps,
+               "train.warmup_steps": min(50, args.student_steps // 10)}
+    kd = {**student, "teacher.model": teacher_model}
+    for seed in args.seeds:
+        duals = api.demo_recipes(args.out, seed=seed, stages=STAGES)
+        train(f"dual-base-s{seed}", variant(duals["student-base"], f"dual-base-s{seed}", **student))
+        train(f"dual-kd-s{seed}", variant(duals["student-kd"], f"dual-kd-s{seed}", **kd))
+        train(f"dual-kd-ttok-s{seed}", variant(duals["student-kd"], f"dual-kd-ttok-s{seed}", **kd, **{"student.dual.text_tower.tokenizer": "teacher"}))
+    s0 = args.seeds[0]
+    duals = api.demo_recipes(args.out, seed=s0, stages=STAGES)
+    train(f"vit-kd-s{s0}", variant(vit0["student-kd"], f"vit-kd-s{s0}", **kd))
+    bert = {"student.dual.text_tower.arch": "bert"}
+    train(f"dual-bert-base-s{s0}", variant(duals["student-base"], f"dual-bert-base-s{s0}", **student, **bert))
+    train(f"dual-bert-kd-s{s0}", variant(duals["student-kd"], f"dual-bert-kd-s{s0}", **kd, **bert))
+
+    # latency, one model after the other in this process (the first seed's models)
     from mmdistill.data.loaders import load_pairs
 
     _, images, _ = load_pairs(Path(recipes["teacher"].data.val), "fail", 32, log=lambda *_: None)
-    lat = latencies({name: Path(r.output_dir) / "model" for name, r in recipes.items()}, images)
+    timed = {"teacher": "teacher", "dual-base": f"dual-base-s{s0}", "dual-kd": f"dual-kd-s{s0}", "vit-kd": f"vit-kd-s{s0}"}
+    lat = latencies({k: Path(recipes[v].output_dir) / "model" for k, v in timed.items()}, images)
 
     t = evals["teacher"]
     t_r1 = t["metrics"]["mean_R@1"]
+    seeds = args.seeds
+
+    def metric(prefix: str, key: str, scale: float = 1.0, ss=None) -> list[float]:
+        return [scale * evals[f"{prefix}-s{s}"]["metrics"].get(key, float("nan")) for s in (ss or seeds)]
+
     rows = [
-        ("teacher (ViT-CLIP 3+3 layers, width 128)", "teacher"),
-        ("dual student alone (timm resnet10t + BERT, own WordPiece)", "dual-base"),
-        ("dual student distilled (clip + sim_kd + fd × 100)", "dual-kd"),
-        ("ViT-CLIP student distilled (shapesworld-student-kd.yaml)", "vit-kd"),
+        ("dual student alone (timm resnet10t + CLIP-style text tower, own WordPiece)", "dual-base", seeds, "dual-base"),
+        ("dual student distilled (clip + sim_kd + fd × 100)", "dual-kd", seeds, "dual-kd"),
+        ("dual student distilled, the teacher's tokenizer", "dual-kd-ttok", seeds, None),
+        ("ViT-CLIP student distilled (shapesworld-student-kd.yaml)", "vit-kd", [s0], "vit-kd"),
+        ("dual student with a BERT text tower, alone", "dual-bert-base", [s0], None),
+        ("dual student with a BERT text tower, distilled", "dual-bert-kd", [s0], None),
     ]
     md = [
-        f"### Dual students on ShapesWorld{(' (' + args.tag + ')') if args.tag else ''}: timm CNN + BERT, distilled from the CLIP teacher",
+        f"### Dual students on ShapesWorld{(' (' + args.tag + ')') if args.tag else ''}: timm CNN + small text tower, distilled from the CLIP teacher (seeds {seeds})",
         "",
         f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — commit {git_rev()} — this call {time.time() - t0:.0f} s, training {sum(wall.values()):.0f} s"
-        f" (teacher {args.teacher_steps} steps, students {args.student_steps} steps × batch {args.batch_size}, gallery {t['gallery']} test pairs, seed {args.seed})",
+        f" (teacher {recipes['teacher'].train.max_steps} steps × batch {recipes['teacher'].train.batch_size}; students {args.student_steps} steps × batch {args.student_batch_size};"
+        f" gallery {t['gallery']} test pairs)",
         "",
-        "| model | params | % of teacher | i2t R@1 | t2i R@1 | mean R@1 | retention | zero-shot mean | ms / image bs1 | ms / image bs32 | ms / pair bs1 | ms / pair bs32 | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | seeds | params | % of teacher | i2t R@1 | t2i R@1 | mean R@1 | retention | zero-shot mean | ms / image bs1 | ms / image bs32 | ms / pair bs1 | ms / pair bs32 | train s (first seed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, key in rows:
-        e, m, la = evals[key], evals[key]["metrics"], lat[key]
+    la = lat["teacher"]
+    m = t["metrics"]
+    md.append(f"| teacher (ViT-CLIP 3+3 layers, width 128) | {recipes['teacher'].seed} | {t['params'] / 1e6:.3f}M | 100.0% | {m['i2t_R@1']:.2f} | {m['t2i_R@1']:.2f} | {t_r1:.2f} | 100.0% | "
+              f"{m.get('zeroshot_mean', float('nan')):.2f} | {la['image_bs1']:.2f} | {la['image_bs32']:.3f} | {la['pair_bs1']:.2f} | {la['pair_bs32']:.3f} | {wall['teacher']:.0f} |")
+    for label, prefix, ss, lkey in rows:
+        e0 = evals[f"{prefix}-s{ss[0]}"]
+        la = lat[lkey] if lkey else None
+        lcols = f"{la['image_bs1']:.2f} | {la['image_bs32']:.3f} | {la['pair_bs1']:.2f} | {la['pair_bs32']:.3f}" if la else "– | – | – | –"
         md.append(
-            f"| {label} | {e['params'] / 1e6:.3f}M | {100 * e['params'] / t['params']:.1f}% | {m['i2t_R@1']:.2f} | {m['t2i_R@1']:.2f} | {m['mean_R@1']:.2f} | "
-            f"{100 * m['mean_R@1'] / t_r1:.1f}% | {m.get('zeroshot_mean', float('nan')):.2f} | {la['image_bs1']:.2f} | {la['image_bs32']:.3f} | "
-            f"{la['pair_bs1']:.2f} | {la['pair_bs32']:.3f} | {wall[key]:.0f} |"
+            f"| {label} | {' '.join(map(str, ss))} | {e0['params'] / 1e6:.3f}M | {100 * e0['params'] / t['params']:.1f}% | {mean_std(metric(prefix, 'i2t_R@1', ss=ss))} | "
+            f"{mean_std(metric(prefix, 't2i_R@1', ss=ss))} | {mean_std(metric(prefix, 'mean_R@1', ss=ss))} | {mean_std(metric(prefix, 'mean_R@1', 100 / t_r1, ss=ss))}% | "
+            f"{mean_std(metric(prefix, 'zeroshot_mean', ss=ss))} | {lcols} | {wall[f'{prefix}-s{ss[0]}']:.0f} |"
         )
-    base, kd = evals["dual-base"]["metrics"]["mean_R@1"], evals["dual-kd"]["metrics"]["mean_R@1"]
-    retention, gain = 100 * kd / t_r1, kd - base
+    base, kd_, ttok = metric("dual-base", "mean_R@1"), metric("dual-kd", "mean_R@1"), metric("dual-kd-ttok", "mean_R@1")
+    retention = [100 * x / t_r1 for x in kd_]
+    gain = [b - a for a, b in zip(base, kd_)]
+    tok_gap = [a - b for a, b in zip(kd_, ttok)]
     md += [
         "",
-        f"- Dual student distilled keeps **{retention:.1f}%** of the teacher's mean R@1 (target ≥ 90%: {'met' if retention >= 90 else f'missed by {90 - retention:.1f} points'}).",
-        f"- Over the same student alone: **{gain:+.2f}** points (target ≥ +5: {'met' if gain >= 5 else f'missed by {5 - gain:.2f}'}).",
-        f"- Size: {100 * evals['dual-kd']['params'] / t['params']:.1f}% of the teacher's parameters (target ≤ 15%).",
+        f"- Dual student distilled keeps **{mean_std(retention)}%** of the teacher's mean R@1 (target ≥ 90%: {'met' if min(retention) >= 90 else 'missed on ' + str(sum(r < 90 for r in retention)) + ' of ' + str(len(seeds)) + ' seeds'}).",
+        f"- Over the same student alone: **{mean_std(gain)}** points (target ≥ +5: {'met' if min(gain) >= 5 else 'missed on ' + str(sum(g < 5 for g in gain)) + ' of ' + str(len(seeds)) + ' seeds'}).",
+        f"- Own WordPiece tokenizer − the teacher's tokenizer, distilled: **{mean_std(tok_gap)}** points (target: within 2 points: {'met' if max(abs(g) for g in tok_gap) <= 2 else 'missed on ' + str(sum(abs(g) > 2 for g in tok_gap)) + ' of ' + str(len(seeds)) + ' seeds'}).",
+        f"- Size: {100 * evals[f'dual-kd-s{s0}']['params'] / t['params']:.1f}% of the teacher's parameters (target ≤ 15%).",
         "",
     ]
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "commit": git_rev(), "evals": evals, "latency_ms_per_item": lat, "train_wall_s": wall}

@@ -97,10 +97,15 @@ class ImageTowerConfig(Strict):
 
 
 class TextTowerConfig(Strict):
-    hidden_size: int = Field(64, ge=1, description="BERT hidden width (the text tower's output width).")
-    num_hidden_layers: int = Field(2, ge=1, description="BERT layers.")
-    num_attention_heads: int = Field(2, ge=1, description="BERT attention heads (must divide hidden_size).")
-    intermediate_size: int = Field(256, ge=1, description="BERT MLP width.")
+    arch: Literal["clip", "bert"] = Field(
+        "clip",
+        description="clip: a CLIP-style text transformer (pre-LN, causal, pooled at the tokenizer's end token); bert: a BERT encoder pooled by its "
+        "[CLS] pooler, which learns several times more slowly from scratch at tiny widths (BENCHMARKS.md, dual students).",
+    )
+    hidden_size: int = Field(64, ge=1, description="Text tower hidden width (its output width).")
+    num_hidden_layers: int = Field(2, ge=1, description="Text tower layers.")
+    num_attention_heads: int = Field(2, ge=1, description="Text tower attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(256, ge=1, description="Text tower MLP width.")
     tokenizer: str = Field(
         "wordpiece",
         description="wordpiece: a WordPiece tokenizer trained here on the training texts (the student's own); teacher: the teacher's tokenizer; "
@@ -112,7 +117,7 @@ class TextTowerConfig(Strict):
 
 class DualStudentConfig(Strict):
     image_tower: ImageTowerConfig = Field(description="The image tower: a timm model by name.")
-    text_tower: TextTowerConfig = Field(default_factory=TextTowerConfig, description="The text tower: a tiny BERT with its own tokenizer.")
+    text_tower: TextTowerConfig = Field(default_factory=TextTowerConfig, description="The text tower: a tiny CLIP-style or BERT text transformer with its own tokenizer.")
     projection_dim: int = Field(description="Shared embedding width both towers project to (linear, no bias).")
 
 

@@ -1,8 +1,10 @@
-"""Heterogeneous dual-encoder students: a timm image tower + a small BERT text tower with its own tokenizer.
+"""Heterogeneous dual-encoder students: a timm image tower + a small text tower with its own tokenizer.
 
 The student is a ``transformers.VisionTextDualEncoderModel`` whose vision tower is a
 ``TimmWrapperModel`` (any ``timm`` architecture by name, built locally with ``pretrained=False``)
-and whose text tower is a ``BertModel`` of a tiny config; each tower's
+and whose text tower is a tiny ``CLIPTextModel`` (default: pre-LN, pooled at the tokenizer's end
+token) or ``BertModel`` (pooled by BERT's [CLS] pooler; see ``_text_config`` for why it is not the
+default); each tower's
 pooled output goes through a linear projection (no bias) to a shared ``projection_dim``, and a
 learnable ``logit_scale`` sits beside them. Its processor is a ``VisionTextDualEncoderProcessor``
 (a CLIP image processor + a WordPiece tokenizer trained here on the training texts).
@@ -10,7 +12,7 @@ learnable ``logit_scale`` sits beside them. Its processor is a ``VisionTextDualE
 Why this format: it is the ecosystem's own. ``VisionTextDualEncoderModel`` builds its towers with
 ``AutoModel.from_config``, and transformers maps ``model_type: timm_wrapper`` to
 ``TimmWrapperModel``, which calls ``timm.create_model(architecture, num_classes=0, **model_args)``.
-So the saved folder (config.json naming the timm architecture and the BERT config,
+So the saved folder (config.json naming the timm architecture and the text tower's config,
 model.safetensors, tokenizer + processor files) loads without mmdistill::
 
     from transformers import AutoModel, AutoProcessor          # needs `pip install timm`
@@ -87,18 +89,40 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000, max_length: in
     )
 
 
-def _text_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_length: int):
-    """A BERT config (BERT has the pooler output VisionTextDualEncoderModel projects; DistilBERT has none)."""
-    from transformers import BertConfig
+TEXT_ARCHS = ("clip", "bert")
+
+
+def _text_config(tokenizer, arch: str, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_length: int):
+    """The text tower's transformers config.
+
+    clip: a CLIP-style text transformer (pre-LayerNorm, causal attention, the pooled output is the state at the
+    tokenizer's end token: [SEP] for WordPiece, the end-of-text token for a CLIP/BPE tokenizer); bert: a BERT
+    encoder whose pooled output is BERT's pooler (tanh of a dense layer on the [CLS] state). At the tiny widths a
+    phone-sized student uses, the BERT pooler learns several times more slowly from scratch (measured in
+    BENCHMARKS.md, dual students): the [CLS] state has to learn to gather the caption through post-LN attention
+    before the contrastive loss sees anything, whereas the end-token state of a pre-LN causal tower carries the words
+    from the first steps. BERT stays the choice for a text tower initialised from a BERT / MiniLM checkpoint.
+    """
+    from transformers import BertConfig, CLIPTextConfig
 
     if not hidden_size:
         raise DualTowerError("student.dual.text_tower.hidden_size is unset: the text tower's output width is needed")
     if hidden_size % num_heads:
         raise DualTowerError(f"student.dual.text_tower: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}")
-    return BertConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads, intermediate_size=intermediate_size,
-    )
+    if arch not in TEXT_ARCHS:
+        raise DualTowerError(f"student.dual.text_tower.arch: {arch!r} is not one of {', '.join(TEXT_ARCHS)}")
+    sizes = dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+                 hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads, intermediate_size=intermediate_size)
+    if arch == "bert":
+        return BertConfig(**sizes)
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    if end is None:
+        raise DualTowerError("student.dual.text_tower.arch=clip pools at the tokenizer's end token, and this tokenizer has none (no sep or eos token); use arch: bert")
+    if end == 2:  # transformers' CLIP text model reads eos_token_id == 2 as its legacy rule (pool at the largest id)
+        raise DualTowerError("student.dual.text_tower.arch=clip: this tokenizer's end token has id 2, which transformers' CLIP text model "
+                             "treats as its legacy pooling rule (the largest token id); use arch: bert or another tokenizer")
+    return CLIPTextConfig(**sizes, eos_token_id=int(end), bos_token_id=int(start) if start is not None else None)
 
 
 def image_tower_config(timm_name: str, model_args: dict[str, Any] | None = None):
@@ -127,6 +151,7 @@ def build_dual_student(
     model_args: dict[str, Any] | None = None,
     image_size: int = 64,
     projection_dim: int | None = 64,
+    text_arch: str = "clip",
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 2,
@@ -154,7 +179,7 @@ def build_dual_student(
         tokenizer = train_wordpiece(texts, vocab_size=vocab_size, max_length=max_length)
     max_length = min(int(tokenizer.model_max_length), max_length) if tokenizer.model_max_length < 10_000 else max_length
     v_cfg = image_tower_config(timm_name, model_args)
-    t_cfg = _text_config(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max(max_length, 8))
+    t_cfg = _text_config(tokenizer, text_arch, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max(max_length, 8))
     config = VisionTextDualEncoderConfig.from_vision_text_configs(v_cfg, t_cfg, projection_dim=projection_dim, logit_scale_init_value=logit_scale_init)
     torch.manual_seed(seed)
     model = VisionTextDualEncoderModel(config=config)

@@ -1,4 +1,4 @@
-"""Heterogeneous dual-encoder students: a timm image tower + a tiny BERT with its own WordPiece tokenizer,
+"""Heterogeneous dual-encoder students: a timm image tower + a tiny text tower (CLIP-style or BERT) with its own WordPiece tokenizer,
 saved as a VisionTextDualEncoderModel that plain transformers reloads, driven by the CLIP adapter and recipe."""
 
 import pytest
@@ -31,7 +31,7 @@ def test_dual_student_saves_as_a_folder_plain_transformers_reloads(student):
     d, model, proc = student
     loaded, lproc = AutoModel.from_pretrained(d), AutoProcessor.from_pretrained(d)
     assert type(loaded).__name__ == "VisionTextDualEncoderModel"
-    assert type(loaded.vision_model).__name__ == "TimmWrapperModel" and type(loaded.text_model).__name__ == "BertModel"
+    assert type(loaded.vision_model).__name__ == "TimmWrapperModel" and type(loaded.text_model).__name__ == "CLIPTextModel"
     assert loaded.config.vision_config.architecture == "resnet10t"
     assert loaded.config.vision_config.hidden_size == 32 == loaded.vision_model.timm_model.num_features
     # the processor is the student's own: WordPiece with BERT framing, not the CLIP teacher's BPE
@@ -56,9 +56,60 @@ def test_the_clip_adapter_encodes_the_dual_student(student):
         sig = cm.encode(model, data.batch([0, 1, 2]), features=True)
     assert sig.image_embeds.shape == sig.text_embeds.shape == (3, 24)
     assert cm.embed_dim(model) == 24 and float(sig.logit_scale) == pytest.approx(1 / 0.07, rel=1e-3)
-    # tower features before the projections: the CNN's pooled map [B, C] and BERT's masked mean [B, H]
+    # tower features before the projections: the CNN's pooled map [B, C] and the text tower's masked mean [B, H]
     assert sig.features["vision_pooled"].shape == (3, 32) and sig.features["text_pooled"].shape == (3, 16)
     assert sig.logit_bias is None
+
+
+def test_the_clip_text_tower_pools_at_the_end_token(student):
+    """The default text tower's pooled output is its (final-LN) state at [SEP], and with causal attention nothing after
+    [SEP] (padding) can change it; the projection of that state is the text embedding."""
+    _, model, proc = student
+    model.eval()
+    assert model.config.text_config.eos_token_id == proc.tokenizer.sep_token_id != 2
+    enc = proc.tokenizer(TEXTS[:3], padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        out = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        emb = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        ends = (enc["input_ids"] == proc.tokenizer.sep_token_id).int().argmax(-1)
+        assert torch.allclose(out.pooler_output, out.last_hidden_state[torch.arange(3), ends], atol=1e-6)
+        assert torch.allclose(emb, model.text_projection(out.pooler_output), atol=1e-6)
+        ids = enc["input_ids"].clone()
+        ids[0, ends[0] + 1 :] = 7  # other tokens after the end token
+        again = model.text_model(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
+    assert torch.allclose(again[0], out.pooler_output[0], atol=1e-5)
+
+
+def test_the_bert_text_tower_saves_and_reloads(tmp_path):
+    model, proc = dual.build_dual_student(TEXTS, **TIMM, text_arch="bert", image_size=32, projection_dim=24, hidden_size=16, num_attention_heads=2, intermediate_size=32, out_dir=tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded.text_model).__name__ == "BertModel"
+    enc = proc.tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = loaded.get_text_features(**enc).pooler_output
+        b = model.get_text_features(**enc).pooler_output
+    assert a.shape == (2, 24) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_clip_text_tower_needs_a_usable_end_token():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = dual.train_wordpiece(TEXTS, vocab_size=60)
+    with pytest.raises(dual.DualTowerError, match="text_tower.arch: 'gpt' is not one of clip, bert"):
+        dual.build_dual_student(TEXTS, **TIMM, text_arch="gpt", tokenizer=tok)
+    # a tokenizer whose end token is id 2 would hit transformers' legacy CLIP pooling (the largest id)
+    specials = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]"]
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train_from_iterator(TEXTS, trainers.WordPieceTrainer(vocab_size=60, special_tokens=specials, show_progress=False))
+    odd = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", sep_token="[SEP]", cls_token="[CLS]", mask_token="[MASK]")
+    assert odd.sep_token_id == 2
+    with pytest.raises(dual.DualTowerError, match="end token has id 2"):
+        dual.build_dual_student(TEXTS, **TIMM, tokenizer=odd)
+    dual.build_dual_student(TEXTS, **TIMM, tokenizer=odd, text_arch="bert")  # BERT pools at [CLS]: fine
 
 
 def test_an_unknown_timm_name_names_close_matches():
