@@ -94,6 +94,11 @@ class ImageTowerConfig(Strict):
     timm: str = Field(description="timm architecture name (e.g. resnet10t, mobilenetv3_small_050), built locally with pretrained=False, num_classes=0.")
     model_args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, e.g. {channels: [16, 32, 48, 64], stem_width: 16} for a narrower resnet10t.")
     image_size: int = Field(64, ge=16, description="Side (pixels) the student's image processor resizes and crops to.")
+    weights: str | None = Field(
+        None,
+        description="Pretrained weights for the image tower: a timm / Hugging Face timm folder (model.safetensors or pytorch_model.bin) or a "
+        ".safetensors / .pth file of the same architecture and model_args; its classifier is dropped. None: random init.",
+    )
 
 
 class TextTowerConfig(Strict):

@@ -144,11 +144,62 @@ def image_tower_config(timm_name: str, model_args: dict[str, Any] | None = None)
     return config
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
+
+
+def _weights_file(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in WEIGHT_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise DualTowerError(f"student.dual.image_tower.weights: {p} holds none of {', '.join(WEIGHT_FILES)}")
+    if not p.is_file():
+        raise DualTowerError(f"student.dual.image_tower.weights: {p} does not exist")
+    return p
+
+
+def load_image_tower_weights(timm_model: torch.nn.Module, path: str | Path, classifier: str | None = None) -> dict[str, Any]:
+    """Copy pretrained timm weights (a timm / Hugging Face timm folder, or a .safetensors / .pth file) into the
+    student's image tower. Keys may carry a ``timm_model.`` (a saved TimmWrapperModel) or ``module.`` prefix; the
+    source's classifier (`classifier`: the architecture's head name, e.g. ``fc``) is dropped, since the tower is
+    built with ``num_classes=0``. Any other key the tower lacks, a tower key the file lacks, or a shape that differs
+    (e.g. ImageNet weights for a narrowed ``model_args``) is a DualTowerError naming it. -> what was loaded."""
+    from timm.models import load_state_dict
+
+    file = _weights_file(path)
+    try:
+        state = load_state_dict(str(file))
+    except Exception as e:  # a corrupt or non-checkpoint file
+        raise DualTowerError(f"student.dual.image_tower.weights: {file} is not a readable checkpoint: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    for prefix in ("timm_model.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    own = timm_model.state_dict()
+    head = (classifier or "").rstrip(".")
+    dropped = [k for k in state if k not in own and head and (k == head or k.startswith(head + "."))]
+    for k in dropped:
+        del state[k]
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # often left out of published weights
+    if extra or missing:
+        what = (f"{len(missing)} tower weights missing from it (e.g. {', '.join(missing[:3])})" if missing else "") + \
+               ("; " if missing and extra else "") + (f"{len(extra)} weights the tower lacks (e.g. {', '.join(extra[:3])})" if extra else "")
+        raise DualTowerError(f"student.dual.image_tower.weights: {file} does not fit timm {type(timm_model).__name__}: {what}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise DualTowerError(f"student.dual.image_tower.weights: {file}: {k} has shape {tuple(v.shape)}, the tower's is {tuple(own[k].shape)} "
+                                 "(weights for another width: check model_args)")
+    timm_model.load_state_dict(state, strict=False)  # every key checked above; only BatchNorm step counters may be absent
+    return {"file": str(file), "tensors": len(state), "dropped_classifier": dropped}
+
+
 def build_dual_student(
     texts: Iterable[str],
     *,
     timm_name: str,
     model_args: dict[str, Any] | None = None,
+    image_weights: str | Path | None = None,
     image_size: int = 64,
     projection_dim: int | None = 64,
     text_arch: str = "clip",
@@ -166,6 +217,7 @@ def build_dual_student(
 ):
     """Build a randomly initialised timm + BERT ``VisionTextDualEncoderModel`` and its processor.
 
+    `image_weights`: a timm checkpoint (folder or file) loaded into the image tower (``load_image_tower_weights``).
     `tokenizer`: None trains a WordPiece tokenizer on `texts`; or pass one (e.g. the teacher's, for a
     same-tokenizer student). `image_processor`: None makes a CLIP image processor resizing to `image_size`.
     Returns (model, processor); both saved to `out_dir` when given.
@@ -183,6 +235,9 @@ def build_dual_student(
     config = VisionTextDualEncoderConfig.from_vision_text_configs(v_cfg, t_cfg, projection_dim=projection_dim, logit_scale_init_value=logit_scale_init)
     torch.manual_seed(seed)
     model = VisionTextDualEncoderModel(config=config)
+    if image_weights is not None:
+        tower = model.vision_model.timm_model
+        load_image_tower_weights(tower, image_weights, classifier=(getattr(tower, "pretrained_cfg", None) or {}).get("classifier"))
     if image_processor is None:
         image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, do_center_crop=True)
     processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)

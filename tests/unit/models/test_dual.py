@@ -209,3 +209,50 @@ def test_the_shipped_dual_student_is_at_most_15_percent_of_the_shipped_teacher(t
         parts = dual.tower_parameters(student)
         assert parts["total"] <= 0.15 * n_teacher, (name, parts, n_teacher)
         assert type(student.vision_model).__name__ == "TimmWrapperModel" and proc.tokenizer is not t_proc.tokenizer
+
+
+def test_the_image_tower_starts_from_pretrained_timm_weights(tmp_path):
+    """A timm checkpoint with its classifier (as published: a folder with model.safetensors) seeds the image tower;
+    the tower's weights and BatchNorm statistics are then the checkpoint's, the classifier is dropped."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    src = timm.create_model("resnet10t", pretrained=False, num_classes=7, **TIMM["model_args"])
+    with torch.no_grad():
+        src.bn1.running_mean.uniform_(-1, 1)  # not the init value, so a copy is visible
+    state = {k: v.contiguous() for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    (tmp_path / "ckpt").mkdir()
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    model, _ = dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "ckpt", image_size=32, projection_dim=24, hidden_size=16, intermediate_size=32)
+    tower = model.vision_model.timm_model.state_dict()
+    assert "fc.weight" in state and "fc.weight" not in tower
+    for k, v in state.items():
+        if k in tower:
+            assert torch.equal(tower[k], v), k
+    # the same checkpoint through a saved TimmWrapperModel's key prefix, as a single file
+    save_file({f"timm_model.{k}": v for k, v in state.items() if not k.startswith("fc.")}, tmp_path / "wrapped.safetensors")
+    again, _ = dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "wrapped.safetensors", image_size=32, projection_dim=24, hidden_size=16, intermediate_size=32)
+    assert torch.equal(again.vision_model.timm_model.conv1[0].weight, src.conv1[0].weight)
+
+
+def test_image_tower_weights_that_do_not_fit_are_clear_errors(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    wide = timm.create_model("resnet10t", pretrained=False, num_classes=0, channels=[16, 32, 32, 64], stem_width=16)  # twice the widths of TIMM's
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, tmp_path / "wide.safetensors")
+    with pytest.raises(dual.DualTowerError, match=r"wide.safetensors: bn1.bias has shape \(32,\), the tower's is \(16,\) \(weights for another width: check model_args\)"):
+        dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "wide.safetensors")
+    other = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    with pytest.raises(dual.DualTowerError, match=r"other.safetensors does not fit timm ResNet: \d+ tower weights missing from it .*; \d+ weights the tower lacks"):
+        dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "other.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dual.DualTowerError, match="holds none of model.safetensors, pytorch_model.bin"):
+        dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "empty")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(dual.DualTowerError, match="junk.safetensors is not a readable checkpoint"):
+        dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "junk.safetensors")
+    with pytest.raises(dual.DualTowerError, match="does not exist"):
+        dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "nope.pth")
