@@ -79,6 +79,8 @@ def load_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         **({"headline": data["headline"]} if isinstance(data.get("headline"), dict) else {}),
         **({"training": training} if (training := _training(run_dir)) else {}),
         **{k: data[k] for k in BREAKDOWNS if isinstance(data.get(k), dict)},
+        **({"zeroshot_labels": {k: data["zeroshot_labels"][k] for k in ("labels", "confusion") if k in data["zeroshot_labels"]}}
+           if isinstance(data.get("zeroshot_labels"), dict) and "confusion" in data["zeroshot_labels"] else {}),
     }
 
 
@@ -125,6 +127,66 @@ def _task_lines(report: dict[str, Any], line) -> list[str]:
             cells += [_num(run["metrics"].get(key)), _num(None if kept is None else kept * 100, "{:.1f}%")]
         parts.append(line(cells))
     return parts + [""]
+
+
+def _class_accuracy(zs: dict[str, Any]) -> dict[str, float | None]:
+    """Per class top-1 accuracy (percent) from a confusion matrix (rows: true class); None for a class with no images."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(zs["labels"]):
+        row = zs["confusion"][i]
+        out[name] = 100.0 * row[i] / sum(row) if sum(row) else None
+    return out
+
+
+def _zeroshot_lines(report: dict[str, Any], line) -> list[str]:
+    """Zero-shot on the user's labels side by side: a row per class, a column per run with per-class top-1 accuracy
+    (runs whose eval used the same label list), and the confusion matrices when they were plotted."""
+    runs = [run for run in report["runs"] if run.get("zeroshot_labels")]
+    if not runs:
+        return []
+    labels = runs[0]["zeroshot_labels"]["labels"]
+    same = [run for run in runs if run["zeroshot_labels"]["labels"] == labels]
+    acc = {run["name"]: _class_accuracy(run["zeroshot_labels"]) for run in same}
+    parts = ["Zero-shot on the labels, per class (top-1 %, from each run's confusion matrix):", "", line(["class", *acc]), line(["---"] * (len(acc) + 1))]
+    parts += [line([name, *(_num(acc[run][name]) for run in acc)]) for name in labels]
+    skipped = [run["name"] for run in runs if run not in same]
+    if skipped:
+        parts += ["", f"Not in this table (another label list): {', '.join(skipped)}."]
+    parts.append("")
+    if report.get("zeroshot_plot"):
+        parts += [f"![zero-shot confusion matrices]({report['zeroshot_plot']})", ""]
+    return parts
+
+
+def plot_confusions(report: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """One confusion matrix per run that has one (rows: true class, columns: predicted, normalised per row), side by
+    side with a shared colour scale. Returns whether a PNG was written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [run for run in report["runs"] if run.get("zeroshot_labels")]
+    if not runs:
+        return False
+    n = max(len(run["zeroshot_labels"]["labels"]) for run in runs)
+    side = 1.2 + 0.35 * n
+    fig = Figure(figsize=(side * len(runs), side + 0.6))
+    FigureCanvasAgg(fig)
+    for i, run in enumerate(runs, 1):
+        zs = run["zeroshot_labels"]
+        rows = [[c / max(sum(r), 1) for c in r] for r in zs["confusion"]]
+        ax = fig.add_subplot(1, len(runs), i)
+        ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
+        k = len(zs["labels"])
+        ax.set_xticks(range(k), zs["labels"], rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(k), zs["labels"] if i == 1 else [""] * k, fontsize=6)
+        top1 = run["metrics"].get("zeroshot_top1")
+        ax.set_title(f"{run['name']}" + (f": top-1 {top1:.1f}%" if isinstance(top1, (int, float)) else ""), fontsize=8)
+        ax.set_xlabel("predicted", fontsize=7)
+        if i == 1:
+            ax.set_ylabel("true", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
 
 
 def _breakdown_lines(report: dict[str, Any], line) -> list[str]:
@@ -186,11 +248,21 @@ def _clean_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{b: run[b] for b in BREAKDOWNS if isinstance(run.get(b), dict)},
                 # the evaluator's choice of headline metric for this gallery: {"metric": key, "why": sentence}
                 **({"headline": run["headline"]} if isinstance(run.get("headline"), dict) else {}),
+                # dual encoders evaluated on the user's labels: {"labels": [...], "confusion": [[...]]}
+                **({"zeroshot_labels": run["zeroshot_labels"]} if _confusion_ok(run.get("zeroshot_labels")) else {}),
                 # train_summary.json: wall time, steps, samples/s, peak RSS
                 "training": run.get("training") or {},
             }
         )
     return cleaned
+
+
+def _confusion_ok(zs: Any) -> bool:
+    """A zero-shot section with a square confusion matrix over its labels."""
+    if not isinstance(zs, dict) or not isinstance(zs.get("labels"), list) or not isinstance(zs.get("confusion"), list):
+        return False
+    n = len(zs["labels"])
+    return len(zs["confusion"]) == n and all(isinstance(r, list) and len(r) == n for r in zs["confusion"])
 
 
 def _pick(runs: list[dict[str, Any]], key: str, what: str) -> dict[str, Any]:
@@ -410,6 +482,7 @@ def render_markdown(report: dict[str, Any], *, loss_curves: str | None = None, r
     parts += _legend(report, any(run.get("training") for run in report["runs"]))
     parts += _task_lines(report, line)
     parts += _breakdown_lines(report, line)
+    parts += _zeroshot_lines(report, line)
     if retention_plot:
         parts += [f"![{report['headline']} per run]({retention_plot})", ""]
     if loss_curves:
@@ -566,6 +639,8 @@ def write_report(
     report["loss_curves"] = png.name if plot_loss_curves(report["runs"], png) else None
     bars = out_dir / "retention.png"
     report["retention_plot"] = bars.name if plot_retention(report, bars) else None
+    confusions = out_dir / "zeroshot_confusion.png"
+    report["zeroshot_plot"] = confusions.name if plot_confusions(report, confusions) else None
     _write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")
     _write_text(out_dir / "report.md", render_markdown(report, loss_curves=report["loss_curves"], retention_plot=report["retention_plot"]))
     return report

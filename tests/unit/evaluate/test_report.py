@@ -193,3 +193,25 @@ def test_headline_and_training_figures_come_from_the_run_folders(tmp_path):
     assert report["retention_plot"] == "retention.png" and (tmp_path / "report/retention.png").stat().st_size > 0
     # a headline given by the caller wins, without the evaluator's reason
     assert build_report(loaded, title="t", headline="mean_R@1")["headline_why"] is None
+
+
+def test_zero_shot_on_labels_is_compared_side_by_side(tmp_path):
+    """Runs evaluated with --zero-shot labels.txt: the report has a per-class top-1 table computed from each run's
+    confusion matrix and one figure with every run's matrix."""
+    labels = ["zero", "one", "two"]
+    confusions = {"teacher": [[4, 0, 0], [1, 3, 0], [0, 0, 4]], "student-nokd": [[2, 2, 0], [0, 4, 0], [1, 1, 2]], "student-kd": [[3, 1, 0], [0, 4, 0], [0, 0, 4]]}
+    for run in make_runs():
+        d = tmp_path / run["name"]
+        d.mkdir()
+        zs = {"file": "labels.txt", "labels": labels, "templates": ["{label}"], "confusion": confusions[run["name"]], "plot": "x.png"}
+        (d / "eval.json").write_text(json.dumps({**run, "zeroshot_labels": zs}))
+    report = write_report([load_run_summary(tmp_path / n) for n in confusions], tmp_path / "report", title="t")
+    md = (tmp_path / "report/report.md").read_text()
+    assert "| class | teacher | student-nokd | student-kd |" in md
+    assert "| one | 75.00 | 100.00 | 100.00 |" in md and "| two | 100.00 | 50.00 | 100.00 |" in md
+    assert report["zeroshot_plot"] == "zeroshot_confusion.png" and (tmp_path / "report/zeroshot_confusion.png").stat().st_size > 0
+    assert "![zero-shot confusion matrices](zeroshot_confusion.png)" in md
+    # a malformed matrix is left out rather than breaking the report
+    bad = load_run_summary(tmp_path / "teacher")
+    bad["zeroshot_labels"]["confusion"] = [[1, 2]]
+    assert "zeroshot_labels" not in build_report([bad, load_run_summary(tmp_path / "student-kd")], title="t", reference="teacher")["runs"][0]
