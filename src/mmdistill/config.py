@@ -117,6 +117,11 @@ class TextTowerConfig(Strict):
         "or a folder / hub id of a tokenizer to load.",
     )
     vocab_size: int = Field(1000, ge=16, description="tokenizer=wordpiece: largest vocabulary to train.")
+    weights: str | None = Field(
+        None,
+        description="A pretrained text tower: a Hugging Face folder of a model with a pooled output (BERT, MiniLM, RoBERTa...) and its tokenizer. "
+        "Its config sets the sizes (arch, hidden_size... unused); tokenizer must stay wordpiece (the folder's own is used). None: built here.",
+    )
     max_length: int = Field(64, ge=8, description="Longest tokenised text (BERT position embeddings).")
 
 

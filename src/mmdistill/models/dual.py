@@ -194,12 +194,35 @@ def load_image_tower_weights(timm_model: torch.nn.Module, path: str | Path, clas
     return {"file": str(file), "tensors": len(state), "dropped_classifier": dropped}
 
 
+def load_text_tower(path: str | Path):
+    """A pretrained text tower and its tokenizer from a Hugging Face folder (BERT, MiniLM, RoBERTa...: any model with a
+    pooled output, which ``VisionTextDualEncoderModel`` projects). -> (model, tokenizer)"""
+    from transformers import AutoModel, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise DualTowerError(f"student.dual.text_tower.weights: {p} is not a Hugging Face model folder (no config.json)")
+    try:
+        model = AutoModel.from_pretrained(str(p))
+        tokenizer = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError, KeyError) as e:
+        raise DualTowerError(f"student.dual.text_tower.weights: cannot load {p}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    with torch.no_grad():
+        ids = tokenizer(["a"], return_tensors="pt")
+        pooled = getattr(model.eval()(**ids), "pooler_output", None)
+    if pooled is None:
+        raise DualTowerError(f"student.dual.text_tower.weights: {p} ({type(model).__name__}) has no pooled output for the dual encoder to project "
+                             "(e.g. DistilBERT); use a BERT-family model with a pooler")
+    return model, tokenizer
+
+
 def build_dual_student(
     texts: Iterable[str],
     *,
     timm_name: str,
     model_args: dict[str, Any] | None = None,
     image_weights: str | Path | None = None,
+    text_weights: str | Path | None = None,
     image_size: int = 64,
     projection_dim: int | None = 64,
     text_arch: str = "clip",
@@ -218,6 +241,9 @@ def build_dual_student(
     """Build a randomly initialised timm + BERT ``VisionTextDualEncoderModel`` and its processor.
 
     `image_weights`: a timm checkpoint (folder or file) loaded into the image tower (``load_image_tower_weights``).
+    `text_weights`: a Hugging Face text model folder (``load_text_tower``) used as the text tower with its own
+    tokenizer; its config sets the tower's sizes (`text_arch`, `hidden_size`... are then unused) and `tokenizer`
+    must be None.
     `tokenizer`: None trains a WordPiece tokenizer on `texts`; or pass one (e.g. the teacher's, for a
     same-tokenizer student). `image_processor`: None makes a CLIP image processor resizing to `image_size`.
     Returns (model, processor); both saved to `out_dir` when given.
@@ -227,14 +253,19 @@ def build_dual_student(
     if not projection_dim:
         raise DualTowerError("student.dual.projection_dim is unset: the shared embedding width both towers project to is needed")
     texts = list(texts)
+    text_model = None
+    if text_weights is not None:
+        if tokenizer is not None:
+            raise DualTowerError("student.dual.text_tower: a pretrained text tower (weights) comes with its own tokenizer; leave tokenizer at wordpiece")
+        text_model, tokenizer = load_text_tower(text_weights)
     if tokenizer is None:
         tokenizer = train_wordpiece(texts, vocab_size=vocab_size, max_length=max_length)
     max_length = min(int(tokenizer.model_max_length), max_length) if tokenizer.model_max_length < 10_000 else max_length
     v_cfg = image_tower_config(timm_name, model_args)
-    t_cfg = _text_config(tokenizer, text_arch, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max(max_length, 8))
+    t_cfg = text_model.config if text_model is not None else _text_config(tokenizer, text_arch, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max(max_length, 8))
     config = VisionTextDualEncoderConfig.from_vision_text_configs(v_cfg, t_cfg, projection_dim=projection_dim, logit_scale_init_value=logit_scale_init)
     torch.manual_seed(seed)
-    model = VisionTextDualEncoderModel(config=config)
+    model = VisionTextDualEncoderModel(config=config, text_model=text_model)
     if image_weights is not None:
         tower = model.vision_model.timm_model
         load_image_tower_weights(tower, image_weights, classifier=(getattr(tower, "pretrained_cfg", None) or {}).get("classifier"))

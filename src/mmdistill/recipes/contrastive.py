@@ -147,7 +147,7 @@ def build_dual(recipe: Recipe, teacher_proc, texts: list[str]):
         except (OSError, ValueError) as e:
             raise RecipeError(f"student.dual.text_tower.tokenizer: cannot load {tt.tokenizer!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return build_dual_student(
-        texts, timm_name=it.timm, model_args=it.model_args, image_weights=it.weights, image_size=it.image_size, projection_dim=d.projection_dim,
+        texts, timm_name=it.timm, model_args=it.model_args, image_weights=it.weights, text_weights=tt.weights, image_size=it.image_size, projection_dim=d.projection_dim,
         text_arch=tt.arch, hidden_size=tt.hidden_size, num_hidden_layers=tt.num_hidden_layers, num_attention_heads=tt.num_attention_heads,
         intermediate_size=tt.intermediate_size, vocab_size=tt.vocab_size, max_length=tt.max_length, tokenizer=tokenizer, seed=recipe.seed,
     )

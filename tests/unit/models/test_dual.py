@@ -256,3 +256,28 @@ def test_image_tower_weights_that_do_not_fit_are_clear_errors(tmp_path):
         dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "junk.safetensors")
     with pytest.raises(dual.DualTowerError, match="does not exist"):
         dual.build_dual_student(TEXTS, **TIMM, image_weights=tmp_path / "nope.pth")
+
+
+def test_the_text_tower_starts_from_a_pretrained_bert_folder(tmp_path):
+    """A BERT folder (weights + its tokenizer) becomes the text tower as it is; the saved student reloads with both."""
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    tok = dual.train_wordpiece(TEXTS, vocab_size=80)
+    torch.manual_seed(5)
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, max_position_embeddings=32))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    model, proc = dual.build_dual_student(TEXTS, **TIMM, text_weights=tmp_path / "bert", image_size=32, projection_dim=24, out_dir=tmp_path / "student")
+    assert model.config.text_config.hidden_size == 24 and proc.tokenizer.get_vocab() == tok.get_vocab()
+    for (name, a), (_, b) in zip(model.text_model.state_dict().items(), bert.state_dict().items()):
+        assert torch.equal(a, b), name
+    loaded = AutoModel.from_pretrained(tmp_path / "student")
+    assert torch.equal(loaded.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    with pytest.raises(dual.DualTowerError, match="comes with its own tokenizer"):
+        dual.build_dual_student(TEXTS, **TIMM, text_weights=tmp_path / "bert", tokenizer=tok)
+    DistilBertModel(DistilBertConfig(vocab_size=len(tok), dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(tmp_path / "distil")
+    tok.save_pretrained(tmp_path / "distil")
+    with pytest.raises(dual.DualTowerError, match=r"DistilBertModel\) has no pooled output"):
+        dual.build_dual_student(TEXTS, **TIMM, text_weights=tmp_path / "distil")
+    with pytest.raises(dual.DualTowerError, match="not a Hugging Face model folder"):
+        dual.build_dual_student(TEXTS, **TIMM, text_weights=tmp_path / "nowhere")
