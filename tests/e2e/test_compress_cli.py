@@ -1,26 +1,18 @@
 """Real `mmdistill prune` / `mmdistill quantize` commands on tiny Qwen3-VL-MoE, Qwen3-MoE and Qwen3-VL folders."""
 
+import functools
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from mmdistill.data.synth import generate
-from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, train_qwen_tokenizer
+import helpers
+from helpers import shapes_chat
+from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+mmd = functools.partial(helpers.mmd, timeout=600)
 
 
 def digest(path):
@@ -30,9 +22,7 @@ def digest(path):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("compress")
-    generate(root / "data", n=20, seed=1, workers=1)
-    rows = [json.loads(line) for line in (root / "data" / "chat_train.jsonl").read_text().splitlines()]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    rows, tok = shapes_chat(root / "data", n=20, seed=1)
     build_tiny_vlm(root / "vlmoe", [], kind="qwen3_vl_moe", preset="vlm-teacher", tokenizer=tok, seed=1, overrides={"text_config.num_experts": 8})
     build_tiny_vlm(root / "vl", [], kind="qwen3_vl", preset="vlm-teacher", tokenizer=tok, seed=2)
     build_tiny_moe_lm(root / "lm", [], tokenizer=tok, num_experts=8, seed=3)

@@ -1,25 +1,18 @@
 """Real commands on tiny models: synth -> check -> train -> distill (interrupt + resume) -> eval -> report."""
 
+import functools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+import helpers
+from helpers import contrastive_recipe, write_recipe
 
-
-def mmd(*args, cwd=None, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+mmd = functools.partial(helpers.mmd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +23,7 @@ def world(tmp_path_factory):
 
 
 def recipe(root: Path, name: str, **extra) -> Path:
-    d = {
-        "family": "contrastive",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "data": {"train": str(root / "data/pairs_train.jsonl"), "val": str(root / "data/pairs_test.jsonl"), "zeroshot": str(root / "data/zeroshot_test.json")},
-        "student": {"init": "tiny", "preset": "clip-nano"},
-        "train": {"max_steps": 8, "batch_size": 16, "warmup_steps": 2, "save_every": 4, "log_every": 2, "lr": 0.002},
-        "eval": {"max_items": 30, "latency": False},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    return write_recipe(root, name, contrastive_recipe(root, name, **extra))
 
 
 def test_data_check_reports_bad_lines(world, tmp_path):

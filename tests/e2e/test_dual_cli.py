@@ -1,20 +1,16 @@
 """Real commands: a timm + BERT dual student trained alone and distilled from a tiny CLIP teacher, SigLIP as the
 task loss, then `mmdistill eval --zero-shot labels.txt` on a digits-style set with meta.label, and its bad inputs."""
 
+import functools
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from transformers import AutoModel
 
+import helpers
 from mmdistill.data.synth import DIGIT_WORDS, generate_digits
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 DUAL = {
     "init": "dual",
     "dual": {
@@ -25,11 +21,7 @@ DUAL = {
 }
 
 
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+mmd = functools.partial(helpers.mmd, timeout=600)
 
 
 def write_recipe(root: Path, name: str, data: Path, **extra) -> Path:
@@ -42,9 +34,7 @@ def write_recipe(root: Path, name: str, data: Path, **extra) -> Path:
         "eval": {"max_items": 40, "latency": False},
         **extra,
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    return helpers.write_recipe(root, name, d)
 
 
 @pytest.fixture(scope="module")

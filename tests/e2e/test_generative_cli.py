@@ -2,41 +2,18 @@
 black-box KD -> LoRA fine-tune -> merge -> eval -> report; pairing and record errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+from helpers import generative_recipe, merged, mmd, write_recipe
 
 
 def recipe(root: Path, name: str, **extra) -> Path:
-    d = {
-        "family": "generative",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "data": {"train": str(root / "data/chat_train.jsonl"), "val": str(root / "data/chat_test.jsonl"), "max_records": 48, "max_length": 160},
-        "student": {"init": "tiny", "preset": "vlm-nano"},
-        "loss": {"terms": {"sft": {"weight": 1.0}}},
-        "train": {"max_steps": 4, "batch_size": 8, "warmup_steps": 1, "save_every": 2, "log_every": 1, "lr": 0.003},
-        "eval": {"max_items": 8, "max_new_tokens": 8},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    d = generative_recipe(root, name, data={"max_records": 48, "max_length": 160}, train={"max_steps": 4, "save_every": 2},
+                          eval={"max_items": 8, "max_new_tokens": 8})
+    return write_recipe(root, name, merged(d, extra))
 
 
 @pytest.fixture(scope="module")

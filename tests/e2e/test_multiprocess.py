@@ -1,7 +1,5 @@
 """The same recipe in 2 processes (torchrun, gloo on the CPU) ends at the weights of 1 process with the same global batch."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,25 +7,18 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import ENV, free_port, mmd, write_recipe, write_yaml
 
 
 def test_two_processes_match_one(tmp_path):
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "data", "synth", tmp_path / "data", "--n", "200", "--size", "32"], check=True, env=ENV, capture_output=True)
+    mmd("data", "synth", tmp_path / "data", "--n", "200", "--size", "32", timeout=None)
     teacher = {
         "output_dir": str(tmp_path / "teacher"),
         "data": {"train": str(tmp_path / "data/pairs_train.jsonl")},
         "student": {"init": "tiny", "preset": "clip-nano"},
         "train": {"max_steps": 2, "batch_size": 16, "warmup_steps": 0},
     }
-    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "train", tmp_path / "teacher.yaml"], check=True, env=ENV, capture_output=True)
+    mmd("train", write_yaml(tmp_path / "teacher.yaml", teacher), timeout=None)
 
     def recipe(name):
         d = {
@@ -38,11 +29,9 @@ def test_two_processes_match_one(tmp_path):
             "loss": {"terms": {"clip": {"weight": 1.0}, "sim_kd": {"weight": 1.0}, "fd": {"weight": 10.0}, "icl": {"weight": 0.5}}},
             "train": {"max_steps": 5, "batch_size": 16, "grad_accum": 2, "warmup_steps": 1, "lr": 0.003},
         }
-        p = tmp_path / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(d))
-        return p
+        return write_recipe(tmp_path, name, d)
 
-    one = subprocess.run([sys.executable, "-m", "mmdistill.cli", "distill", recipe("one")], env=ENV, capture_output=True, text=True)
+    one = mmd("distill", recipe("one"), check=False, timeout=None)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -70,7 +59,7 @@ def test_two_processes_match_one(tmp_path):
     short["train"]["max_steps"] = 1
     short["train"]["lr"] = 1e-12
     p.write_text(yaml.safe_dump(short))
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "distill", p], env=ENV, capture_output=True, check=True)
+    mmd("distill", p, timeout=None)
     init = load_file(str(tmp_path / "one/checkpoints/step-000001/trainable.safetensors"))
     moved = max(float((a[k] - init[k]).abs().max()) for k in compared)
     assert moved > 100 * worst and moved > 1e-3
@@ -85,18 +74,16 @@ def test_teacher_cache_in_two_processes_matches_one(tmp_path):
 
     from mmdistill.teachers.store import TeacherStore, verify
 
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "data", "synth", tmp_path / "data", "--n", "120", "--size", "32"], check=True, env=ENV, capture_output=True)
+    mmd("data", "synth", tmp_path / "data", "--n", "120", "--size", "32", timeout=None)
     teacher = {"output_dir": str(tmp_path / "teacher"), "data": {"train": str(tmp_path / "data/pairs_train.jsonl")},
                "student": {"init": "tiny", "preset": "clip-nano"}, "train": {"max_steps": 2, "batch_size": 16, "warmup_steps": 0}}
-    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "train", tmp_path / "teacher.yaml"], check=True, env=ENV, capture_output=True)
+    mmd("train", write_yaml(tmp_path / "teacher.yaml", teacher), timeout=None)
     kd = {**teacher, "output_dir": str(tmp_path / "kd"), "teacher": {"model": str(tmp_path / "teacher/model")}, "student": {"init": "scratch"},
           "loss": {"terms": {"clip": {"weight": 1.0}, "sim_kd": {"weight": 1.0}}}}
-    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd))
-    cache = ["-m", "mmdistill.cli", "teacher", "cache", str(tmp_path / "kd.yaml"), "--dtype", "fp32", "--shard-records", "16", "--out"]
-    one = subprocess.run([sys.executable, *cache, str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
+    cache = ["teacher", "cache", str(write_yaml(tmp_path / "kd.yaml", kd)), "--dtype", "fp32", "--shard-records", "16", "--out"]
+    one = mmd(*cache, tmp_path / "one", check=False, timeout=None)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *cache, str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mmdistill.cli", *cache, str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert verify(tmp_path / "two") == []
@@ -111,7 +98,7 @@ def test_teacher_cache_in_two_processes_matches_one(tmp_path):
     for n in (1, 2):
         r = {**kd, "output_dir": str(tmp_path / f"from-store-{n}"), "teacher": {"kind": "store", "path": str(tmp_path / "one")},
              "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 0, "lr": 0.003, "save_every": 3}}
-        (tmp_path / f"fs{n}.yaml").write_text(yaml.safe_dump(r))
+        write_yaml(tmp_path / f"fs{n}.yaml", r)
         cfg = Path(__file__).parents[2] / "configs/accelerate/ddp.yaml"  # the shipped config, through accelerate's own launcher
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port", str(free_port())] if n == 2 else [sys.executable]
         p = subprocess.run([*launch, "-m", "mmdistill.cli", "distill", str(tmp_path / f"fs{n}.yaml")], env=ENV, capture_output=True, text=True, timeout=600)

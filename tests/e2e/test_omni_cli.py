@@ -3,41 +3,17 @@ the logit, vision, audio and text terms -> eval with WER / CER and spoken VQA ->
 given to a model without an audio tower fail with one line naming the model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
+from helpers import generative_recipe, merged, mmd, write_recipe
 
 def recipe(root: Path, name: str, **extra) -> Path:
-    d = {
-        "family": "generative",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "role": "student",
-        "data": {"train": str(root / "data/omni_train.jsonl"), "val": str(root / "data/omni_test.jsonl"), "max_records": 36, "max_length": 256},
-        "student": {"init": "tiny", "arch": "qwen3_omni_thinker", "preset": "vlm-nano"},
-        "loss": {"terms": {"sft": {"weight": 1.0}}},
-        "train": {"max_steps": 3, "batch_size": 6, "warmup_steps": 1, "save_every": 3, "log_every": 1, "lr": 0.003},
-        "eval": {"max_items": 12, "max_new_tokens": 6},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    d = generative_recipe(root, name, role="student",
+                          data={"train": str(root / "data/omni_train.jsonl"), "val": str(root / "data/omni_test.jsonl"), "max_records": 36, "max_length": 256},
+                          student={"arch": "qwen3_omni_thinker"}, train={"batch_size": 6}, eval={"max_items": 12, "max_new_tokens": 6})
+    return write_recipe(root, name, merged(d, extra))
 
 
 @pytest.fixture(scope="module")

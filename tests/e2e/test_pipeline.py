@@ -1,28 +1,14 @@
 """`mmdistill pipeline` on a tiny ShapesWorld reranker: prune -> heal -> int8 -> evaluate, resume, bad input."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def write(path: Path, d: dict) -> Path:
-    path.write_text(yaml.safe_dump(d))
-    return path
-
+from helpers import ENV, mmd, shapes_chat
+from helpers import write_yaml as write
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -157,12 +143,9 @@ def test_generative_moe_pipeline_prunes_experts_heals_and_quantizes(tmp_path):
     """The generative family: a tiny Qwen3-VL-MoE, half its experts pruned by REAP, healed by KD against it, int8."""
     from transformers import AutoModelForImageTextToText
 
-    from mmdistill.data.synth import generate
-    from mmdistill.models.tiny import build_tiny_vlm, train_qwen_tokenizer
+    from mmdistill.models.tiny import build_tiny_vlm
 
-    generate(tmp_path / "data", n=40, seed=4, workers=1)
-    rows = [json.loads(line) for line in (tmp_path / "data/chat_train.jsonl").read_text().splitlines()]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    _, tok = shapes_chat(tmp_path / "data", n=40, seed=4)
     build_tiny_vlm(tmp_path / "moe", [], kind="qwen3_vl_moe", preset="vlm-nano", tokenizer=tok, seed=1, overrides={"text_config.num_experts": 8})
     data = {"train": str(tmp_path / "data/chat_train.jsonl"), "val": str(tmp_path / "data/chat_test.jsonl"), "max_length": 160}
     heal = {"family": "generative", "output_dir": "unused", "data": {**data, "max_records": 16}, "teacher": {"model": "set-by-the-pipeline"},

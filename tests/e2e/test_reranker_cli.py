@@ -1,40 +1,14 @@
 """Real commands on tiny rerankers: train a teacher, distil a student, eval, report, demo, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
+from helpers import mmd, reranker_recipe, write_recipe
 
 def recipe(root: Path, name: str, **extra) -> Path:
-    d = {
-        "family": "reranker",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "data": {"train": str(root / "data/rerank_train.jsonl"), "val": str(root / "data/rerank_test.jsonl"), "max_records": 24, "max_length": 192},
-        "student": {"init": "tiny", "preset": "vlm-nano"},
-        "loss": {"terms": {"ce": {"weight": 1.0}, "bce": {"weight": 1.0, "options": {"max_label": 3}}}},
-        "train": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "save_every": 2, "log_every": 1, "lr": 0.002},
-        "eval": {"max_items": 12, "latency": True, "candidates": 12},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    return write_recipe(root, name, reranker_recipe(root, name, **extra))
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,22 @@
 """`mmdistill export` and `mmdistill serve` as a user runs them: export a tiny reranker with int8 and held-out
 records, serve the export on loopback with an API key, call it, stop it."""
 
+import functools
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
+import helpers
+from helpers import ENV, free_port, wait_until_served
 from mmdistill.models import reranker as rm
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 TEXTS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("top", "left")] + [rm.SYSTEM_PROMPT]
 
 
-def mmd(*args):
-    return subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
+mmd = functools.partial(helpers.mmd, check=False)  # each test reads the exit status itself
 
 
 def test_export_then_serve_the_export(tmp_path):
@@ -33,24 +31,13 @@ def test_export_then_serve_the_export(tmp_path):
     again = mmd("export", tmp_path / "model", "--out", tmp_path / "onnx")
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "serve", str(tmp_path / "onnx"), "--port", str(port), "--api-key", "k", "--name", "rr", "--threads", "1"],
                               env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.5)
+        wait_until_served(server, url + "/health", tmp_path / "server.log", within=180, request_timeout=1, message="server did not start")
         assert httpx.get(url + "/health").json() == {"status": "ok", "model": "rr", "family": "reranker", "backend": "onnx"}
         body = {"model": "rr", "query": "a red circle", "documents": ["a red circle at the top", "a blue square"], "top_n": 1}
         assert httpx.post(url + "/v1/rerank", json=body).status_code == 401
@@ -67,25 +54,14 @@ def test_serve_with_the_teacher_beside_it(tmp_path):
     """`mmdistill serve STUDENT --teacher TEACHER`: both in /v1/models, each request answered by the model it names."""
     rm.build_tiny_reranker(tmp_path / "student" / "model", TEXTS, kind="seq_cls", preset="vlm-nano", seed=1)
     rm.build_tiny_reranker(tmp_path / "teacher" / "model", TEXTS, kind="seq_cls", preset="vlm-nano", seed=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     # both folders are called "model": the teacher gets a name of its own
     server = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "serve", str(tmp_path / "student" / "model"), "--teacher", str(tmp_path / "teacher" / "model"),
                                "--port", str(port), "--threads", "1"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.5)
+        wait_until_served(server, url + "/health", tmp_path / "server.log", within=180, request_timeout=1, message="server did not start")
         models = {m["id"]: m["role"] for m in httpx.get(url + "/v1/models").json()["data"]}
         assert models == {"model": "student", "model-teacher": "teacher"}
         body = {"query": "a red circle", "documents": ["a red circle at the top", "a blue square", "a green circle at the left"]}

@@ -3,19 +3,18 @@ while streaming stops the run with its file and line."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
+from helpers import mmd
 from mmdistill.config import recipe_from_dict
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
-    subprocess.run([sys.executable, "-m", "mmdistill.cli", "data", "synth", root / "data", "--n", "80", "--seed", "4", "--size", "32"], check=True, capture_output=True)
+    mmd("data", "synth", root / "data", "--n", "80", "--seed", "4", "--size", "32", env=None, timeout=None)  # env=None: the test process's own
     return root
 
 

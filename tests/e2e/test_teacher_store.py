@@ -2,7 +2,6 @@
 distillation from a store for all three families (the same loss as from the live teacher), refusals."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,38 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def write_recipe(root: Path, name: str, d: dict) -> Path:
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
-
+from helpers import ENV, generative_recipe, merged, mmd, write_recipe
 
 def gen_recipe(root: Path, name: str, **extra) -> dict:
-    d = {
-        "family": "generative",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "data": {"train": str(root / "data/chat_train.jsonl"), "val": str(root / "data/chat_test.jsonl"), "max_records": 40, "max_length": 160},
-        "student": {"init": "tiny", "preset": "vlm-nano"},
-        "loss": {"terms": {"sft": {"weight": 1.0}}},
-        "train": {"max_steps": 3, "batch_size": 8, "warmup_steps": 1, "save_every": 3, "log_every": 1, "lr": 0.003},
-        "eval": {"max_items": 4, "max_new_tokens": 4, "latency": False},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    return d
+    d = generative_recipe(root, name, data={"max_records": 40, "max_length": 160}, eval={"max_items": 4, "max_new_tokens": 4, "latency": False})
+    return merged(d, extra)
 
 
 @pytest.fixture(scope="module")

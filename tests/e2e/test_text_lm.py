@@ -4,45 +4,18 @@ eval; the store's first-step KD loss equals the live teacher's when it keeps eve
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+from helpers import generative_recipe, merged, mmd, write_recipe
 
 
 def text_recipe(root: Path, name: str, **extra) -> dict:
-    d = {
-        "family": "generative",
-        "output_dir": str(root / name),
-        "seed": 0,
-        "data": {"train": str(root / "data/chat_train.jsonl"), "val": str(root / "data/chat_test.jsonl"), "max_records": 32, "max_length": 128},
-        "student": {"init": "tiny", "arch": "qwen3", "preset": "vlm-nano"},
-        "loss": {"terms": {"sft": {"weight": 1.0}}},
-        "train": {"max_steps": 3, "batch_size": 8, "warmup_steps": 1, "save_every": 3, "log_every": 1, "lr": 0.003},
-        "eval": {"max_items": 4, "max_new_tokens": 4, "latency": False},
-    }
-    for k, v in extra.items():
-        d[k] = v if not isinstance(v, dict) or k not in d else {**d[k], **v}
-    return d
-
-
-def write(root: Path, name: str, d: dict) -> Path:
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    d = generative_recipe(root, name, data={"max_records": 32, "max_length": 128}, student={"arch": "qwen3"},
+                          eval={"max_items": 4, "max_new_tokens": 4, "latency": False})
+    return merged(d, extra)
 
 
 @pytest.mark.slow
@@ -69,7 +42,7 @@ def test_text_teacher_to_store_to_student(tmp_path):
     # the teacher's signals into a store (every id kept, fp32), read back by a recipe that never loads the teacher
     kd = text_recipe(root, "kd", teacher={"model": str(root / "teacher/model")}, loss={"terms": {"kd": {"weight": 1.0}, "sft": {"weight": 0.5}}})
     store = root / "store"
-    mmd("teacher", "cache", write(root, "kd", kd), "--out", store, "--dtype", "fp32", "--top-k", len(tok))
+    mmd("teacher", "cache", write_recipe(root, "kd", kd), "--out", store, "--dtype", "fp32", "--top-k", len(tok))
     info = json.loads(mmd("teacher", "inspect", store).stdout)
     assert info["records"] == 32 and info["family"] == "generative" and info["bytes_per_token"] > 0
     from_store = text_recipe(root, "kd-store", teacher={"kind": "store", "path": str(store)}, loss=kd["loss"])

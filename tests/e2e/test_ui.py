@@ -11,17 +11,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
+from helpers import free_port, wait_until_served
 from mmdistill.models import reranker as rm
 from mmdistill.models.tiny import build_tiny_vlm, train_qwen_tokenizer
 
@@ -35,7 +35,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", GRADIO_ANALYTICS_ENABLED="False")
+ENV = dict(helpers.ENV, GRADIO_ANALYTICS_ENABLED="False")
 TEXTS = [f"a {s} {c} {k} at the {p}" for s in ("small", "large") for c in ("red", "blue", "green") for k in ("circle", "square") for p in ("top", "left")]
 TEXTS += [rm.SYSTEM_PROMPT, "<Instruct>: <Query>: <Document>: yes no", "what shape is it? a circle"]
 
@@ -69,33 +69,18 @@ def _untie_head(folder: Path, seed: int) -> None:
     m.save_pretrained(folder)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class UI:
     """`mmdistill ui ...` in a child process and a headless Chromium looking at it."""
 
     def __init__(self, tmp: Path, *args):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"ui-{self.port}.log"
         self.tmp = tmp
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmdistill.cli", "ui", *map(str, args), "--port", str(self.port), "--threads", "1"],
                                      env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
-        deadline = time.time() + 240
-        while True:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the UI did not start: " + self.log_path.read_text()
-            time.sleep(0.5)
+        wait_until_served(self.proc, self.url, self.log_path, within=240, request_timeout=2, message="the UI did not start: ", log_in_message=True)
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
         for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1600"):

@@ -2,27 +2,15 @@
 `data check`, `init`, `demo --data` and the report, with retrieval over distinct captions."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import mmd
 from mmdistill import api
 from mmdistill.config import RecipeError, load_recipe
 from mmdistill.data.synth import generate_digits
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def mmd(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mmdistill {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
 
 def digits_folder(root: Path, n_train: int = 160, n_val: int = 60, leak: int = 0) -> Path:
     return generate_digits(root, n_train, n_val, leak=leak)

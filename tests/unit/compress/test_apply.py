@@ -5,18 +5,16 @@ import json
 import pytest
 import torch
 
+from helpers import shapes_chat
 from mmdistill.compress.apply import MIN_CALIBRATION, calibration_inputs, calibrator, parse_width
 from mmdistill.compress.prune import PruneError
-from mmdistill.data.synth import generate
-from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor, train_qwen_tokenizer
+from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
-    generate(root / "world", n=12, seed=2, workers=1)
-    rows = [json.loads(line) for line in (root / "world" / "chat_train.jsonl").read_text().splitlines()]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    rows, tok = shapes_chat(root / "world", n=12, seed=2)
     bare = [{k: v for k, v in r.items() if k != "response"} for r in rows[:5]]
     (root / "world" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bare))
     return root / "world", tok

@@ -1,17 +1,15 @@
 """Depth pruning (compress.depth): block importance, drop specs, surgery on tiny real models."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from helpers import shapes_chat
 from mmdistill.compress.depth import block_importance, drop_blocks, least_important, parse_drop_layers, prune_depth
 from mmdistill.compress.prune import PruneError
 from mmdistill.data.records import read_records
-from mmdistill.data.synth import generate
 from mmdistill.models import generative as gm
-from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor, train_qwen_tokenizer
+from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor
 
 torch.set_num_threads(2)
 
@@ -19,9 +17,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "world"
-    generate(out, n=24, seed=6, workers=1)
-    rows = [json.loads(line) for line in (out / "chat_train.jsonl").read_text().splitlines()[:120]]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    rows, tok = shapes_chat(out, n=24, seed=6, limit=120)
     records, _ = read_records(out / "chat_train.jsonl", "chat")
     ids = tok([r["prompt"] + " " + r["response"] for r in rows[:6]], padding=True, return_tensors="pt")["input_ids"]
     return tok, records[:4], ids

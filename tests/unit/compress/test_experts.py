@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from helpers import shapes_chat
 from mmdistill.compress.experts import (
     ExpertPruneError,
     expert_saliency,
@@ -16,9 +17,8 @@ from mmdistill.compress.experts import (
     select_experts,
 )
 from mmdistill.data.records import read_records
-from mmdistill.data.synth import generate
 from mmdistill.models import generative as gm
-from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor, param_count, train_qwen_tokenizer
+from mmdistill.models.tiny import build_tiny_moe_lm, build_tiny_vlm, make_processor, param_count
 
 torch.set_num_threads(2)
 
@@ -28,9 +28,7 @@ KEPT = [1, 3, 4, 6]  # the experts the forced routers below use (of 8)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "world"
-    generate(out, n=24, seed=5, workers=1)
-    rows = [json.loads(line) for line in (out / "chat_train.jsonl").read_text().splitlines()[:120]]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    rows, tok = shapes_chat(out, n=24, seed=5, limit=120)
     records, _ = read_records(out / "chat_train.jsonl", "chat")
     texts = [r["prompt"] + " " + r["response"] for r in rows[:6]]
     ids = tok(texts, padding=True, return_tensors="pt")["input_ids"]  # [6, T]

@@ -1,17 +1,16 @@
 """Structured width pruning of tiny real Qwen3-VL and Qwen3 models (compress.prune)."""
 
 import copy
-import json
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from helpers import shapes_chat
 from mmdistill.compress.prune import PruneError, collect_importance, parse_widths, prune_widths
 from mmdistill.data.records import read_records
-from mmdistill.data.synth import generate
 from mmdistill.models import generative as gm
-from mmdistill.models.tiny import build_tiny_seq_cls, build_tiny_vlm, make_processor, param_count, train_qwen_tokenizer
+from mmdistill.models.tiny import build_tiny_seq_cls, build_tiny_vlm, make_processor, param_count
 
 torch.set_num_threads(2)
 
@@ -29,9 +28,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "world"
-    generate(out, n=40, seed=3, workers=1)
-    rows = [json.loads(line) for line in (out / "chat_train.jsonl").read_text().splitlines()[:200]]
-    tok = train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    rows, tok = shapes_chat(out, n=40, seed=3, limit=200)
     records, _ = read_records(out / "chat_train.jsonl", "chat")
     recs = records[:6]
     proc = make_processor("qwen3_vl", tok, image_size=128)

@@ -1,11 +1,10 @@
 """Image-text-to-text adapter on tiny real Qwen-VL models: chat batches, response-only logits, students."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from helpers import chat_tokenizer
 from mmdistill.data.records import ChatRecord, RecordError, parse_record, read_records
 from mmdistill.data.synth import generate
 from mmdistill.models import generative as gm
@@ -26,8 +25,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(world):
     out, _ = world
-    rows = [json.loads(line) for line in (out / "chat_train.jsonl").read_text().splitlines()[:200]]
-    return train_qwen_tokenizer([r["prompt"] for r in rows] + [r["response"] for r in rows])
+    return chat_tokenizer(out, limit=200)[1]
 
 
 @pytest.fixture(scope="module")
