@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--full-recipe-timing", action="store_true", help="also time the shipped recipe (with its vision and text feature terms)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    if args.default_k not in args.ks:
+        ap.error(f"--default-k {args.default_k} must be one of --ks {args.ks} (the timed runs train from that store)")
     ensure_data(args.out, args.n)
     rs = api.demo_recipes(args.out, family="generative")
     teacher = variant(rs["teacher"], "teacher", **{"train.max_steps": args.teacher_steps, "eval.max_items": 100})
