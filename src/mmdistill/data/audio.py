@@ -16,8 +16,6 @@ extractor's (Whisper's 16 kHz) is resampled with a polyphase filter (``scipy.sig
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import re
 import struct
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import _one_line, resolve_media_path, short_ref
+from .images import _one_line, data_uri_bytes, resolve_media_path, short_ref
 
 __all__ = ["AudioError", "load_audio", "resolve_audio_path", "DEFAULT_MAX_SECONDS", "DEFAULT_MIN_SECONDS", "DEFAULT_SAMPLING_RATE"]
 
@@ -67,14 +65,7 @@ def load_audio(
     """Load ``ref`` as mono float32 samples in [-1, 1] at ``sampling_rate`` Hz ([N]); raises AudioError (one line)."""
     path = resolve_audio_path(ref, base_dir)
     if path is None:
-        payload = ref[_DATA_URI.match(ref).end() :]
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise AudioError(ref, f"bad base64 in data URI ({e})") from None
-        if not data:
-            raise AudioError(ref, "empty data URI")
-        return _decode(io.BytesIO(data), ref, sampling_rate, max_seconds, min_seconds)
+        return _decode(io.BytesIO(data_uri_bytes(ref, _DATA_URI, AudioError)), ref, sampling_rate, max_seconds, min_seconds)
     try:
         with path.open("rb") as f:
             return _decode(f, ref, sampling_rate, max_seconds, min_seconds)

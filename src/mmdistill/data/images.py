@@ -89,6 +89,19 @@ def resolve_media_path(ref: str, base_dir: str | Path, error: type[ValueError], 
     return path
 
 
+def data_uri_bytes(ref: str, pattern: re.Pattern, error: type[Exception]) -> bytes:
+    """The bytes of a base64 data URI `ref` that `pattern` matched (images and audio clips alike); a bad or empty
+    payload raises `error(ref, reason)`."""
+    payload = ref[pattern.match(ref).end() :]
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise error(ref, f"bad base64 in data URI ({e})") from None
+    if not data:
+        raise error(ref, "empty data URI")
+    return data
+
+
 def load_image(ref: str, base_dir: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load ``ref`` (relative path or data URI) as a fully decoded RGB image.
 
@@ -96,14 +109,7 @@ def load_image(ref: str, base_dir: str | Path, *, max_pixels: int = DEFAULT_MAX_
     """
     path = resolve_image_path(ref, base_dir)
     if path is None:
-        payload = ref[_DATA_URI.match(ref).end() :]
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ImageError(ref, f"bad base64 in data URI ({e})") from None
-        if not data:
-            raise ImageError(ref, "empty data URI")
-        return _decode(io.BytesIO(data), ref, max_pixels)
+        return _decode(io.BytesIO(data_uri_bytes(ref, _DATA_URI, ImageError)), ref, max_pixels)
     try:
         with path.open("rb") as f:
             return _decode(f, ref, max_pixels)

@@ -38,12 +38,16 @@ class ImageCache:
                     raise
                 field = next((f for f, r in record.image_refs() if r == ref), "image")
                 raise RecordError(self.source, record.line, field, f"{e} (run `mmdistill data check` to find every bad record)") from None
-            self._items[key] = img
-            if len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._remember(key, img)
         else:
             self._items.move_to_end(key)
         return img
+
+    def _remember(self, key, value) -> None:
+        """Keep `value` as the most recently used item, dropping the least recently used past `max_items`."""
+        self._items[key] = value
+        if len(self._items) > self.max_items:
+            self._items.popitem(last=False)
 
     def all(self, record) -> list:
         """Every image of a record, in order."""
@@ -65,9 +69,7 @@ class ImageCache:
                     if self.source is None:
                         raise
                     raise RecordError(self.source, record.line, field, f"{e} (run `mmdistill data check` to find every bad record)") from None
-                self._items[key] = clip
-                if len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
+                self._remember(key, clip)
             else:
                 self._items.move_to_end(key)
             out.append(clip)
