@@ -234,13 +234,17 @@ def test_start_a_demo_watch_it_then_browse_its_report(tmp_path):
             time.sleep(0.3)
         assert "finished" in ui.el("#job-status").text, ui.el("#job-log textarea").get_attribute("value")
         assert shot is not None, f"no loss curve seen while the run was going; progress seen: {seen}"
-        # live: the progress line changed while the job ran, through the stages the demo trains
-        assert len(seen) >= 3, seen
-        stages = {m.group(1) for s in seen if (m := re.match(r"(\S+): step", s))}
-        assert len(stages) >= 2 and stages <= {"teacher", "student-base", "student-kd"}, seen  # it followed the stages
-        # the last progress line is the last line of the last stage's log
-        last = json.loads((runs / "demo" / "student-kd" / "metrics.jsonl").read_text().splitlines()[-1])
-        assert f"student-kd: step {last['step']} of 6, loss {last['loss']:.4f}" == ui.el("#job-progress").text
+        # live: the progress line changed while the job ran (a stage may run between two polls on a slow machine:
+        # which stages a poll caught is timing, so the stage history is read from the page at the end)
+        steps_seen = [s for s in seen if re.match(r"\S+: step", s)]
+        assert len(steps_seen) >= 2, seen
+        # the last progress line is the last line of the last stage's log; under it, every stage the demo trained
+        final = ui.el("#job-progress").text.splitlines()
+        last = {s: json.loads((runs / "demo" / s / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+                for s in ("teacher", "student-base", "student-kd")}
+        kd = json.loads((runs / "demo" / "student-kd" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert final[0] == f"student-kd: step {kd['step']} of 6, loss {kd['loss']:.4f}", final
+        assert final[-1] == "stages so far: " + " → ".join(f"{s} (step {n})" for s, n in last.items()), final
         assert "report written to" in ui.el("#job-log textarea").get_attribute("value")
         check_png(ui.el("#loss-curve").screenshot_as_png, min_size=(200, 100))
         ui.screenshot("train-finished")

@@ -128,24 +128,33 @@ def _records(log: Path) -> list[dict[str, Any]]:
 
 
 def progress(folder: str | Path) -> dict[str, Any] | None:
-    """Where the newest training log under `folder` stands: run, step, max_steps, loss (None: no log yet)."""
+    """Where the newest training log under `folder` stands: run, step, max_steps, loss (None: no log yet), and
+    `stages`: every run logged so far, oldest first, with its last step; a job's stage that ran between two polls
+    still shows there."""
     logs = training_logs(folder)
     if not logs:
         return None
-    log = logs[-1]
-    records = _records(log)
-    max_steps = (_recipe(log.parent).get("train") or {}).get("max_steps")
-    last = records[-1] if records else {}
-    return {"run": log.parent.name, "log": str(log), "step": last.get("step", 0), "max_steps": max_steps,
-            "loss": last.get("loss"), "runs_logged": len(logs)}
+    stages = []
+    for log in logs:
+        records = _records(log)
+        max_steps = (_recipe(log.parent).get("train") or {}).get("max_steps")
+        last = records[-1] if records else {}
+        stages.append({"run": log.parent.name, "log": str(log), "step": last.get("step", 0), "max_steps": max_steps,
+                       "loss": last.get("loss")})
+    return {**stages[-1], "runs_logged": len(logs), "stages": [(s["run"], s["step"]) for s in stages]}
 
 
 def progress_text(p: dict[str, Any] | None) -> str:
+    """The progress line, and under it (from the second stage on) the stages logged so far."""
     if p is None:
         return "no training log yet"
     of = f" of {p['max_steps']}" if p.get("max_steps") else ""
     loss = f", loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
-    return f"{p['run']}: step {p['step']}{of}{loss}"
+    text = f"{p['run']}: step {p['step']}{of}{loss}"
+    stages = p.get("stages") or []
+    if len(stages) > 1:
+        text += "\n\nstages so far: " + " → ".join(f"{run} (step {step})" for run, step in stages)
+    return text
 
 
 def loss_figure(folder: str | Path):

@@ -41,7 +41,10 @@ def test_find_describe_and_progress(tmp_path):
         ur.describe(tmp_path / "nope")
     p = ur.progress(tmp_path / "exp")  # the newest log under the folder
     assert (p["run"], p["step"], p["max_steps"], p["runs_logged"]) == ("student", 6, 10, 2)
-    assert ur.progress_text(p) == "student: step 6 of 10, loss 0.5000"
+    assert p["stages"] == [("teacher", 4), ("student", 6)]
+    assert ur.progress_text(p) == "student: step 6 of 10, loss 0.5000\n\nstages so far: teacher (step 4) → student (step 6)"
+    only = ur.progress(tmp_path / "exp" / "teacher")
+    assert ur.progress_text(only) == "teacher: step 4 of 10, loss 0.7500"  # one stage: no stages line
     assert ur.progress(tmp_path / "exp" / "report") is None
     fig = ur.loss_figure(tmp_path / "exp")
     labels = [l.get_label() for l in fig.axes[0].get_lines()]
