@@ -234,6 +234,12 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
     log_every: int = Field(10, ge=1, description="Write metrics.jsonl / TensorBoard every N steps.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    prefetch: int = Field(
+        2, ge=0, le=64,
+        description="Micro-batches prepared ahead in a background thread while the current step computes: records read, images and clips "
+        "decoded, text tokenised, stored teacher signals read (a step module's `prepare`). 0: each step prepares its own. The batches, their "
+        "order and the losses are the same either way.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute the student's block activations in backward (Hugging Face gradient checkpointing): less activation memory for about a third more compute. Any family whose model supports it.")
 
 
@@ -290,7 +296,7 @@ class Recipe(Strict):
         d.pop("name", None)
         d.pop("role", None)
         d.pop("eval", None)
-        for key in ("save_every", "keep_last", "log_every", "threads"):  # how often, not what
+        for key in ("save_every", "keep_last", "log_every", "threads", "prefetch"):  # how often / how fast, not what
             d["train"].pop(key, None)
         for key, default in ADDED_FIELDS.items():  # at its default, a field added later leaves older runs' hash as it was
             section, _, leaf = key.partition(".")

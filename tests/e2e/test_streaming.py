@@ -1,10 +1,11 @@
-"""data.stream: images decoded per batch give the same training as decoding everything first; a bad image met
-while streaming stops the run with its file and line."""
+"""data.stream: images decoded per batch give the same training as decoding everything first, with or without the
+batches prepared ahead in a thread (train.prefetch); a bad image met while streaming stops the run with its file and line."""
 
 import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import mmd
@@ -33,12 +34,15 @@ def test_streaming_trains_like_decoding_first(data, family):
          "train": {"max_steps": 3, "batch_size": 8, "warmup_steps": 0, "save_every": 3, "lr": 3e-3}}
     if family != "contrastive":
         d["loss"] = {"terms": {"sft": {"weight": 1.0}} if family == "generative" else {"ce": {"weight": 1.0}}}
-    run(module, {**d, "output_dir": str(data / f"{family}-eager")})
-    run(module, {**d, "output_dir": str(data / f"{family}-stream"), "data": {**d["data"], "stream": True}})
+    run(module, {**d, "output_dir": str(data / f"{family}-eager"), "train": {**d["train"], "prefetch": 0}})
+    run(module, {**d, "output_dir": str(data / f"{family}-stream"), "data": {**d["data"], "stream": True}})  # batches prefetched (the default)
+    run(module, {**d, "output_dir": str(data / f"{family}-stream-inline"), "data": {**d["data"], "stream": True}, "train": {**d["train"], "prefetch": 0}})
     a = load_file(str(data / f"{family}-eager/checkpoints/step-000003/trainable.safetensors"))
     b = load_file(str(data / f"{family}-stream/checkpoints/step-000003/trainable.safetensors"))
-    assert a.keys() == b.keys()
+    c = load_file(str(data / f"{family}-stream-inline/checkpoints/step-000003/trainable.safetensors"))
+    assert a.keys() == b.keys() == c.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert all(torch.equal(b[k], c[k]) for k in b)  # prefetching in a thread changes nothing, bit for bit
 
 
 def test_a_bad_image_met_while_streaming_names_its_line(data, tmp_path):

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .prefetch import Prefetcher
 from .schedules import warmup_cosine
 
 
@@ -156,7 +157,9 @@ def train_loop(
     on_end: Callable[[nn.Module], None] | None = None,
     quiet: bool = False,
 ) -> LoopResult:
-    """Train `module` (forward(indices, progress) -> {"loss": ..., parts...}) for cfg.max_steps steps."""
+    """Train `module` (forward(indices, progress) -> {"loss": ..., parts...}) for cfg.max_steps steps. A module with
+    ``prepare(indices, progress)`` is called as forward(prepared, progress) instead, its batches prepared
+    `cfg.prefetch` micro-batches ahead in a background thread (engine/prefetch.py)."""
     from accelerate import Accelerator
 
     if cfg.threads:
@@ -200,6 +203,18 @@ def train_loop(
         task = progress_bar.add_task("train", total=cfg.max_steps, completed=start_step, info="")
         progress_bar.start()
 
+    def micro_batches():  # (this process's indices, progress) of every micro-batch from the first step on, in order
+        for step in range(start_step, cfg.max_steps):
+            progress = step / max(1, cfg.max_steps - 1)
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(n_items, cfg.batch_size, step * cfg.grad_accum + micro, seed)
+                yield idx[rank * local : (rank + 1) * local], progress
+
+    # a module with `prepare` gets its micro-batches prepared ahead in a thread (engine/prefetch.py); else forward(indices)
+    prepare = getattr(module, "prepare", None)
+    prefetcher = Prefetcher(prepare, micro_batches(), cfg.prefetch) if prepare is not None and cfg.prefetch > 0 and start_step < cfg.max_steps else None
+    inputs = prefetcher if prefetcher is not None else (mine for mine, _ in micro_batches())
+
     t0 = time.perf_counter()
     last: dict[str, float] = {}
     window_t, window_samples = time.perf_counter(), 0
@@ -212,13 +227,12 @@ def train_loop(
             progress = step / max(1, cfg.max_steps - 1)
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(n_items, cfg.batch_size, step * cfg.grad_accum + micro, seed)
-                mine = idx[rank * local : (rank + 1) * local]
+                batch = next(inputs)
                 sync = micro == cfg.grad_accum - 1
                 # gradients are all-reduced only on the last micro-batch of a step
                 with accelerator.no_sync(model) if (not sync and world > 1) else _null():
                     with accelerator.autocast():
-                        parts = model(mine, progress)
+                        parts = model(batch, progress)
                     for name, value in parts.items():
                         v = float(value.detach())
                         if not math.isfinite(v):
@@ -262,6 +276,8 @@ def train_loop(
                     )
                 accelerator.wait_for_everyone()
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         if progress_bar is not None:
             progress_bar.stop()
         logger.close()

@@ -143,7 +143,10 @@ class Reranker:
         return score, hidden
 
     def signals(self, records: Sequence[RerankRecord], *, features: bool = False, path: str = "<data>") -> Signals:
-        batch, mask = self.encode(records, path)
+        return self.signals_of(*self.encode(records, path), features=features)
+
+    def signals_of(self, batch: dict[str, Tensor], mask: Tensor, *, features: bool = False) -> Signals:
+        """Signals of pairs `encode` made: scores [B, K] with mask [B, K] (and last-token features [B, K, D])."""
         score, hidden = self.forward(batch, features=features)
         b, k = mask.shape
         sig = Signals(scores=score.view(b, k), mask=mask.to(score.device))

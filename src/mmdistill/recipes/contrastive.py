@@ -80,30 +80,42 @@ class ContrastiveStep(nn.Module):
         object.__setattr__(self, "_store", store)  # a teachers.cache.StoreTeacher
         self.needs_features = needs_features(loss)
 
-    def teacher_signals(self, indices: list[int], device) -> Signals | None:
-        if self._teacher is None and self.t_cache is None and self._store is None:
-            return None
+    def prepare(self, indices: list[int], progress: float) -> dict[str, Any]:
+        """The CPU side of a micro-batch (engine/prefetch.py): the student's batch (decoded now when the data streams), and
+        the teacher's batch, cached rows or stored signals."""
+        out: dict[str, Any] = {"batch": self.s_data.batch(indices)}
         if self._store is not None:
-            sig = self._store.contrastive(indices).to(device)
+            out["t_sig"] = self._store.contrastive(indices)
         elif self.t_cache is not None:
             idx = torch.tensor(indices)
-            sig = Signals(
-                image_embeds=self.t_cache.image_embeds[idx].to(device),
-                text_embeds=self.t_cache.text_embeds[idx].to(device),
-                logit_scale=self.t_cache.logit_scale.to(device),
-                features={k: v[idx].to(device) for k, v in self.t_cache.features.items()},
+            out["t_sig"] = Signals(
+                image_embeds=self.t_cache.image_embeds[idx],
+                text_embeds=self.t_cache.text_embeds[idx],
+                logit_scale=self.t_cache.logit_scale,
+                features={k: v[idx] for k, v in self.t_cache.features.items()},
             )
-        else:
-            batch = {k: v.to(device) for k, v in self.t_data.batch(indices).items()}
+        elif self._teacher is not None:
+            out["t_batch"] = self.t_data.batch(indices)
+        return out
+
+    def teacher_signals(self, prepared: dict[str, Any], device) -> Signals | None:
+        if "t_sig" in prepared:
+            sig = prepared["t_sig"].to(device)
+        elif "t_batch" in prepared:
+            batch = {k: v.to(device) for k, v in prepared["t_batch"].items()}
             with torch.no_grad():
                 sig = cm.encode(self._teacher, batch, features=self.needs_features).detach()
+        else:
+            return None
         return _gather_signals(sig, with_grad=False)
 
-    def forward(self, indices: list[int], progress: float) -> dict[str, torch.Tensor]:
+    def forward(self, prepared: dict[str, Any] | list[int], progress: float) -> dict[str, torch.Tensor]:
+        if isinstance(prepared, list):  # indices: prepared here (no prefetching)
+            prepared = self.prepare(prepared, progress)
         device = next(self.student.parameters()).device
-        batch = {k: v.to(device) for k, v in self.s_data.batch(indices).items()}
+        batch = {k: v.to(device) for k, v in prepared["batch"].items()}
         s = _gather_signals(cm.encode(self.student, batch, features=self.needs_features), with_grad=True)
-        t = self.teacher_signals(indices, device)
+        t = self.teacher_signals(prepared, device)
         return self.loss(s, t, batch, progress)
 
 

@@ -204,32 +204,47 @@ class GenerativeStep(nn.Module):
         object.__setattr__(self, "_t_proc", t_proc)
         object.__setattr__(self, "_store", store)  # a teachers.cache.StoreTeacher: stored sparse signals instead of a live teacher
 
-    def _signals(self, model, proc, recs, imgs, feats, device) -> tuple[Signals, dict]:
+    def _encode(self, proc, recs, imgs) -> dict:
         from ..models import generative as gm
 
         rate = gm.audio_sampling_rate(proc)  # each model hears the clips at its own processor's rate
         auds = [self.images.audio(r, rate) if rate is not None else [] for r in recs]
-        batch = gm.encode_chat(proc, recs, imgs, audios=auds, response_field=self.response_field, max_length=self.max_length, path=self.path)
+        return gm.encode_chat(proc, recs, imgs, audios=auds, response_field=self.response_field, max_length=self.max_length, path=self.path)
+
+    @staticmethod
+    def _signals(model, batch: dict, feats, device) -> tuple[Signals, dict]:
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the base model
             model = model.get_base_model()
-        sig = signals_with_features(model, batch, feats)
-        return sig, batch
+        return signals_with_features(model, batch, feats), batch
 
-    def forward(self, indices: list[int], progress: float) -> dict[str, Tensor]:
-        device = next(self.student.parameters()).device
+    def prepare(self, indices: list[int], progress: float) -> dict[str, Any]:
+        """The CPU side of a micro-batch (engine/prefetch.py): the curriculum's records, their images and clips, each
+        model's encoding of them with its own processor, and the stored teacher signals."""
         picked = self.curriculum.pick(indices, progress)
         recs = [self.records[i] for i in picked]
         imgs = [self.images.all(r) for r in recs]
-        s, batch = self._signals(self.student, self._s_proc, recs, imgs, self.s_feats, device)
-        t = None
+        out: dict[str, Any] = {"recs": recs, "batch": self._encode(self._s_proc, recs, imgs)}
         if self._store is not None:
-            t = self._store.generative(picked, batch, self.path, [r.line for r in recs]).to(device)
+            out["t_sig"] = self._store.generative(picked, out["batch"], self.path, [r.line for r in recs])
         elif self._teacher is not None:
+            out["t_batch"] = self._encode(self._t_proc, recs, imgs)
+        return out
+
+    def forward(self, prepared: dict[str, Any] | list[int], progress: float) -> dict[str, Tensor]:
+        if isinstance(prepared, list):  # indices: prepared here (no prefetching)
+            prepared = self.prepare(prepared, progress)
+        device = next(self.student.parameters()).device
+        s, batch = self._signals(self.student, prepared["batch"], self.s_feats, device)
+        t = None
+        if "t_sig" in prepared:
+            t = prepared["t_sig"].to(device)
+        elif "t_batch" in prepared:
             with torch.no_grad():
-                t, t_batch = self._signals(self._teacher, self._t_proc, recs, imgs, self.t_feats, device)
+                t, t_batch = self._signals(self._teacher, prepared["t_batch"], self.t_feats, device)
             t = t.detach()
             if not torch.equal(t_batch["response_ids"], batch["response_ids"]):
+                recs = prepared["recs"]
                 raise RecordError(self.path, recs[0].line, self.response_field, "teacher and student tokenise the response differently; logit KD needs the same tokenizer")
         return self.loss(s, t, batch, progress)
 

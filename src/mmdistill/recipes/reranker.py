@@ -109,35 +109,45 @@ class RerankStep(nn.Module):
         rng = random.Random(f"{self.seed}:{progress!r}:{indices}")
         return [sample_group(self.records[i], self.group_size, rng, self.group_sampling) for i in indices]
 
-    def teacher_signals(self, indices: list[int], docs: list[list[int]], recs: list[RerankRecord], k_max: int, device) -> Signals | None:
+    def prepare(self, indices: list[int], progress: float) -> dict[str, Any]:
+        """The CPU side of a micro-batch (engine/prefetch.py): this step's documents per query, the student's pairs
+        tokenised (with their images), and the teacher's pairs, cached rows or stored signals."""
+        docs = self.groups(indices, progress)
+        recs = [subset(self.records[i], d) for i, d in zip(indices, docs)]
+        batch, mask = self._student.encode(recs, self.path)
+        k_max = mask.shape[1]
+        out: dict[str, Any] = {"batch": batch, "mask": mask, "labels": labels_tensor(recs, k_max)}
         if self._store is not None:
-            return self._store.reranker(indices, docs, k_max).to(device)
-        if self.t_cache is not None:
+            out["t_sig"] = self._store.reranker(indices, docs, k_max)
+        elif self.t_cache is not None:
             idx = torch.zeros(len(indices), k_max, dtype=torch.long)
             valid = torch.zeros(len(indices), k_max, dtype=torch.bool)
             for b, d in enumerate(docs):
                 idx[b, : len(d)] = torch.tensor(d)
                 valid[b, : len(d)] = True
             rows = torch.tensor(indices)[:, None]
-            sig = Signals(scores=self.t_cache.scores[rows, idx].to(device), mask=(self.t_cache.mask[rows, idx] & valid).to(device))
+            sig = Signals(scores=self.t_cache.scores[rows, idx], mask=self.t_cache.mask[rows, idx] & valid)
             if "last_token" in self.t_cache.features:
-                sig.features["last_token"] = self.t_cache.features["last_token"][rows, idx].to(device)
-            return sig
-        if self._teacher is None:
-            return None
-        with torch.no_grad():
-            return self._teacher.signals(recs, features=self.features, path=self.path).detach()
+                sig.features["last_token"] = self.t_cache.features["last_token"][rows, idx]
+            out["t_sig"] = sig
+        elif self._teacher is not None:
+            out["t_pairs"] = self._teacher.encode(recs, self.path)
+        return out
 
-    def forward(self, indices: list[int], progress: float) -> dict[str, torch.Tensor]:
-        docs = self.groups(indices, progress)
-        recs = [subset(self.records[i], d) for i, d in zip(indices, docs)]
-        s = self._student.signals(recs, features=self.features, path=self.path)
-        k_max = s.scores.shape[1]
-        t = self.teacher_signals(indices, docs, recs, k_max, s.scores.device)
+    def forward(self, prepared: dict[str, Any] | list[int], progress: float) -> dict[str, torch.Tensor]:
+        if isinstance(prepared, list):  # indices: prepared here (no prefetching)
+            prepared = self.prepare(prepared, progress)
+        s = self._student.signals_of(prepared["batch"], prepared["mask"], features=self.features)
+        device = s.scores.device
+        t = None
+        if "t_sig" in prepared:
+            t = prepared["t_sig"].to(device)
+        elif "t_pairs" in prepared:
+            with torch.no_grad():
+                t = self._teacher.signals_of(*prepared["t_pairs"], features=self.features).detach()
         batch: dict[str, Any] = {"mask": s.mask}
-        labels = labels_tensor(recs, k_max)
-        if labels is not None:
-            batch["labels"] = labels.to(s.scores.device)
+        if prepared["labels"] is not None:
+            batch["labels"] = prepared["labels"].to(device)
         return self.loss(s, t, batch, progress)
 
 

@@ -133,3 +133,94 @@ def test_shipped_accelerate_configs_load_with_accelerate():
     root = Path(__file__).parents[3] / "configs/accelerate"
     kinds = {p.name: load_config_from_file(str(p)).distributed_type for p in sorted(root.glob("*.yaml"))}
     assert {k: getattr(v, "name", str(v)) for k, v in kinds.items()} == {"ddp.yaml": "MULTI_GPU"}
+
+
+class ToyPrepared(Toy):
+    """Toy with the prepare / forward split: prepare runs (in the prefetch thread) what forward(indices) did on the CPU."""
+
+    def __init__(self, bad_batch: int | None = None, **kw):
+        super().__init__(**kw)
+        self.prepared: list[tuple[list[int], float]] = []
+        self.threads: set[str] = set()
+        self.bad_batch = bad_batch
+
+    def prepare(self, idx, progress):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        self.prepared.append((list(idx), progress))
+        if self.bad_batch is not None and len(self.prepared) == self.bad_batch:
+            raise ValueError(f"data.jsonl:{self.bad_batch}: field 'image': not an image")
+        return {"x": self.x[idx], "y": self.y[idx]}
+
+    def forward(self, prepared, progress):
+        if isinstance(prepared, list):
+            prepared = self.prepare(prepared, progress)
+        self.calls += 1
+        if self.crash_at is not None and self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        mse = ((self.net(prepared["x"]) - prepared["y"]) ** 2).mean()
+        return {"loss": mse + 0.0 * progress, "mse": mse}
+
+
+def _weights(folder):
+    return load_file(str(folder / "checkpoints" / "step-000010" / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetching_changes_neither_batches_nor_weights(tmp_path, depth):
+    plain, pre = ToyPrepared(), ToyPrepared()
+    run(tmp_path / "plain", plain, grad_accum=2, prefetch=0)
+    run(tmp_path / "pre", pre, grad_accum=2, prefetch=depth)
+    assert pre.prepared == plain.prepared and len(pre.prepared) == 20  # the same micro-batches, in order, each once
+    assert pre.threads == {"mmdistill-prefetch"} and plain.threads == {"MainThread"}
+    wa, wb = _weights(tmp_path / "plain"), _weights(tmp_path / "pre")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_prefetching_resumes_exactly(tmp_path):
+    run(tmp_path / "a", ToyPrepared(), prefetch=2)
+    b = ToyPrepared(crash_at=7)  # killed in step 7, after the step-4 checkpoint, with batches prepared ahead
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", b, prefetch=2)
+    resumed = ToyPrepared()
+    assert run(tmp_path / "b", resumed, resume=True, prefetch=2).resumed_from == 4
+    assert [p for p, _ in resumed.prepared] == [batch_indices(64, 8, s, 3) for s in range(4, 10)]  # from step 5 on, not from the start
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_an_error_in_a_prefetched_batch_surfaces_at_its_step(tmp_path):
+    m = ToyPrepared(bad_batch=5)
+    with pytest.raises(ValueError, match=r"data.jsonl:5: field 'image'"):
+        run(tmp_path, m, prefetch=3)
+    assert m.calls == 4  # the four good batches trained; the fifth raised in the main thread, where the loop reads it
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_prefetcher_keeps_order_bounds_lookahead_and_stops():
+    import threading
+    import time
+
+    from mmdistill.engine.prefetch import Prefetcher
+
+    started, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    p = Prefetcher(fn, ((i,) for i in range(100)), depth=3)
+    assert next(p) == 0
+    time.sleep(0.3)
+    assert len(started) <= 1 + 3 + 1  # the one taken, `depth` waiting, one being put
+    assert [next(p) for _ in range(4)] == [1, 4, 9, 16]
+    p.close()
+    assert not p._thread.is_alive() and len(started) < 100  # closing stops the thread before it ran through the items
+    assert list(Prefetcher(fn, ((i,) for i in range(5)), depth=2)) == [0, 1, 4, 9, 16]  # then StopIteration
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(fn, [], depth=0)

@@ -170,7 +170,7 @@ def test_teacher_signals_come_from_the_teachers_own_tokenization(tmp_path):
     own = t_proc.tokenizer([TEXTS[i] for i in idx], padding="longest", return_tensors="pt")
     with torch.no_grad():
         ref = cm.encode(teacher, {"pixel_values": cm.preprocess_images(t_proc, [images[i] for i in idx]), "input_ids": own["input_ids"], "attention_mask": own["attention_mask"]})
-    got = step.teacher_signals(idx, torch.device("cpu"))
+    got = step.teacher_signals(step.prepare(idx, 0.0), torch.device("cpu"))
     assert torch.allclose(got.text_embeds, ref.text_embeds, atol=1e-5) and torch.allclose(got.image_embeds, ref.image_embeds, atol=1e-5)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-2)
