@@ -526,7 +526,7 @@ def demo_pipeline(out: Path, *, n: int = 10000, quick: bool = False, seed: int =
 
 
 def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False) -> dict[str, Any]:
-    """Quantize a model folder with torchao (int8-dynamic | int8-weight | int4-weight); see compress/quantize.py."""
+    """Quantize a model folder with torchao (int8-dynamic | int8-weight | int4-weight) or bitsandbytes (bnb-int8 | bnb-nf4); see compress/quantize.py."""
     from .compress.quantize import quantize_folder
 
     return quantize_folder(model_dir, out, method, overwrite=overwrite)

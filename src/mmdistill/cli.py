@@ -421,11 +421,11 @@ def prune(
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Model folder."),
-    out: Path = typer.Option(..., "--out", help="Folder for the quantized model (plain from_pretrained loads it; needs torchao)."),
-    method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight."),
+    out: Path = typer.Option(..., "--out", help="Folder for the quantized model (plain from_pretrained loads it; needs torchao, or bitsandbytes for bnb-*)."),
+    method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight (torchao) | bnb-int8 | bnb-nf4 (bitsandbytes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
 ):
-    """Quantize a model folder with torchao for CPU serving."""
+    """Quantize a model folder with torchao (CPU serving) or bitsandbytes (the formats BitsAndBytesConfig loads)."""
     from . import api
 
     res = _guard(api.quantize, model, out, method=method, overwrite=overwrite)

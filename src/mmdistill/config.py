@@ -440,7 +440,7 @@ class DistillStage(Strict):
 
 
 class QuantizeStage(Strict):
-    method: Literal["int8-dynamic", "int8-weight", "int4-weight"] = Field(description="torchao method (compress/quantize.py).")
+    method: Literal["int8-dynamic", "int8-weight", "int4-weight", "bnb-int8", "bnb-nf4"] = Field(description="torchao method, or bitsandbytes (bnb-*, the `bnb` extra) (compress/quantize.py).")
 
 
 class PipelineStage(Strict):

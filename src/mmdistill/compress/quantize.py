@@ -7,6 +7,17 @@ the quantized model saves to safetensors that a plain ``from_pretrained(folder)`
 ``quantization_config`` is written into config.json; torchao must be installed to load it).
 optimum-quanto was the fallback; it was not needed.
 
+bitsandbytes (the ``bnb`` extra) adds the formats most Hugging Face users already load with
+``BitsAndBytesConfig``, through the same transformers integration, on CPU and on CUDA:
+
+- ``bnb-int8``: LLM.int8() weights (``Linear8bitLt``; outlier activations above 6 kept in 16 bits);
+- ``bnb-nf4``: 4-bit NormalFloat weights in blocks of 64 (``Linear4bit``), packed two per byte on disk
+  (the smallest files of every method here), compute in fp32 on CPU, bf16 on CUDA.
+
+Both quantize ``nn.Linear`` layers only (MoE experts stay full precision: bitsandbytes has no 3-D expert
+format), save with ``save_pretrained``, and reload with a plain ``from_pretrained(folder)`` where
+bitsandbytes is installed.
+
 Methods (CPU):
 
 - ``int8-dynamic``: int8 weights (per output channel) and int8 activations quantized per token at
@@ -36,7 +47,9 @@ from typing import Any
 
 import torch
 
-METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
+TORCHAO_METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
+BNB_METHODS = ("bnb-int8", "bnb-nf4")
+METHODS = TORCHAO_METHODS + BNB_METHODS
 INT4_GROUP = 32
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -65,8 +78,8 @@ def torchao_config(method: str, *, linear_weights: list[str] | None = None):
     """
     from transformers import TorchAoConfig
 
-    if method not in METHODS:
-        raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
+    if method not in TORCHAO_METHODS:
+        raise QuantizeError(f"torchao quantization method {method!r} is unknown; use one of {list(TORCHAO_METHODS)}")
     FqnToConfig, Int8Dynamic, Int8Weight, IntxWeight, PerGroup = _torchao()
     if method == "int8-dynamic":
         linear = experts = Int8Dynamic()
@@ -111,14 +124,37 @@ def folder_size(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_FILES))
 
 
+def _bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QuantizeError("bnb-int8 / bnb-nf4 need bitsandbytes, which is not installed: pip install 'mmdistill[bnb]' (or pip install bitsandbytes)") from None
+
+
+def bnb_config(method: str):
+    """transformers' BitsAndBytesConfig for `method` (bnb-int8 | bnb-nf4)."""
+    from transformers import BitsAndBytesConfig
+
+    _bitsandbytes()
+    if method == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if method == "bnb-nf4":
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    raise QuantizeError(f"bitsandbytes quantization method {method!r} is unknown; use one of {list(BNB_METHODS)}")
+
+
 def load_quantized(model_dir: str | Path, method: str, *, trust_remote_code: bool = False):
-    """The model in `model_dir`, quantized by `method` as it loads (fp32 compute). Returns the model."""
+    """The model in `model_dir`, quantized by `method` as it loads (fp32 compute; bnb-int8: 16-bit matmuls). Returns the model."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    cls = _model_class(config)
+    if method in BNB_METHODS:
+        device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        return cls.from_pretrained(str(model_dir), quantization_config=bnb_config(method), dtype=torch.float32, device_map=device_map, trust_remote_code=trust_remote_code)
     moe = _has_fused_experts(config)
     kwargs: dict[str, Any] = {"experts_implementation": "eager"} if moe else {}
-    cls = _model_class(config)
     q = torchao_config(method, linear_weights=_linear_weights(cls, config) if moe else None)
     return cls.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
 
@@ -131,7 +167,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
     src, dst = Path(model_dir), Path(out)
     if method not in METHODS:
         raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
-    _torchao()
+    _bitsandbytes() if method in BNB_METHODS else _torchao()
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model folder (no config.json)")
     if dst.resolve() == src.resolve():
@@ -139,9 +175,15 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
     model = load_quantized(src, method)
-    from torchao.utils import TorchAOBaseTensor
+    bnb = method in BNB_METHODS
+    if bnb:
+        import bitsandbytes as bnb_lib
 
-    quantized = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if isinstance(p.data, TorchAOBaseTensor) or isinstance(p, TorchAOBaseTensor)})
+        quantized = sorted(n for n, m in model.named_modules() if isinstance(m, (bnb_lib.nn.Linear8bitLt, bnb_lib.nn.Linear4bit)))
+    else:
+        from torchao.utils import TorchAOBaseTensor
+
+        quantized = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if isinstance(p.data, TorchAOBaseTensor) or isinstance(p, TorchAOBaseTensor)})
     if not quantized:
         raise QuantizeError(f"{src}: no Linear layer or MoE expert was quantized")
     if dst.exists():
@@ -149,7 +191,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
     dst.mkdir(parents=True)
     model.save_pretrained(dst)
     moe = _has_fused_experts(model.config)
-    if moe:  # torchao's 3-D expert tensors run only through the eager experts loop; plain from_pretrained reads this key
+    if moe and not bnb:  # torchao's 3-D expert tensors run only through the eager experts loop; plain from_pretrained reads this key
         cfg = json.loads((dst / "config.json").read_text())
         cfg["experts_implementation"] = "eager"
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -158,13 +200,15 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
             shutil.copy2(f, dst / f.name)
     summary = {
         "method": method,
-        "backend": "torchao",
+        "backend": "bitsandbytes" if bnb else "torchao",
         "source": str(src),
         "size_bytes": folder_size(src),
         "quantized_size_bytes": folder_size(dst),
         "quantized_modules": len(quantized),
-        "moe_experts_quantized": moe,
+        "moe_experts_quantized": moe and not bnb,
     }
+    if bnb and moe:
+        summary["note"] = "bitsandbytes quantizes Linear layers only: the MoE experts' fused tensors stay full precision"
     if method == "int4-weight":
         summary["note"] = "int4 values are stored one per int8 byte on CPU (torchao 0.18 has no packed CPU int4 format)"
     (dst / "quantize.json").write_text(json.dumps(summary, indent=2) + "\n")

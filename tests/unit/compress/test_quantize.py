@@ -122,3 +122,66 @@ def test_int4_on_a_vlm_moe_with_biased_linears(tok, tmp_path):
     assert "Int8" in type(again.model.language_model.layers[0].mlp.experts.down_proj).__name__
     with torch.no_grad():
         assert 0 < _rel(again(**kw).logits, ref) < BOUND["int4-weight"]
+
+
+# bitsandbytes (the `bnb` extra): measured ~0.01 (LLM.int8) and ~0.1 (nf4) on these random models
+BNB_BOUND = {"bnb-int8": 0.1, "bnb-nf4": 0.5}
+
+
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_vlm_is_close_reloads_plainly_and_matches_bnb(tok, method, tmp_path):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    model, _ = build_tiny_vlm(tmp_path / "fp32", [], kind="qwen3_vl", preset="vlm-teacher", tokenizer=tok, seed=2)
+    ids = torch.randint(0, len(tok) - 20, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        ref = model.eval()(**kw).logits
+    w = model.model.language_model.layers[0].mlp.down_proj.weight.detach().clone()
+    summary = quantize_folder(tmp_path / "fp32", tmp_path / "q", method)
+    assert summary["backend"] == "bitsandbytes" and summary["quantized_modules"] > 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["load_in_8bit" if method == "bnb-int8" else "load_in_4bit"]
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "q").eval()  # plain transformers (+ bitsandbytes installed)
+    layer = again.model.language_model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit)
+    # before any forward (bitsandbytes' CPU path repacks 4-bit weights for its kernel on the first call)
+    if method == "bnb-nf4":
+        # the stored weight is bitsandbytes' own NF4 of the fp32 weight (blocks of 64), packed two values per byte
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        assert torch.equal(F.dequantize_4bit(layer.weight.data, layer.weight.quant_state), F.dequantize_4bit(q, state))
+        assert layer.weight.data.numel() == w.numel() // 2
+    else:
+        assert torch.equal(layer.weight.data, F.int8_vectorwise_quant(w.half())[0])  # LLM.int8's row-wise absmax int8 weights
+    with torch.no_grad():
+        err = _rel(again(**kw).logits, ref)
+    assert 0 < err < BNB_BOUND[method], err
+    if method == "bnb-nf4":
+        torchao_int8 = quantize_folder(tmp_path / "fp32", tmp_path / "int8", "int8-weight")
+        assert summary["quantized_size_bytes"] < torchao_int8["quantized_size_bytes"]  # 4 bits a weight on disk, unlike int4-weight
+
+
+def test_bitsandbytes_on_a_moe_leaves_experts_and_says_so(moe_lm, tmp_path):
+    src, ids, ref = moe_lm
+    summary = quantize_folder(src, tmp_path / "q", "bnb-int8")
+    assert summary["moe_experts_quantized"] is False and "experts" in summary["note"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert type(again.model.layers[0].mlp.experts.down_proj.data).__name__ == "Tensor"
+    assert type(again.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    with torch.no_grad():
+        assert 0 < _rel(again(input_ids=ids).logits, ref) < BNB_BOUND["bnb-int8"]
+
+
+def test_bitsandbytes_missing_is_one_line(moe_lm, tmp_path, monkeypatch):
+    src, _, _ = moe_lm
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(QuantizeError, match=r"mmdistill\[bnb\]"):
+        quantize_folder(src, tmp_path / "q", "bnb-nf4")
