@@ -101,9 +101,15 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements in ``model``; shared (tied) parameters count once.
 
     With ``trainable_only``, only parameters with ``requires_grad`` (e.g. LoRA adapters).
-    Packed quantised weights count their stored elements, not the logical ones.
+    Quantised weights count their logical elements: bitsandbytes' 4-bit weights, packed two a byte, by the shape
+    their quant state records (torchao's tensor subclasses report the logical shape themselves).
     """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    def numel(p) -> int:
+        state = getattr(p, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+    return sum(numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def size_on_disk(path: str | os.PathLike[str]) -> int:

@@ -157,6 +157,9 @@ def test_bitsandbytes_vlm_is_close_reloads_plainly_and_matches_bnb(tok, method, 
     with torch.no_grad():
         err = _rel(again(**kw).logits, ref)
     assert 0 < err < BNB_BOUND[method], err
+    from mmdistill.evaluate.bench import count_parameters
+
+    assert count_parameters(again) == count_parameters(model)  # logical elements, not the packed bytes
     if method == "bnb-nf4":
         torchao_int8 = quantize_folder(tmp_path / "fp32", tmp_path / "int8", "int8-weight")
         assert summary["quantized_size_bytes"] < torchao_int8["quantized_size_bytes"]  # 4 bits a weight on disk, unlike int4-weight
