@@ -240,6 +240,13 @@ class TrainConfig(Strict):
         "decoded, text tokenised, stored teacher signals read (a step module's `prepare`). 0: each step prepares its own. The batches, their "
         "order and the losses are the same either way.",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="fsdp: shard the student's parameters, gradients and optimizer state over the processes with PyTorch FSDP2 (`fully_shard` on "
+        "every transformer block, then the whole step module); checkpoints and the final folder are gathered, so they are the same files as "
+        "unsharded training writes. Any launcher (torchrun, accelerate launch with configs/accelerate/ddp.yaml), CPU (gloo) or GPU (NCCL); "
+        "with one process it trains unsharded.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute the student's block activations in backward (Hugging Face gradient checkpointing): less activation memory for about a third more compute. Any family whose model supports it.")
 
 
@@ -296,7 +303,7 @@ class Recipe(Strict):
         d.pop("name", None)
         d.pop("role", None)
         d.pop("eval", None)
-        for key in ("save_every", "keep_last", "log_every", "threads", "prefetch"):  # how often / how fast, not what
+        for key in ("save_every", "keep_last", "log_every", "threads", "prefetch", "sharding"):  # how often / how fast / where, not what
             d["train"].pop(key, None)
         for key, default in ADDED_FIELDS.items():  # at its default, a field added later leaves older runs' hash as it was
             section, _, leaf = key.partition(".")

@@ -107,3 +107,74 @@ def test_teacher_cache_in_two_processes_matches_one(tmp_path):
     assert json.loads((tmp_path / "from-store-2/checkpoints/step-000003/state.json").read_text())["world_size"] == 2
     compared = [k for k in runs[1] if not k.endswith("k_proj.bias")]  # see test_two_processes_match_one
     assert max(float((runs[1][k] - runs[2][k]).abs().max()) for k in compared) < 2e-5
+
+
+def _torchrun(*args, timeout=600):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mmdistill.cli", *map(str, args)],
+                       env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _worst(a, b, skip=("k_proj.bias",)):  # see test_two_processes_match_one for k_proj.bias
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a if not k.endswith(skip))
+
+
+def test_fsdp_shards_matches_one_process_and_resumes_either_way(tmp_path):
+    """train.sharding: fsdp in 2 processes (FSDP2 over gloo): half the parameters per process, the weights of 1 process,
+    the same checkpoint files; a killed sharded run resumes exactly, sharded or in one plain process."""
+    import json
+    import re
+    import shutil
+
+    mmd("data", "synth", tmp_path / "data", "--n", "200", "--size", "32", timeout=None)
+    teacher = {"output_dir": str(tmp_path / "teacher"), "data": {"train": str(tmp_path / "data/pairs_train.jsonl")},
+               "student": {"init": "tiny", "preset": "clip-nano"}, "train": {"max_steps": 2, "batch_size": 16, "warmup_steps": 0}}
+    mmd("train", write_yaml(tmp_path / "teacher.yaml", teacher), timeout=None)
+
+    def recipe(name):
+        return write_recipe(tmp_path, name, {
+            "output_dir": str(tmp_path / name), "data": {"train": str(tmp_path / "data/pairs_train.jsonl")},
+            "teacher": {"model": str(tmp_path / "teacher/model")}, "student": {"init": "scratch"},
+            "loss": {"terms": {"clip": {"weight": 1.0}, "sim_kd": {"weight": 1.0}, "fd": {"weight": 10.0}, "icl": {"weight": 0.5}}},
+            "train": {"max_steps": 5, "batch_size": 16, "grad_accum": 2, "warmup_steps": 1, "lr": 0.003, "save_every": 3, "sharding": "fsdp"}})
+
+    mmd("distill", recipe("one"), timeout=None)  # one process: nothing to shard over, trains plainly
+    two = _torchrun("distill", recipe("two"))
+    m = re.search(r"fsdp: (\d+) blocks and the rest sharded over 2 processes; this process holds ([\d,]+) of ([\d,]+) parameter elements", two.stdout)
+    assert m, two.stdout[-2000:]
+    held, whole = (int(g.replace(",", "")) for g in m.groups()[1:])
+    assert int(m.group(1)) >= 4 and 0.45 * whole <= held <= 0.55 * whole  # every block and the rest: half each
+    state = json.loads((tmp_path / "two/checkpoints/step-000005/state.json").read_text())
+    assert (state["world_size"], state["sharding"]) == (2, "fsdp")
+    ck = "checkpoints/step-000005/trainable.safetensors"
+    a, b = load_file(str(tmp_path / "one" / ck)), load_file(str(tmp_path / "two" / ck))
+    assert _worst(a, b) < 2e-5
+    assert _worst(load_file(str(tmp_path / "one/model/model.safetensors")), load_file(str(tmp_path / "two/model/model.safetensors"))) < 2e-5
+
+    for name, launch in (("resumed-sharded", _torchrun), ("resumed-plain", lambda *a: mmd(*a, timeout=None))):
+        shutil.copytree(tmp_path / "two", tmp_path / name)  # as if killed after the step-3 checkpoint
+        shutil.rmtree(tmp_path / name / "checkpoints/step-000005")
+        shutil.rmtree(tmp_path / name / "model")
+        r = yaml.safe_load(recipe("two").read_text())
+        r["output_dir"] = str(tmp_path / name)
+        launch("distill", write_yaml(tmp_path / f"{name}.yaml", r), "--resume")
+        c = load_file(str(tmp_path / name / ck))
+        assert _worst(b, c) < (1e-6 if name == "resumed-sharded" else 2e-5), name
+
+
+def test_fsdp_generative_matches_ddp_with_tied_weights_written_once(tmp_path):
+    """A Qwen3-VL student (tied embeddings and LM head) sharded ends where data-parallel training ends, and its
+    checkpoint holds the same tensors: the tied weight once."""
+    mmd("data", "synth", tmp_path / "data", "--n", "80", "--size", "32", timeout=None)
+    runs = {}
+    for sharding in ("none", "fsdp"):
+        d = {"family": "generative", "output_dir": str(tmp_path / sharding),
+             "data": {"train": str(tmp_path / "data/chat_train.jsonl"), "max_records": 48, "max_length": 256},
+             "student": {"init": "tiny", "preset": "vlm-nano", "image_size": 32}, "loss": {"terms": {"sft": {"weight": 1.0}}},
+             "train": {"max_steps": 3, "batch_size": 8, "warmup_steps": 0, "lr": 0.003, "save_every": 3, "sharding": sharding}}
+        _torchrun("train", write_yaml(tmp_path / f"{sharding}.yaml", d))
+        runs[sharding] = load_file(str(tmp_path / sharding / "checkpoints/step-000003/trainable.safetensors"))
+    assert _worst(runs["none"], runs["fsdp"], skip=()) < 1e-6
+    assert not any(k.endswith("lm_head.weight") for k in runs["fsdp"])  # tied to the embeddings: written once (aliased)

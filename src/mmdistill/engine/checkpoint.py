@@ -48,8 +48,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict (``state`` keyed by parameter index) as flat tensors + JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in sd["state"].items():
@@ -61,14 +61,14 @@ def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = value
     for pid, extra in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(extra)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,17 +100,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int = 2,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and prune old ones. Call on the main process only."""
+    """Write a checkpoint atomically and prune old ones. Call on the main process only.
+
+    `model_state` / `optimizer_state` (sharded training: gathered from every process, the optimizer's keyed by
+    parameter index as a plain optimizer's are) replace ``module.state_dict()`` / ``optimizer.state_dict()``, so a
+    sharded run writes the same files as an unsharded one."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{_STEP_PREFIX}{step:06d}"
     tmp = ckpt_dir / f"{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights, aliases = _dedup_shared(module.state_dict())
+    weights, aliases = _dedup_shared(module.state_dict() if model_state is None else model_state)
     save_file(weights, str(tmp / "trainable.safetensors"), metadata={"aliases": json.dumps(aliases)})
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     payload = dict(state, step=step, optimizer=opt_meta, rng=_rng_state())
     (tmp / "state.json").write_text(json.dumps(payload))
@@ -125,8 +132,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore module, optimizer and RNG state; return the saved state dict (step, data position, ...)."""
+def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore module, optimizer and RNG state; return the saved state dict (step, data position, ...). Without an
+    `optimizer` (sharded training builds it after sharding), its state dict is returned as ``state["optimizer_state"]``."""
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
     from safetensors import safe_open
@@ -140,6 +148,10 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
         raise RuntimeError(
             f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    _optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    opt_state = _optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if optimizer is None:
+        state["optimizer_state"] = opt_state
+    else:
+        optimizer.load_state_dict(opt_state)
     _set_rng_state(state["rng"])
     return state

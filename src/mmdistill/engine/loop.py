@@ -140,8 +140,8 @@ def _check_distributed(accelerator) -> None:
     write yet: refused with one line rather than a crash at the first save."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
     if kind in SHARDED:
-        raise TrainingError(f"accelerate is set up for {kind}: mmdistill trains data-parallel only (configs/accelerate/ddp.yaml); "
-                            "sharded training (FSDP / DeepSpeed ZeRO) is not supported yet")
+        raise TrainingError(f"accelerate is set up for {kind}: launch with configs/accelerate/ddp.yaml (or torchrun) and set "
+                            "train.sharding: fsdp for sharded training (PyTorch FSDP2); accelerate's FSDP / DeepSpeed plugins are not used")
 
 
 def train_loop(
@@ -171,13 +171,19 @@ def train_loop(
         raise TrainingError(f"train.batch_size={cfg.batch_size} does not divide by {world} processes")
     local = cfg.batch_size // world
     seed_everything(seed)
+    fsdp = cfg.sharding == "fsdp" and world > 1  # one process: nothing to shard over
+    if fsdp and accelerator.scaler is not None:
+        raise TrainingError("train.sharding=fsdp trains in fp32 or bf16 (precision: bf16 or auto on GPUs with bf16); fp16's loss scaler is not sharded")
 
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    for g in optimizer.param_groups:
-        g["initial_lr"] = cfg.lr
+    def new_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(param_groups(m, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        for g in opt.param_groups:
+            g["initial_lr"] = cfg.lr
+        return opt
 
+    optimizer = None if fsdp else new_optimizer(module)  # sharded: built over the sharded parameters, below
     ckpt_dir = out_dir / "checkpoints"
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, opt_state = 0, None, None
     if resume:
         ckpts = list_checkpoints(ckpt_dir)
         if ckpts:
@@ -186,10 +192,24 @@ def train_loop(
                 raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
             state = load_checkpoint(ckpts[-1], module, optimizer)
             start_step = resumed_from = int(state["step"])
+            opt_state = state.get("optimizer_state")
             if state.get("scaler") and accelerator.scaler is not None:  # fp16 loss scale, for an exact resume
                 accelerator.scaler.load_state_dict(state["scaler"])
     _check_distributed(accelerator)
-    model, optimizer = accelerator.prepare(module, optimizer)
+    if fsdp:
+        from . import sharding
+
+        units = sharding.shard(module)
+        model = module
+        if accelerator.is_main_process and not quiet:
+            held, whole = sharding.local_share(model)
+            print(f"fsdp: {units} blocks and the rest sharded over {world} processes; this process holds "
+                  f"{held:,} of {whole:,} parameter elements", flush=True)
+        optimizer = new_optimizer(model)
+        if opt_state is not None:
+            sharding.load_optimizer_state(model, optimizer, opt_state)
+    else:
+        model, optimizer = accelerator.prepare(module, optimizer)
 
     logger = _Logger(out_dir, resumed_from, accelerator.is_main_process)
     is_tty = sys.stdout.isatty() and not quiet
@@ -229,8 +249,10 @@ def train_loop(
             for micro in range(cfg.grad_accum):
                 batch = next(inputs)
                 sync = micro == cfg.grad_accum - 1
-                # gradients are all-reduced only on the last micro-batch of a step
-                with accelerator.no_sync(model) if (not sync and world > 1) else _null():
+                # gradients are all-reduced (sharded: reduce-scattered) only on the last micro-batch of a step
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with accelerator.no_sync(model) if (not sync and world > 1 and not fsdp) else _null():
                     with accelerator.autocast():
                         parts = model(batch, progress)
                     for name, value in parts.items():
@@ -239,8 +261,13 @@ def train_loop(
                             raise TrainingError(f"step {step}: loss part {name!r} is {v}; lower train.lr or check the data")
                         sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
                     accelerator.backward(parts["loss"] / cfg.grad_accum)
+            if fsdp:
+                sharding.sync_replicated_grads(model)
             if cfg.max_grad_norm is not None:
-                gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if fsdp:  # the norm over every shard and the whole parameters, clipped in place
+                    gnorm = sharding.clip_grad_norm(list(model.parameters()), cfg.max_grad_norm)
+                else:
+                    gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 sums["grad_norm"] = float(gnorm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,18 +288,23 @@ def train_loop(
                 progress_bar.update(task, completed=done)
             if done % cfg.save_every == 0 or done == cfg.max_steps:
                 accelerator.wait_for_everyone()
+                gathered = {}
+                if fsdp:  # every process takes part in gathering; the main one writes the same files as unsharded training
+                    gathered = {"model_state": sharding.full_model_state(model), "optimizer_state": sharding.full_optimizer_state(model, optimizer)}
                 if accelerator.is_main_process:
                     save_checkpoint(
                         ckpt_dir,
                         done,
-                        accelerator.unwrap_model(model),
+                        module if fsdp else accelerator.unwrap_model(model),
                         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                         {
                             "fingerprint": fingerprint,
                             "world_size": world,
+                            "sharding": "fsdp" if fsdp else "none",
                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         },
                         keep_last=cfg.keep_last,
+                        **gathered,
                     )
                 accelerator.wait_for_everyone()
     finally:
@@ -282,7 +314,13 @@ def train_loop(
             progress_bar.stop()
         logger.close()
     model.eval()
-    unwrapped = accelerator.unwrap_model(model)
+    if fsdp:  # the final folder is saved from whole parameters
+        full = sharding.full_model_state(model)
+        if accelerator.is_main_process:
+            sharding.unshard_into(module, full)
+        unwrapped = module
+    else:
+        unwrapped = accelerator.unwrap_model(model)
     if on_end is not None and accelerator.is_main_process:
         on_end(unwrapped)
     accelerator.wait_for_everyone()

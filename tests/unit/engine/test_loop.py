@@ -119,7 +119,7 @@ def test_sharded_accelerate_setups_are_refused_in_one_line():
     from mmdistill.engine.loop import TrainingError, _check_distributed
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(TrainingError, match=f"set up for {kind.name}: mmdistill trains data-parallel only"):
+        with pytest.raises(TrainingError, match=f"set up for {kind.name}: launch with configs/accelerate/ddp.yaml .* train.sharding: fsdp"):
             _check_distributed(SimpleNamespace(distributed_type=kind))
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         _check_distributed(SimpleNamespace(distributed_type=kind))
