@@ -177,4 +177,9 @@ def test_fsdp_generative_matches_ddp_with_tied_weights_written_once(tmp_path):
         _torchrun("train", write_yaml(tmp_path / f"{sharding}.yaml", d))
         runs[sharding] = load_file(str(tmp_path / sharding / "checkpoints/step-000003/trainable.safetensors"))
     assert _worst(runs["none"], runs["fsdp"], skip=()) < 1e-6
+    import json
+
+    held = {s: json.loads((tmp_path / s / "train_summary.json").read_text())["state_bytes_per_process"] for s in runs}
+    for rank in (0, 1):  # weights + AdamW state each process holds: half, sharded
+        assert 0.45 < held["fsdp"][rank] / held["none"][rank] < 0.55, held
     assert not any(k.endswith("lm_head.weight") for k in runs["fsdp"])  # tied to the embeddings: written once (aliased)

@@ -75,6 +75,8 @@ class LoopResult:
     resumed_from: int | None
     seconds: float
     samples: int = 0  # training samples this process's session went through (global batch × accumulation × steps run)
+    peak_rss_per_process: list[int] | None = None  # several processes: each one's peak resident memory (bytes), rank order
+    state_bytes_per_process: list[int] | None = None  # several processes: bytes of weights + optimizer state each one holds
 
 
 def _mixed_precision(precision: str) -> str:
@@ -313,6 +315,19 @@ def train_loop(
         if progress_bar is not None:
             progress_bar.stop()
         logger.close()
+    peaks = states = None
+    if world > 1:  # what each process holds and needed (sharded: the main process also gathers the checkpoints)
+        import resource
+
+        import torch.distributed as dist
+
+        def held(t: torch.Tensor) -> int:  # a shard's own bytes for a sharded (DTensor) tensor
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        state = sum(held(p) for p in model.parameters()) + sum(held(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+        peaks, states = [0] * world, [0] * world
+        dist.all_gather_object(states, state)
     model.eval()
     if fsdp:  # the final folder is saved from whole parameters
         full = sharding.full_model_state(model)
@@ -324,7 +339,11 @@ def train_loop(
     if on_end is not None and accelerator.is_main_process:
         on_end(unwrapped)
     accelerator.wait_for_everyone()
-    return LoopResult(step=cfg.max_steps, last=last, resumed_from=resumed_from, seconds=time.perf_counter() - t0, samples=(cfg.max_steps - (resumed_from or 0)) * cfg.batch_size * cfg.grad_accum)
+    if world > 1:
+        dist.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return LoopResult(step=cfg.max_steps, last=last, resumed_from=resumed_from, seconds=time.perf_counter() - t0,
+                      samples=(cfg.max_steps - (resumed_from or 0)) * cfg.batch_size * cfg.grad_accum, peak_rss_per_process=peaks,
+                      state_bytes_per_process=states)
 
 
 class _null:

@@ -100,6 +100,9 @@ def train_summary(result, errors: list, out: Path, write: bool) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "last": result.last, "skipped_records": len(errors),
     }
+    if result.peak_rss_per_process:
+        summary["peak_rss_bytes_per_process"] = result.peak_rss_per_process
+        summary["state_bytes_per_process"] = result.state_bytes_per_process  # weights + optimizer state each process holds
     if write:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
