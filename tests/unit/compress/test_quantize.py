@@ -36,6 +36,18 @@ def _digest(path):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir()) if f.is_file()}
 
 
+def _uninstalled(monkeypatch, package: str) -> None:
+    """Imports of `package` fail from now on in this test, as if it were not installed."""
+    real_import = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name.startswith(package):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -96,14 +108,7 @@ def test_bad_quantize_requests(moe_lm, tmp_path, monkeypatch):
         quantize_folder(src, tmp_path / "full", "int8-weight")
     with pytest.raises(QuantizeError, match="input folder"):
         quantize_folder(src, src, "int8-weight")
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name.startswith("torchao"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    _uninstalled(monkeypatch, "torchao")
     with pytest.raises(QuantizeError, match=r"mmdistill\[quantize\]"):
         quantize_folder(src, tmp_path / "q", "int8-weight")
 
@@ -178,13 +183,6 @@ def test_bitsandbytes_on_a_moe_leaves_experts_and_says_so(moe_lm, tmp_path):
 
 def test_bitsandbytes_missing_is_one_line(moe_lm, tmp_path, monkeypatch):
     src, _, _ = moe_lm
-    real_import = builtins.__import__
-
-    def no_bnb(name, *args, **kwargs):
-        if name.startswith("bitsandbytes"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    _uninstalled(monkeypatch, "bitsandbytes")
     with pytest.raises(QuantizeError, match=r"mmdistill\[bnb\]"):
         quantize_folder(src, tmp_path / "q", "bnb-nf4")
