@@ -137,9 +137,9 @@ SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def _check_distributed(accelerator) -> None:
-    """Data parallel (DDP, one or many processes, CPU or GPU) is what the loop implements. Sharded training (FSDP,
-    DeepSpeed ZeRO) needs gathered state dicts for the checkpoints and the final folder, which the loop does not
-    write yet: refused with one line rather than a crash at the first save."""
+    """The loop takes accelerate's process set-up (one or many processes, CPU or GPU) and does data parallel itself, or
+    shards with FSDP2 (``train.sharding: fsdp``, engine/sharding.py). accelerate's own FSDP / DeepSpeed plugins would
+    wrap the model their way, which the loop's checkpoints do not follow: refused with one line."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
     if kind in SHARDED:
         raise TrainingError(f"accelerate is set up for {kind}: launch with configs/accelerate/ddp.yaml (or torchrun) and set "
