@@ -16,6 +16,7 @@ and differ in the healing run. Writes benchmarks/results/moe_prune_heal.{json,md
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -76,8 +77,6 @@ def pipeline_cfg(out: Path, data: Path, teacher: Path, prune: dict, seed: int, h
 
 def evaluate(model: Path, data: Path, out_path: Path, teacher: Path | None, items: int) -> dict:
     if out_path.is_file():
-        import json
-
         return json.loads(out_path.read_text())
     return evaluate_folder(model, data / "chat_test.jsonl", out_path=out_path, name=out_path.stem, role="student" if teacher else "teacher",
                            max_items=items, latency=False, reference=str(teacher) if teacher else None, max_new_tokens=40)
@@ -115,6 +114,8 @@ def main() -> None:
         payload["variants"][name] = {"pruned": pruned["metrics"], "params": pruned["params"], "healed": healed, "seeds": args.seeds}
         rows.append((name, pruned, healed))
 
+    heal_secs = [json.loads(f.read_text())["seconds"] for f in args.out.glob("*/seed*/heal/stage.json")]
+    heal_minutes = statistics.median(heal_secs) / 60 if heal_secs else float("nan")
     head = "vqa_accuracy"
     t_acc = ref["metrics"][head]
     lines = [
@@ -122,7 +123,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/moe_prune_heal.py --out {args.out} --seeds {' '.join(map(str, args.seeds))}"
         + (f" --teacher-steps {args.teacher_steps}" if args.teacher_steps else "") + (f" --heal-steps {args.heal_steps}" if args.heal_steps else "")
-        + f"` — machine: {machine()} — commit {git_rev()} — {time.time() - t_start:.0f} s",
+        + f"` — machine: {machine()} — commit {git_rev()} — this call {time.time() - t_start:.0f} s (finished runs in --out are reused; "
+        f"a healing run took {heal_minutes:.1f} min on one thread)",
         "",
         f"Teacher: configs/generative/shapesworld-teacher-moe.yaml (Qwen3-VL-MoE, 8 experts per layer, top 2), {ref['params'] / 1e6:.2f}M parameters, "
         f"ShapesWorld n={args.n}. Pruning: the shipped MoE pipeline's prune stage (64 calibration records); healing: its heal stage "
