@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 2])
-    ap.add_argument("--depth", type=int, default=2, help="train.prefetch of the prefetching runs")
+    ap.add_argument("--depth", type=int, default=2, help="train.prefetch of the prefetching runs (the default is 0: off)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -76,7 +76,7 @@ def main() -> None:
         f"{time.time() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f} at the end",
         "",
         f"The shipped demo recipes (ShapesWorld n={args.n}), {args.steps} steps each; samples/s over the training loop, median of {args.rounds} "
-        f"interleaved rounds. `train.prefetch: {args.depth}` (the default) against `train.prefetch: 0`; the same batches and losses either way.",
+        f"interleaved rounds. `train.prefetch: {args.depth}` against `train.prefetch: 0` (the default); the same batches and losses either way.",
         "",
         f"| case | torch threads | prefetch 0 samples/s | prefetch {args.depth} samples/s | speed-up |",
         "| --- | --- | --- | --- | --- |",

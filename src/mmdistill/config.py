@@ -235,10 +235,11 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="Write metrics.jsonl / TensorBoard every N steps.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     prefetch: int = Field(
-        2, ge=0, le=64,
+        0, ge=0, le=64,
         description="Micro-batches prepared ahead in a background thread while the current step computes: records read, images and clips "
-        "decoded, text tokenised, stored teacher signals read (a step module's `prepare`). 0: each step prepares its own. The batches, their "
-        "order and the losses are the same either way.",
+        "decoded, text tokenised, stored teacher signals read (a step module's `prepare`). 0 (default): each step prepares its own. The "
+        "batches, their order and the losses are the same either way. Pays off when preparing is heavy next to a step whose kernels release "
+        "the GIL (streamed images); on 2 CPU cores with tiny models it ranged from 1.16x to 0.73x (benchmarks/prefetch.py).",
     )
     sharding: Literal["none", "fsdp"] = Field(
         "none",

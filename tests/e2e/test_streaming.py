@@ -35,7 +35,7 @@ def test_streaming_trains_like_decoding_first(data, family):
     if family != "contrastive":
         d["loss"] = {"terms": {"sft": {"weight": 1.0}} if family == "generative" else {"ce": {"weight": 1.0}}}
     run(module, {**d, "output_dir": str(data / f"{family}-eager"), "train": {**d["train"], "prefetch": 0}})
-    run(module, {**d, "output_dir": str(data / f"{family}-stream"), "data": {**d["data"], "stream": True}})  # batches prefetched (the default)
+    run(module, {**d, "output_dir": str(data / f"{family}-stream"), "data": {**d["data"], "stream": True}, "train": {**d["train"], "prefetch": 2}})  # prefetched
     run(module, {**d, "output_dir": str(data / f"{family}-stream-inline"), "data": {**d["data"], "stream": True}, "train": {**d["train"], "prefetch": 0}})
     a = load_file(str(data / f"{family}-eager/checkpoints/step-000003/trainable.safetensors"))
     b = load_file(str(data / f"{family}-stream/checkpoints/step-000003/trainable.safetensors"))

@@ -94,7 +94,7 @@ def test_a_field_added_later_keeps_older_runs_fingerprint(tmp_path):
         for key in ("save_every", "keep_last", "log_every", "threads", "prefetch", "sharding"):
             old["train"].pop(key)
         assert a.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
-        assert a.fingerprint() == load_recipe(p, ["train.prefetch=0"]).fingerprint()  # how fast, not what: a run resumes under another prefetch
+        assert a.fingerprint() == load_recipe(p, ["train.prefetch=2"]).fingerprint()  # how fast, not what: a run resumes under another prefetch
         assert a.fingerprint() == load_recipe(p, ["train.sharding=fsdp"]).fingerprint()  # and sharded or not (same checkpoint files)
         assert a.fingerprint() != load_recipe(p, ["student.calibration=8"]).fingerprint()
 
