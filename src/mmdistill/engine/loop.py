@@ -321,13 +321,10 @@ def train_loop(
 
         import torch.distributed as dist
 
-        def held(t: torch.Tensor) -> int:  # a shard's own bytes for a sharded (DTensor) tensor
-            t = t.to_local() if hasattr(t, "to_local") else t
-            return t.numel() * t.element_size()
+        from .sharding import held_bytes
 
-        state = sum(held(p) for p in model.parameters()) + sum(held(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
         peaks, states = [0] * world, [0] * world
-        dist.all_gather_object(states, state)
+        dist.all_gather_object(states, held_bytes(model, optimizer))
     model.eval()
     if fsdp:  # the final folder is saved from whole parameters
         full = sharding.full_model_state(model)

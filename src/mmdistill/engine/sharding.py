@@ -48,13 +48,20 @@ def shard(module: nn.Module) -> int:
     return len(units)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `t`: its shard for a sharded (DTensor) tensor, else `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def local_share(module: nn.Module) -> tuple[int, int]:
     """(parameter elements this process holds, elements of the whole model)."""
-    local = total = 0
-    for p in module.parameters():
-        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-        total += p.numel()
-    return local, total
+    return sum(_local(p).numel() for p in module.parameters()), sum(p.numel() for p in module.parameters())
+
+
+def held_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of weights and optimizer state this process holds (sharded or not)."""
+    tensors = [*module.parameters(), *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def replicated(module: nn.Module) -> list[nn.Parameter]:
@@ -110,9 +117,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
-def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+def _param_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order an unsharded optimizer numbers them (group by group)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -123,7 +131,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     osd = get_optimizer_state_dict(model, optimizer, options=_options())
     if not osd.get("param_groups"):
         return osd
-    index = {name: i for i, name in enumerate(n for group in _group_names(model, optimizer) for n in group)}
+    index = {name: i for i, name in enumerate(_param_order(model, optimizer))}
     return {
         "state": {index[name]: s for name, s in osd["state"].items()},
         "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in osd["param_groups"]],
@@ -134,8 +142,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ind
     """Load an index-keyed optimizer state (an unsharded run's, or `full_optimizer_state`'s) into a sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    groups = _group_names(model, optimizer)
-    order = [n for group in groups for n in group]
+    order = _param_order(model, optimizer)
     by_name = {
         "state": {order[int(i)]: s for i, s in indexed["state"].items()},
         "param_groups": [dict(g, params=[order[int(i)] for i in g["params"]]) for g in indexed["param_groups"]],
