@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -121,10 +122,18 @@ def training_logs(folder: str | Path) -> list[Path]:
 
 
 def _records(log: Path) -> list[dict[str, Any]]:
-    """The training lines of a log; a live run's last line may be half written: skipped without a warning."""
+    """The training lines of a log; a live run's last line may be half written: skipped without a warning. Read once
+    per version of the file (its size and mtime): the Train tab's every poll asks for each log twice (the progress and
+    the loss curve), and a finished stage's log never changes."""
+    st = log.stat()
+    return _parsed(str(log), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(log: str, size: int, mtime_ns: int) -> list[dict[str, Any]]:  # size, mtime: the cache key, not read
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read_log(log)
+        return _read_log(Path(log))
 
 
 def progress(folder: str | Path) -> dict[str, Any] | None:
