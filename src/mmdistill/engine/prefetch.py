@@ -6,9 +6,11 @@ tensors on the CPU; ``forward(prepared, progress)`` moves them to the device and
 loop then hands ``prepare`` to a :class:`Prefetcher` that works `depth` micro-batches ahead.
 
 Why a thread and not DataLoader worker processes: the step modules hold the models (a fork after torch's
-OpenMP pool started can deadlock, a spawn would pickle them), and the work that dominates preparation —
-image decoding (PIL), tokenisers (Rust), the processors' numpy and torch ops, memory-mapped reads — runs
-outside the GIL, so one thread overlaps with the step's own torch compute. One thread also keeps the
+OpenMP pool started can deadlock, a spawn would pickle them), and much of the preparing — image decoding
+(PIL), tokenisers (Rust), numpy and torch ops, memory-mapped reads — runs outside the GIL, so it overlaps with
+the step's own torch compute. Not all of it: a processor's Python (chat templates, image-processor glue)
+holds the GIL, and next to a Python-bound step (tiny models on the CPU) prefetching is then slower, which is
+why ``train.prefetch`` is off by default (benchmarks/prefetch.py). One thread also keeps the
 order: batch ``i`` is the i-th prepared, so the data a step sees is the same with or without prefetching,
 and an error in a record surfaces in the main thread as the same one-line error, at the step that reads it.
 """
