@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 from pathlib import Path
@@ -27,6 +28,13 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (servers, torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def git_rev() -> str:

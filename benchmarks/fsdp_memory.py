@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import ensure_data, git_rev, machine, write
+from common import ensure_data, free_port, git_rev, machine, write
 from safetensors.torch import load_file
 
 WIDE = {"text_config.hidden_size": 512, "text_config.intermediate_size": 2048, "text_config.num_hidden_layers": 8,
@@ -51,7 +51,7 @@ def main() -> None:
         recipe = args.out / f"{sharding}.yaml"
         recipe.write_text(yaml.safe_dump(d))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + len(rows)),
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                             "-m", "mmdistill.cli", "train", str(recipe), "--overwrite"], capture_output=True, text=True, env=env)
         if p.returncode != 0:
             sys.exit(f"{sharding} run failed:\n{p.stderr[-3000:]}")

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,18 +24,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import git_rev, machine, write
+from common import free_port, git_rev, machine, write
 
 from mmdistill.models import contrastive as cm
 from mmdistill.models import reranker as rm
 
 WORDS = "a the small large red blue green yellow circle square triangle at top left right bottom of image shape".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import git_rev, machine, write
-from serve_load import free_port, sentence, start_server
+from common import free_port, git_rev, machine, write
+from serve_load import sentence, start_server
 
 from mmdistill.models import contrastive as cm
 from mmdistill.models import reranker as rm
