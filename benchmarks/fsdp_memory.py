@@ -1,6 +1,7 @@
-"""Sharded (`train.sharding: fsdp`, PyTorch FSDP2) against data-parallel training, side by side: the same generative
-recipe in 2 processes (torchrun, gloo on the CPU), each process's peak RSS, the parameter elements each process holds,
-samples/s, and how far apart the two runs' final weights are.
+"""Sharded (`train.sharding: fsdp`, PyTorch FSDP2; `zero2` / `zero3`, DeepSpeed ZeRO) against data-parallel training,
+side by side: the same generative recipe in 2 processes (torchrun, gloo on the CPU), each process's peak RSS, the
+parameter elements and the bytes of weights + AdamW state each process holds, samples/s, and how far each run's final
+weights are from data parallel's.
 
     python benchmarks/fsdp_memory.py --out runs/bench-fsdp --steps 8
 
@@ -13,6 +14,7 @@ sharded figure. Writes benchmarks/results/fsdp_memory.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -41,7 +43,8 @@ def main() -> None:
     t0 = time.time()
     data = ensure_data(args.out, 200)
     rows = {}
-    for sharding in ("none", "fsdp"):
+    shardings = ("none", "fsdp", "zero2", "zero3") if importlib.util.find_spec("deepspeed") else ("none", "fsdp")
+    for sharding in shardings:
         d = {"family": "generative", "output_dir": str(args.out / sharding), "seed": 0,
              "data": {"train": str(data / "chat_train.jsonl"), "max_records": 256, "max_length": 256},
              "student": {"init": "tiny", "preset": "vlm-teacher", "image_size": 128, "overrides": WIDE},
@@ -63,11 +66,13 @@ def main() -> None:
                           "loss": summary["last"]["loss"]}
         print(sharding, rows[sharding], flush=True)
     a = load_file(str(args.out / "none" / "model" / "model.safetensors"))
-    b = load_file(str(args.out / "fsdp" / "model" / "model.safetensors"))
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    diffs = {}
+    for sharding in shardings[1:]:
+        b = load_file(str(args.out / sharding / "model" / "model.safetensors"))
+        diffs[sharding] = max(float((a[k] - b[k]).abs().max()) for k in a)
     mib = 2**20
     lines = [
-        "### Sharded (FSDP2) vs data-parallel training, 2 processes",
+        "### Sharded (FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) vs data-parallel training, 2 processes",
         "",
         f"Command: `python benchmarks/fsdp_memory.py --out {args.out} --steps {args.steps}` — machine: {machine()} — commit {git_rev()} — {time.time() - t0:.0f} s",
         "",
@@ -75,22 +80,27 @@ def main() -> None:
         f"{args.batch_size} records, 2 processes on the CPU (torchrun, gloo, {args.threads} torch thread each). Training state in fp32 with AdamW: "
         f"16 bytes a parameter = {16 * rows['none']['whole'] / mib:.0f} MiB a process unsharded.",
         "",
-        "| training | parameter elements held per process | weights + AdamW state, rank 0 / rank 1 | peak RSS rank 0 / rank 1 | samples/s | final loss |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| training | parameter elements held per process | weights + AdamW state, rank 0 / rank 1 | × DDP | peak RSS rank 0 / rank 1 | samples/s | final loss | max abs diff of final weights vs DDP |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, label in (("none", "data parallel (DDP)"), ("fsdp", "`train.sharding: fsdp`")):
+    labels = {"none": "data parallel (DDP)", "fsdp": "`train.sharding: fsdp`", "zero2": "`train.sharding: zero2`", "zero3": "`train.sharding: zero3`"}
+    for name in shardings:
         r = rows[name]
-        lines.append(f"| {label} | {r['held']:,} of {r['whole']:,} | {r['state'][0] / mib:.0f} / {r['state'][1] / mib:.0f} MiB | "
-                     f"{r['peak_rss'][0] / mib:.0f} / {r['peak_rss'][1] / mib:.0f} MiB | "
-                     f"{r['samples_per_s']:.1f} | {r['loss']:.4f} |")
-    lines += ["", f"- Weights + AdamW state held per process: {rows['fsdp']['state'][1] / rows['none']['state'][1]:.2f}× of data parallel's, sharded "
-              "(gradients, freed after every step, come on top during a step, sharded alike).",
+        lines.append(f"| {labels[name]} | {r['held']:,} of {r['whole']:,} | {r['state'][0] / mib:.0f} / {r['state'][1] / mib:.0f} MiB | "
+                     f"{r['state'][1] / rows['none']['state'][1]:.2f}× | {r['peak_rss'][0] / mib:.0f} / {r['peak_rss'][1] / mib:.0f} MiB | "
+                     f"{r['samples_per_s']:.1f} | {r['loss']:.4f} | {diffs[name]:.1e} |" if name != "none" else
+                     f"| {labels[name]} | {r['held']:,} of {r['whole']:,} | {r['state'][0] / mib:.0f} / {r['state'][1] / mib:.0f} MiB | 1.00× | "
+                     f"{r['peak_rss'][0] / mib:.0f} / {r['peak_rss'][1] / mib:.0f} MiB | {r['samples_per_s']:.1f} | {r['loss']:.4f} | — |")
+    lines += ["", "- Weights + AdamW state held per process against data parallel's: FSDP2 halves it; DeepSpeed keeps an fp32 master copy "
+              "of each partition beside the fp32 weights, so ZeRO-2 (whole weights + half the master + half the moments) and ZeRO-3 (half "
+              "of each) hold more than FSDP2 in fp32 training; with bf16 weights on GPUs the master copy is what replaces fp32 weights. "
+              "Gradients, freed after every step, come on top during a step, sharded alike.",
               "- Peak RSS moves much less on the CPU: every process builds the whole model before sharding it, the Python / torch / "
               "tokenizer footprint is the same, and rank 0 also gathers the whole model for the checkpoint and the final folder. "
               "On GPUs, what sharding frees is device memory, which is the state column (not measured here: no GPU).",
-              f"- Final weights, sharded vs data parallel: max abs difference {diff:.1e}; samples/s over gloo on 2 shared cores (sharded: an "
-              "all-gather per block in forward and backward, a reduce-scatter per block) says nothing of NCCL on GPUs."]
-    write(args.results, "fsdp_memory", {"rows": rows, "max_abs_diff": diff, "steps": args.steps, "batch_size": args.batch_size}, "\n".join(lines) + "\n")
+              "- samples/s over gloo on 2 shared cores (sharded: an all-gather per block in forward and backward, a reduce-scatter "
+              "per block; DeepSpeed: its own bucketed reductions) says nothing of NCCL on GPUs."]
+    write(args.results, "fsdp_memory", {"rows": rows, "max_abs_diff": diffs, "steps": args.steps, "batch_size": args.batch_size}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

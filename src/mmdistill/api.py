@@ -66,6 +66,9 @@ def data_stats(path: str | Path, kind: str | None = None, *, train: str | Path |
 
 def train(recipe: Recipe | str | Path, overrides: list[str] | None = None, *, resume: bool = False, overwrite: bool = False, require_teacher: bool | None = None, log: Callable = print) -> dict[str, Any]:
     """Run a recipe. `require_teacher`: True for `distill`, False for `train`, None for either."""
+    from .engine.zero import take_launch_env
+
+    take_launch_env()  # an accelerate FSDP / DeepSpeed launch is read before any model loads (engine/zero.py)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:

@@ -241,12 +241,14 @@ class TrainConfig(Strict):
         "batches, their order and the losses are the same either way. Pays off when preparing is heavy next to a step whose kernels release "
         "the GIL (streamed images); on 2 CPU cores with tiny models it ranged from 1.16x to 0.73x (benchmarks/prefetch.py).",
     )
-    sharding: Literal["none", "fsdp"] = Field(
+    sharding: Literal["none", "fsdp", "zero2", "zero3"] = Field(
         "none",
         description="fsdp: shard the student's parameters, gradients and optimizer state over the processes with PyTorch FSDP2 (`fully_shard` on "
         "every transformer block, then the whole step module); checkpoints and the final folder are gathered, so they are the same files as "
-        "unsharded training writes. Any launcher (torchrun, accelerate launch with configs/accelerate/ddp.yaml), CPU (gloo) or GPU (NCCL); "
-        "with one process it trains unsharded.",
+        "unsharded training writes. zero2 / zero3: DeepSpeed ZeRO stage 2 (optimizer state and gradients partitioned) or 3 (weights too), "
+        "engine/zero.py; checkpoints hold the gathered weights plus DeepSpeed's partitioned state, which resumes under the same stage and "
+        "process count. An accelerate launch with configs/accelerate/fsdp.yaml or deepspeed-zero2/3.yaml sets the same. Any launcher, CPU "
+        "(gloo) or GPU (NCCL); with one process it trains unsharded.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute the student's block activations in backward (Hugging Face gradient checkpointing): less activation memory for about a third more compute. Any family whose model supports it.")
 

@@ -103,12 +103,14 @@ def save_checkpoint(
     *,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and prune old ones. Call on the main process only.
 
     `model_state` / `optimizer_state` (sharded training: gathered from every process, the optimizer's keyed by
     parameter index as a plain optimizer's are) replace ``module.state_dict()`` / ``optimizer.state_dict()``, so a
-    sharded run writes the same files as an unsharded one."""
+    sharded run writes the same files as an unsharded one. `move_in` ({name: folder}, DeepSpeed's partitioned state)
+    is moved into the checkpoint before it is published."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{_STEP_PREFIX}{step:06d}"
     tmp = ckpt_dir / f"{final.name}.tmp"
@@ -121,9 +123,12 @@ def save_checkpoint(
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     payload = dict(state, step=step, optimizer=opt_meta, rng=_rng_state())
     (tmp / "state.json").write_text(json.dumps(payload))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for name, folder in (move_in or {}).items():
+        os.replace(folder, tmp / name)
+    for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -138,12 +138,13 @@ SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 def _check_distributed(accelerator) -> None:
     """The loop takes accelerate's process set-up (one or many processes, CPU or GPU) and does data parallel itself, or
-    shards with FSDP2 (``train.sharding: fsdp``, engine/sharding.py). accelerate's own FSDP / DeepSpeed plugins would
-    wrap the model their way, which the loop's checkpoints do not follow: refused with one line."""
+    shards with FSDP2 or DeepSpeed ZeRO (``train.sharding``; an accelerate launch config for them is read by
+    engine/zero.py and kept from accelerate). An Accelerator handed in with accelerate's own FSDP / DeepSpeed plugin
+    would wrap the model its way, which the loop's checkpoints do not follow: refused with one line."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
     if kind in SHARDED:
-        raise TrainingError(f"accelerate is set up for {kind}: launch with configs/accelerate/ddp.yaml (or torchrun) and set "
-                            "train.sharding: fsdp for sharded training (PyTorch FSDP2); accelerate's FSDP / DeepSpeed plugins are not used")
+        raise TrainingError(f"accelerate is set up for {kind}: pass an Accelerator without accelerate's FSDP / DeepSpeed plugins and set "
+                            "train.sharding (fsdp, zero2, zero3), or launch with configs/accelerate/fsdp.yaml or deepspeed-zero2/3.yaml")
 
 
 def train_loop(
@@ -166,6 +167,9 @@ def train_loop(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from . import zero
+
+    mode = zero.resolve(cfg.sharding, zero.take_launch_env())
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -173,9 +177,13 @@ def train_loop(
         raise TrainingError(f"train.batch_size={cfg.batch_size} does not divide by {world} processes")
     local = cfg.batch_size // world
     seed_everything(seed)
-    fsdp = cfg.sharding == "fsdp" and world > 1  # one process: nothing to shard over
-    if fsdp and accelerator.scaler is not None:
-        raise TrainingError("train.sharding=fsdp trains in fp32 or bf16 (precision: bf16 or auto on GPUs with bf16); fp16's loss scaler is not sharded")
+    if world == 1:  # one process: nothing to shard over
+        mode = "none"
+    fsdp, ds = mode == "fsdp", mode in zero.STAGES
+    if ds:
+        zero.require(mode)
+    if (fsdp or ds) and accelerator.scaler is not None:
+        raise TrainingError(f"train.sharding={mode} trains in fp32 or bf16 (precision: bf16 or auto on GPUs with bf16); fp16's loss scaler is not sharded")
 
     def new_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         opt = torch.optim.AdamW(param_groups(m, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -183,7 +191,7 @@ def train_loop(
             g["initial_lr"] = cfg.lr
         return opt
 
-    optimizer = None if fsdp else new_optimizer(module)  # sharded: built over the sharded parameters, below
+    optimizer = None if (fsdp or ds) else new_optimizer(module)  # sharded: built over the sharded parameters, below
     ckpt_dir = out_dir / "checkpoints"
     start_step, resumed_from, opt_state = 0, None, None
     if resume:
@@ -192,6 +200,7 @@ def train_loop(
             saved = json.loads((ckpts[-1] / "state.json").read_text()).get("fingerprint")
             if saved != fingerprint:
                 raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
+            zero.check_resume(ckpts[-1], json.loads((ckpts[-1] / "state.json").read_text()), mode, world)
             state = load_checkpoint(ckpts[-1], module, optimizer)
             start_step = resumed_from = int(state["step"])
             opt_state = state.get("optimizer_state")
@@ -210,6 +219,15 @@ def train_loop(
         optimizer = new_optimizer(model)
         if opt_state is not None:
             sharding.load_optimizer_state(model, optimizer, opt_state)
+    elif ds:
+        held = zero.hold_scalars(module)  # 0-d parameters as 1-element ones, which DeepSpeed can take
+        optimizer = new_optimizer(module)
+        model = zero.initialize(module, optimizer, cfg, local, zero.STAGES[mode])
+        if resumed_from is not None:
+            zero.load(model, ckpts[-1])
+        if accelerator.is_main_process and not quiet:
+            held_n, whole = zero.local_share(module)
+            print(f"deepspeed: ZeRO-{zero.STAGES[mode]} over {world} processes; this process holds {held_n:,} of {whole:,} parameter elements", flush=True)
     else:
         model, optimizer = accelerator.prepare(module, optimizer)
 
@@ -254,7 +272,7 @@ def train_loop(
                 # gradients are all-reduced (sharded: reduce-scattered) only on the last micro-batch of a step
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
-                with accelerator.no_sync(model) if (not sync and world > 1 and not fsdp) else _null():
+                with accelerator.no_sync(model) if (not sync and world > 1 and mode == "none") else _null():
                     with accelerator.autocast():
                         parts = model(batch, progress)
                     for name, value in parts.items():
@@ -262,17 +280,25 @@ def train_loop(
                         if not math.isfinite(v):
                             raise TrainingError(f"step {step}: loss part {name!r} is {v}; lower train.lr or check the data")
                         sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
-                    accelerator.backward(parts["loss"] / cfg.grad_accum)
-            if fsdp:
+                    if ds:  # DeepSpeed divides by the accumulation steps itself and steps at the last micro-batch
+                        model.backward(parts["loss"])
+                        model.step()
+                    else:
+                        accelerator.backward(parts["loss"] / cfg.grad_accum)
+            if ds:
+                if cfg.max_grad_norm is not None:  # DeepSpeed's norm over every partition (it clipped by it)
+                    sums["grad_norm"] = float(model.get_global_grad_norm() or 0.0)
+            elif fsdp:
                 sharding.sync_replicated_grads(model)
-            if cfg.max_grad_norm is not None:
+            if cfg.max_grad_norm is not None and not ds:
                 if fsdp:  # the norm over every shard and the whole parameters, clipped in place
                     gnorm = sharding.clip_grad_norm(list(model.parameters()), cfg.max_grad_norm)
                 else:
                     gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 sums["grad_norm"] = float(gnorm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not ds:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             window_samples += cfg.batch_size * cfg.grad_accum
             last = sums
             done = step + 1
@@ -293,16 +319,26 @@ def train_loop(
                 gathered = {}
                 if fsdp:  # every process takes part in gathering; the main one writes the same files as unsharded training
                     gathered = {"model_state": sharding.full_model_state(model), "optimizer_state": sharding.full_optimizer_state(model, optimizer)}
+                elif ds:  # DeepSpeed's partitioned state from every process, moved into the checkpoint by the main one
+                    staging = ckpt_dir / f".deepspeed-{done:06d}"
+                    if accelerator.is_main_process:  # what a killed run may have left there
+                        zero.discard(staging)
+                    accelerator.wait_for_everyone()
+                    zero.save(model, staging)
+                    # (optimizer.safetensors: empty, the optimizer state is DeepSpeed's)
+                    gathered = {"model_state": zero.full_state(model, module, held), "optimizer_state": {"state": {}, "param_groups": []},
+                                "move_in": {"deepspeed": staging}}
+                    accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(
                         ckpt_dir,
                         done,
-                        module if fsdp else accelerator.unwrap_model(model),
+                        module if (fsdp or ds) else accelerator.unwrap_model(model),
                         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                         {
                             "fingerprint": fingerprint,
                             "world_size": world,
-                            "sharding": "fsdp" if fsdp else "none",
+                            "sharding": mode,
                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         },
                         keep_last=cfg.keep_last,
@@ -324,12 +360,21 @@ def train_loop(
         from .sharding import held_bytes
 
         peaks, states = [0] * world, [0] * world
-        dist.all_gather_object(states, held_bytes(model, optimizer))
+        dist.all_gather_object(states, zero.held_bytes(model, module) if ds else held_bytes(model, optimizer))
     model.eval()
     if fsdp:  # the final folder is saved from whole parameters
         full = sharding.full_model_state(model)
         if accelerator.is_main_process:
             sharding.unshard_into(module, full)
+        unwrapped = module
+    elif ds:  # gathered, DeepSpeed's hooks and the 0-d views removed: a plain model to save
+        full = zero.full_state(model, module, held)
+        model.destroy()
+        zero.restore_scalars(held)
+        if accelerator.is_main_process:
+            from .sharding import unshard_into
+
+            unshard_into(module, full)
         unwrapped = module
     else:
         unwrapped = accelerator.unwrap_model(model)

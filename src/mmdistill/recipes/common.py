@@ -72,7 +72,9 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from ..engine.loop import _mixed_precision
+    from ..engine.zero import take_launch_env
 
+    take_launch_env()  # a DeepSpeed / FSDP launch: the loop shards itself (engine/zero.py, engine/sharding.py)
     return Accelerator(
         mixed_precision=_mixed_precision(precision),
         cpu=not torch.cuda.is_available(),

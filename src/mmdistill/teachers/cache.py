@@ -287,6 +287,9 @@ def cache_teacher(recipe: Recipe, out: str | Path, *, top_k: int = 16, sample: i
         raise RecipeError(f"dtype {dtype!r}: choose fp16 or fp32")
     if sample is not None and sample < 1 or top_k < 1:
         raise RecipeError("--top-k and --sample must be positive")
+    from ..engine.zero import take_launch_env
+
+    take_launch_env()  # launched with a DeepSpeed / FSDP config: caching splits the records as under DDP
     state = PartialState(cpu=not torch.cuda.is_available())
     records, errors = _records(recipe)
     settings = settings_of(recipe, top_k=top_k, sample=sample, dtype=dtype)

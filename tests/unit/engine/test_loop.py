@@ -119,7 +119,7 @@ def test_sharded_accelerate_setups_are_refused_in_one_line():
     from mmdistill.engine.loop import TrainingError, _check_distributed
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(TrainingError, match=f"set up for {kind.name}: launch with configs/accelerate/ddp.yaml .* train.sharding: fsdp"):
+        with pytest.raises(TrainingError, match=f"set up for {kind.name}: pass an Accelerator without .* train.sharding \\(fsdp, zero2, zero3\\)"):
             _check_distributed(SimpleNamespace(distributed_type=kind))
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         _check_distributed(SimpleNamespace(distributed_type=kind))
@@ -132,7 +132,10 @@ def test_shipped_accelerate_configs_load_with_accelerate():
 
     root = Path(__file__).parents[3] / "configs/accelerate"
     kinds = {p.name: load_config_from_file(str(p)).distributed_type for p in sorted(root.glob("*.yaml"))}
-    assert {k: getattr(v, "name", str(v)) for k, v in kinds.items()} == {"ddp.yaml": "MULTI_GPU"}
+    assert {k: getattr(v, "name", str(v)) for k, v in kinds.items()} == {
+        "ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed-zero2.yaml": "DEEPSPEED", "deepspeed-zero3.yaml": "DEEPSPEED"}
+    for stage in (2, 3):  # the stage mmdistill reads from the launch (engine/zero.py)
+        assert load_config_from_file(str(root / f"deepspeed-zero{stage}.yaml")).deepspeed_config["zero_stage"] == stage
 
 
 class ToyPrepared(Toy):
