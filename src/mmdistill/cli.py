@@ -123,6 +123,17 @@ def _train(recipe: Path, overrides: List[str], resume: bool, overwrite: bool, re
     if ev:
         m = ev["metrics"]
         typer.echo("eval: " + " ".join(f"{k}={v:.2f}" for k, v in m.items()))
+    _close_processes()
+
+
+def _close_processes() -> None:
+    """Several processes: leave the process group together before the interpreter tears down (a live gloo group at exit
+    aborted a DeepSpeed ZeRO-3 run now and then, after its files were written)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command()
@@ -163,6 +174,7 @@ def finetune(
     ev = summary.get("eval")
     if ev:
         typer.echo("eval: " + " ".join(f"{k}={v:.2f}" for k, v in ev["metrics"].items()))
+    _close_processes()
 
 
 @app.command()
@@ -261,6 +273,7 @@ def teacher_cache(
 
     res = _guard(api.teacher_cache, recipe, overrides or [], out, top_k=top_k, sample=sample, dtype=dtype, shard_records=shard_records)
     typer.echo(f"{out}: {res['stored']} records stored ({res['computed']} computed now)")
+    _close_processes()
 
 
 @teacher_app.command("verify")
