@@ -435,13 +435,15 @@ def prune(
 def quantize(
     model: Path = typer.Argument(..., help="Model folder."),
     out: Path = typer.Option(..., "--out", help="Folder for the quantized model (plain from_pretrained loads it; needs torchao, or bitsandbytes for bnb-*)."),
-    method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight (torchao) | bnb-int8 | bnb-nf4 (bitsandbytes)."),
+    method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight (torchao) | bnb-int8 | bnb-nf4 (bitsandbytes) | gptq-int4 | awq-int4 (GPTQModel, calibrated)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-int4 / awq-int4: a chat or rerank JSONL, or a text file with a sample a line."),
+    max_samples: int = typer.Option(128, "--max-samples", help="Calibration samples read (gptq-int4 / awq-int4)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
 ):
-    """Quantize a model folder with torchao (CPU serving) or bitsandbytes (the formats BitsAndBytesConfig loads)."""
+    """Quantize a model folder with torchao (CPU serving), bitsandbytes (the formats BitsAndBytesConfig loads) or GPTQ / AWQ."""
     from . import api
 
-    res = _guard(api.quantize, model, out, method=method, overwrite=overwrite)
+    res = _guard(api.quantize, model, out, method=method, overwrite=overwrite, calibration=calibration, max_samples=max_samples)
     typer.echo(f"{method} model written to {out}: {res['size_bytes']:,} -> {res['quantized_size_bytes']:,} bytes of weights")
 
 

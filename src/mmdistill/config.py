@@ -450,7 +450,9 @@ class DistillStage(Strict):
 
 
 class QuantizeStage(Strict):
-    method: Literal["int8-dynamic", "int8-weight", "int4-weight", "bnb-int8", "bnb-nf4"] = Field(description="torchao method, or bitsandbytes (bnb-*, the `bnb` extra) (compress/quantize.py).")
+    method: Literal["int8-dynamic", "int8-weight", "int4-weight", "bnb-int8", "bnb-nf4", "gptq-int4", "awq-int4"] = Field(
+        description="torchao method, bitsandbytes (bnb-*, the `bnb` extra) or GPTQ / AWQ (the `gptq` extra) (compress/quantize.py).")
+    calibration: str | None = Field(None, description="gptq-int4 / awq-int4: calibration data (chat / rerank JSONL or a text file); default the pipeline's data.train.")
 
 
 class PipelineStage(Strict):

@@ -18,6 +18,22 @@ Both quantize ``nn.Linear`` layers only (MoE experts stay full precision: bitsan
 format), save with ``save_pretrained``, and reload with a plain ``from_pretrained(folder)`` where
 bitsandbytes is installed.
 
+GPTQ and AWQ (the ``gptq`` extra: GPTQModel + optimum) calibrate 4-bit weights on data:
+
+- ``gptq-int4``: GPTQ (second-order error compensation, layer by layer, on calibration activations);
+- ``awq-int4``: AWQ (activation-aware per-channel scales before rounding), text-only causal LMs (Qwen3): GPTQModel
+  7.7's AWQ failed on a tiny Qwen3-VL here (its scale search divides the per-head q/k norm weights by full-width
+  scales), so a vision-language model is refused in one line, pointing to gptq-int4.
+
+Both through GPTQModel, which runs its calibration and its packed int4 kernels on the CPU as on CUDA (checked here
+on this 2-core CPU: GPTQModel 7.7 beside torch 2.14.1 and transformers 5.25), save the GPTQ / AWQ checkpoint
+formats, and a plain ``from_pretrained(folder)`` reloads them where GPTQModel and optimum are installed. They
+quantize the decoder's Linear layers (attention and MLP), in groups of 128 input features (64 or 32 where a width is
+not a multiple); the vision tower, embeddings and head stay full precision. Calibration is text: the prompts and
+responses of a chat JSONL, the instruction / query / document texts of a rerank JSONL, or the lines of a text file.
+Why GPTQModel: it is the maintained successor of AutoGPTQ that transformers' GPTQ integration calls, and it covers
+AWQ too (AutoAWQ is archived); llm-compressor 0.14 would have pinned torch 2.14.0 and transformers 5.17.
+
 Methods (CPU):
 
 - ``int8-dynamic``: int8 weights (per output channel) and int8 activations quantized per token at
@@ -41,6 +57,7 @@ name (torchao's ``FqnToConfig``); its ``_default`` key would also quantize Linea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,7 +66,10 @@ import torch
 
 TORCHAO_METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
 BNB_METHODS = ("bnb-int8", "bnb-nf4")
-METHODS = TORCHAO_METHODS + BNB_METHODS
+GPTQ_METHODS = ("gptq-int4", "awq-int4")
+METHODS = TORCHAO_METHODS + BNB_METHODS + GPTQ_METHODS
+MIN_CALIBRATION = 8
+MIN_TOKENS = 10  # GPTQModel's calibration_data_min_length
 INT4_GROUP = 32
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -131,6 +151,98 @@ def _bitsandbytes():
         raise QuantizeError("bnb-int8 / bnb-nf4 need bitsandbytes, which is not installed: pip install 'mmdistill[bnb]' (or pip install bitsandbytes)") from None
 
 
+def _gptqmodel():
+    # GPTQModel's loader pool asks for 2 CPU workers, more than its default share of a 2-core machine (it then refuses
+    # to load); an explicit count is its own documented switch
+    if not os.environ.get("GPTQMODEL_CPU_WORKERS", "").strip().isdigit():
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, (os.cpu_count() or 2) // 2))
+    try:
+        import gptqmodel  # noqa: F401
+        import optimum  # noqa: F401  (transformers' GPTQ loader asks for it)
+    except ImportError:
+        raise QuantizeError("gptq-int4 / awq-int4 need GPTQModel and optimum, which are not installed: pip install 'mmdistill[gptq]'") from None
+
+
+def calibration_texts(path: str | Path, max_samples: int) -> list[str]:
+    """Calibration texts from a chat / rerank JSONL (its text fields joined) or a text file (a sample a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data {path}: no such file")
+    texts: list[str] = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if len(texts) >= max_samples:
+            break
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            texts.append(line.strip())
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QuantizeError(f"{path}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise QuantizeError(f"{path}:{i}: a record must be a JSON object")
+        parts = [rec.get(k) for k in ("instruction", "prompt", "text", "response")]
+        query = rec.get("query")
+        parts.append(query.get("text") if isinstance(query, dict) else query)
+        parts += [d.get("text") if isinstance(d, dict) else d for d in rec.get("documents") or []]
+        text = "\n".join(p for p in parts if isinstance(p, str) and p.strip())
+        if text:
+            texts.append(text)
+    if len(texts) < min(MIN_CALIBRATION, max_samples):
+        raise QuantizeError(f"calibration data {path}: {len(texts)} text sample(s); GPTQ / AWQ need at least {MIN_CALIBRATION}")
+    return texts
+
+
+def _group_size(config) -> int:
+    """The largest of 128 / 64 / 32 that divides the decoder's widths (GPTQModel groups input features)."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    widths = [getattr(tc, k, None) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    heads = getattr(tc, "num_attention_heads", None), getattr(tc, "head_dim", None)
+    if all(heads):
+        widths.append(heads[0] * heads[1])
+    for g in (128, 64, 32):
+        if all(w % g == 0 for w in widths if w):
+            return g
+    raise QuantizeError(f"the decoder's widths {[w for w in widths if w]} are not multiples of 32: GPTQ / AWQ group sizes cannot fit")
+
+
+def quantize_gptq(src: Path, dst: Path, method: str, calibration: str | Path, max_samples: int = 128) -> dict[str, Any]:
+    """GPTQ / AWQ 4-bit weights through GPTQModel, calibrated on text; the folder `dst` (written whole, by GPTQModel)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    _gptqmodel()
+    from gptqmodel import AWQConfig, GPTQModel, QuantizeConfig
+
+    config = AutoConfig.from_pretrained(str(src))
+    if method == "awq-int4" and hasattr(config, "vision_config"):
+        raise QuantizeError(f"{src}: awq-int4 takes text-only causal LMs; GPTQModel 7.7's AWQ fails on Qwen3-VL here (its scale search "
+                            "mis-sizes the per-head q/k norms): use gptq-int4 for vision-language models")
+    texts = calibration_texts(calibration, max_samples)
+    group = _group_size(config)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    samples = []
+    for t in texts:
+        ids = tok(t, truncation=True, max_length=512)["input_ids"]
+        if len(ids) >= MIN_TOKENS:  # GPTQModel drops shorter samples
+            samples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    if len(samples) < min(MIN_CALIBRATION, len(texts)):
+        raise QuantizeError(f"calibration data {calibration}: {len(samples)} of {len(texts)} samples have at least {MIN_TOKENS} tokens; "
+                            f"GPTQ / AWQ need {min(MIN_CALIBRATION, len(texts))} (longer texts, or more of them)")
+    qcfg = QuantizeConfig(bits=4, group_size=group) if method == "gptq-int4" else AWQConfig(bits=4, group_size=group)
+    model = GPTQModel.load(str(src), qcfg, device="cuda:0" if torch.cuda.is_available() else "cpu")
+    model.quantize(samples, batch_size=8)
+    model.save(str(dst))
+    from safetensors import safe_open
+
+    quantized = set()
+    for f in dst.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            quantized |= {k.rsplit(".", 1)[0] for k in fh.keys() if k.endswith(".qweight")}
+    return {"quantized": sorted(quantized), "group_size": group, "calibration_samples": len(samples)}
+
+
 def bnb_config(method: str):
     """transformers' BitsAndBytesConfig for `method` (bnb-int8 | bnb-nf4)."""
     from transformers import BitsAndBytesConfig
@@ -159,21 +271,34 @@ def load_quantized(model_dir: str | Path, method: str, *, trust_remote_code: boo
     return cls.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, overwrite: bool = False) -> dict[str, Any]:
+def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, overwrite: bool = False, calibration: str | Path | None = None,
+                    max_samples: int = 128) -> dict[str, Any]:
     """Quantize the model folder `model_dir` by `method` into the folder `out` (safetensors + the processor files).
+    GPTQ / AWQ calibrate on `calibration` (its first `max_samples` texts).
 
     The input folder is never written. Returns a summary: method, sizes, what was quantized.
     """
     src, dst = Path(model_dir), Path(out)
     if method not in METHODS:
         raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
-    _bitsandbytes() if method in BNB_METHODS else _torchao()
+    gptq = method in GPTQ_METHODS
+    if gptq and calibration is None:
+        raise QuantizeError(f"{method} calibrates on data: pass --calibration DATA (a chat or rerank JSONL, or a text file with a sample a line)")
+    _gptqmodel() if gptq else _bitsandbytes() if method in BNB_METHODS else _torchao()
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model folder (no config.json)")
     if dst.resolve() == src.resolve():
         raise QuantizeError(f"--out {dst} is the input folder; write the quantized model elsewhere")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    if gptq:
+        if dst.exists():
+            shutil.rmtree(dst)
+        done = quantize_gptq(src, dst, method, calibration, max_samples)
+        return _finish(src, dst, {
+            "method": method, "backend": "gptqmodel", "source": str(src), "size_bytes": folder_size(src), "quantized_size_bytes": folder_size(dst),
+            "quantized_modules": len(done["quantized"]), "group_size": done["group_size"], "calibration_samples": done["calibration_samples"],
+            "note": "the decoder's Linear layers are 4-bit (packed 8 a 32-bit word); vision tower, embeddings and head stay full precision"})
     model = load_quantized(src, method)
     bnb = method in BNB_METHODS
     if bnb:
@@ -195,9 +320,6 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
         cfg = json.loads((dst / "config.json").read_text())
         cfg["experts_implementation"] = "eager"
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for f in src.iterdir():  # tokenizer / processor / chat template files
-        if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES and not (dst / f.name).exists():
-            shutil.copy2(f, dst / f.name)
     summary = {
         "method": method,
         "backend": "bitsandbytes" if bnb else "torchao",
@@ -211,5 +333,14 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
         summary["note"] = "bitsandbytes quantizes Linear layers only: the MoE experts' fused tensors stay full precision"
     if method == "int4-weight":
         summary["note"] = "int4 values are stored one per int8 byte on CPU (torchao 0.18 has no packed CPU int4 format)"
+    return _finish(src, dst, summary)
+
+
+def _finish(src: Path, dst: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Copy the tokenizer / processor / chat template files the quantizer did not write; write quantize.json."""
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    summary["quantized_size_bytes"] = folder_size(dst)
     (dst / "quantize.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
