@@ -231,9 +231,22 @@ def quantize_gptq(src: Path, dst: Path, method: str, calibration: str | Path, ma
         raise QuantizeError(f"calibration data {calibration}: {len(samples)} of {len(texts)} samples have at least {MIN_TOKENS} tokens; "
                             f"GPTQ / AWQ need {min(MIN_CALIBRATION, len(texts))} (longer texts, or more of them)")
     qcfg = QuantizeConfig(bits=4, group_size=group) if method == "gptq-int4" else AWQConfig(bits=4, group_size=group)
-    model = GPTQModel.load(str(src), qcfg, device="cuda:0" if torch.cuda.is_available() else "cpu")
-    model.quantize(samples, batch_size=8)
-    model.save(str(dst))
+    src, dst = src.resolve(), dst.resolve()
+    # GPTQModel writes its per-layer quantization log to ./logs of the working directory: run it in a scratch folder
+    # and keep that log with the model instead (dst/quantize_logs/)
+    import tempfile
+
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="mmdistill-gptq-") as scratch:
+        os.chdir(scratch)
+        try:
+            model = GPTQModel.load(str(src), qcfg, device="cuda:0" if torch.cuda.is_available() else "cpu")
+            model.quantize(samples, batch_size=8)
+            model.save(str(dst))
+        finally:
+            os.chdir(cwd)
+        if (Path(scratch) / "logs").is_dir():
+            shutil.copytree(Path(scratch) / "logs", dst / "quantize_logs")
     from safetensors import safe_open
 
     quantized = set()
@@ -296,7 +309,7 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
             shutil.rmtree(dst)
         done = quantize_gptq(src, dst, method, calibration, max_samples)
         return _finish(src, dst, {
-            "method": method, "backend": "gptqmodel", "source": str(src), "size_bytes": folder_size(src), "quantized_size_bytes": folder_size(dst),
+            "method": method, "backend": "gptqmodel", "source": str(src), "size_bytes": folder_size(src),
             "quantized_modules": len(done["quantized"]), "group_size": done["group_size"], "calibration_samples": done["calibration_samples"],
             "note": "the decoder's Linear layers are 4-bit (packed 8 a 32-bit word); vision tower, embeddings and head stay full precision"})
     model = load_quantized(src, method)
@@ -325,7 +338,6 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
         "backend": "bitsandbytes" if bnb else "torchao",
         "source": str(src),
         "size_bytes": folder_size(src),
-        "quantized_size_bytes": folder_size(dst),
         "quantized_modules": len(quantized),
         "moe_experts_quantized": moe and not bnb,
     }
@@ -337,7 +349,8 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
 
 
 def _finish(src: Path, dst: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Copy the tokenizer / processor / chat template files the quantizer did not write; write quantize.json."""
+    """Copy the tokenizer / processor / chat template files the quantizer did not write; measure the quantized weights;
+    write quantize.json."""
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES and not (dst / f.name).exists():
             shutil.copy2(f, dst / f.name)
