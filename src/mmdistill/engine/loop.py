@@ -197,10 +197,10 @@ def train_loop(
     if resume:
         ckpts = list_checkpoints(ckpt_dir)
         if ckpts:
-            saved = json.loads((ckpts[-1] / "state.json").read_text()).get("fingerprint")
-            if saved != fingerprint:
+            saved = json.loads((ckpts[-1] / "state.json").read_text())
+            if saved.get("fingerprint") != fingerprint:
                 raise TrainingError(f"{ckpts[-1]}: checkpoint belongs to a different recipe; use --overwrite to start over")
-            zero.check_resume(ckpts[-1], json.loads((ckpts[-1] / "state.json").read_text()), mode, world)
+            zero.check_resume(ckpts[-1], saved, mode, world)
             state = load_checkpoint(ckpts[-1], module, optimizer)
             start_step = resumed_from = int(state["step"])
             opt_state = state.get("optimizer_state")
