@@ -1,11 +1,12 @@
 """Load test of `mmdistill serve` on loopback: N concurrent requests, with and without micro-batching.
 
-    python benchmarks/serve_load.py --out runs/bench-serve --requests 200
+    python benchmarks/serve_load.py --out runs/bench-serve --requests 1000 --concurrency 200
 
 For /v1/rerank (tiny Qwen3 seq-cls reranker `vlm-student`, one query + --docs documents per request) and
 /v1/embeddings (tiny CLIPModel `clip-student`, one text per request), starts the real server
 (`python -m mmdistill.cli serve`, its own process, cache off so every request reaches the model), fires
---requests requests at once (at most --concurrency in flight) from httpx, and records errors, p50/p95/p99
+--requests requests at once (at most --concurrency in flight: 200 concurrent requests, held for long enough that
+the first and last batches, which are small, weigh little), and records errors, p50/p95/p99
 latency and throughput; once with micro-batching (--max-batch items, --max-wait-ms) and once with
 --no-batching. Writes benchmarks/results/serve_load.{json,md}.
 """
@@ -128,7 +129,7 @@ def sentence(rng, lo=3, hi=10) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/bench-serve"))
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=200, help="requests in flight at most")
     ap.add_argument("--docs", type=int, default=4, help="documents per rerank request")
     ap.add_argument("--max-batch", type=int, default=64)
@@ -199,16 +200,18 @@ def main() -> None:
     payload["seconds"] = round(time.time() - t_start)
     payload["load_average_end"] = round(os.getloadavg()[0], 2)
     md = [
-        f"### Serving under load: {args.requests} concurrent requests on loopback, with and without micro-batching",
+        f"### Serving under load: {args.concurrency} concurrent requests on loopback ({args.requests} in all), with and without micro-batching",
         "",
-        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --threads {args.threads} --repeats {args.repeats} --client {args.client}` — machine: {payload['machine']} "
+        f"Command: `python benchmarks/serve_load.py --out runs/bench-serve --requests {args.requests} --concurrency {args.concurrency} --threads {args.threads} --repeats {args.repeats} --client {args.client}` — machine: {payload['machine']} "
         f"(server and load generator share it; the server runs {args.threads} intra-op thread(s)) — commit {payload['commit']} — {payload['seconds']} s — 1-min load average {payload['load_average_start']} at the start, {payload['load_average_end']} at the end",
         "",
-        "Threads: 1 by default because this 2-core machine is shared (other jobs keep its load average near 6): there, torch with 2 intra-op "
-        "threads spin-waits for a preempted core, and in probes ran many times slower than with 1 thread.",
+        "Threads: 1 by default: on 2 cores, a second torch intra-op thread competes with the server's event loop and the load "
+        "generator (and, when other jobs load the machine, spin-waits for a preempted core).",
         "",
         f"Tiny models (seq-cls reranker `vlm-student`, CLIP `clip-student`), result cache off. Rerank: 1 query + {args.docs} documents per request; "
         f"embeddings: 1 text per request. Micro-batching: up to {args.max_batch} items per model call, {args.max_wait_ms:g} ms wait. "
+        "The reranker server runs a model call's common prompt prefix once (the system prompt and instruction, and the query "
+        "when one request's documents are alone in the call) in both modes (`Reranker.share_prefix`). "
         f"All {args.requests} requests are sent at once (at most {args.concurrency} in flight); latency is per request, send to answer.",
         "",
         "Server CPU ms per request: CPU time (user + system, all threads) the server process spent during the phase, divided by the "

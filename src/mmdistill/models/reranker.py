@@ -17,6 +17,9 @@ features={"last_token": [B, K, D]})`` — the currency the ranking losses read.
 
 from __future__ import annotations
 
+import copy
+import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +37,12 @@ SYSTEM_PROMPT = (
 )
 TEXT_ASSISTANT_PREFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3-Reranker (text)
 VL_ASSISTANT_PREFIX = "<|im_start|>assistant\n"  # Qwen3-VL-Reranker
+
+
+# decoder-only text architectures whose base model takes a KV cache and whose heads read the final hidden state as
+# is (no logit soft-capping or scaling): a batch's shared prompt prefix can be run once for them (Reranker.share_prefix)
+PREFIX_SHARING_MODELS = frozenset({"qwen2", "qwen3", "qwen3_moe", "llama", "mistral"})
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth the cache copy: the plain batched forward runs
 
 
 class RerankerError(ValueError):
@@ -69,6 +78,8 @@ class Reranker:
         self.tokenizer.padding_side = "left"
         self.has_vision = hasattr(processor, "image_processor")
         self.images = ImageCache()
+        self.share_prefix = False  # see forward(); the server turns it on
+        self._prefixes: OrderedDict = OrderedDict()  # prefix ids -> its KV cache (batch 1), a few recent ones
         vocab = self.tokenizer.get_vocab()
         self.chat_format = "<|im_start|>" in vocab
         if kind == "yesno":
@@ -124,10 +135,24 @@ class Reranker:
         return dict(batch), mask
 
     # ------------------------------------------------------------------ scoring
+    def can_share_prefix(self) -> bool:
+        """Whether forward() can run a batch's common prompt prefix once (a text-only decoder of a known family)."""
+        cfg = getattr(self.model, "config", None)
+        return cfg is not None and not self.has_vision and self.chat_format and getattr(cfg, "model_type", None) in PREFIX_SHARING_MODELS
+
     def forward(self, batch: dict[str, Tensor], *, features: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Scores [N] (and last-token hidden states [N, D] when asked) for a flattened batch of pairs."""
+        """Scores [N] (and last-token hidden states [N, D] when asked) for a flattened batch of pairs.
+
+        With ``share_prefix`` on (and no gradient, text only, a decoder of PREFIX_SHARING_MODELS), the tokens every pair
+        of the batch starts with (the system prompt and instruction; the query too when one query's documents are
+        scored together) run once, batch 1, and the pairs' remaining tokens run on a copy of that KV cache: the same
+        causal attention over the same positions as the plain forward, at a fraction of the tokens."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
+        if self.share_prefix and not torch.is_grad_enabled() and "pixel_values" not in batch and self.can_share_prefix():
+            shared = self._forward_shared_prefix(batch, features=features)
+            if shared is not None:
+                return shared
         if self.kind == "seq_cls":
             out = self.model(**batch, output_hidden_states=features)
             logits = out.logits.float()
@@ -141,6 +166,55 @@ class Reranker:
         score = last[:, self.yes_id] - last[:, self.no_id]
         hidden = out.hidden_states[-1][:, -1] if features else None
         return score, hidden
+
+    def _prefix_cache(self, prefix: Tensor):
+        """The KV cache of `prefix` [P] run alone (batch 1), from the few most recent ones or computed now."""
+        key = tuple(prefix.tolist())
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
+        out = self.model.base_model(input_ids=prefix[None], attention_mask=torch.ones_like(prefix)[None], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers renamed it in 5.x
+        self._prefixes[key] = cache
+        while len(self._prefixes) > 8:
+            self._prefixes.popitem(last=False)
+        return cache
+
+    def _forward_shared_prefix(self, batch: dict[str, Tensor], *, features: bool) -> tuple[Tensor, Tensor | None] | None:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        n, width = ids.shape
+        lengths = mask.sum(1)
+        if not bool((mask.flip(1).cumprod(1).sum(1) == lengths).all()):  # not left padded: take the plain path
+            return None
+        shortest = int(lengths.min())
+        starts = width - lengths  # left padding: row i's tokens are ids[i, starts[i]:]
+        cols = starts[:, None] + torch.arange(shortest, device=ids.device)[None]
+        heads = ids.gather(1, cols)  # [N, shortest]: every row's first tokens, aligned
+        same = (heads == heads[:1]).all(0)
+        p = int(same.long().cumprod(0).sum())
+        p = min(p, shortest - 1)  # every pair keeps at least one token of its own to read the score at
+        if p < MIN_SHARED_PREFIX:
+            return None
+        cache = copy.deepcopy(self._prefix_cache(heads[0, :p]))
+        cache.batch_repeat_interleave(n)
+        rest = lengths - p
+        s = int(rest.max())
+        pos = torch.arange(s, device=ids.device)[None]
+        keep = pos < rest[:, None]  # right padded: the rows' own tokens first
+        src = (starts[:, None] + p + pos).clamp(max=width - 1)
+        suffix = torch.where(keep, ids.gather(1, src), torch.zeros_like(ids[:, :1]))
+        attn = torch.cat([torch.ones(n, p, dtype=torch.long, device=ids.device), keep.long()], 1)
+        base = self.model.base_model
+        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        hidden = base(input_ids=suffix, attention_mask=attn, use_cache=True, **{cache_arg: cache}).last_hidden_state
+        last = hidden[torch.arange(n, device=ids.device), rest - 1]  # [N, D]
+        if self.kind == "seq_cls":
+            logits = self.model.score(last).float()
+            score = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
+        else:
+            logits = self.model.get_output_embeddings()(last).float()
+            score = logits[:, self.yes_id] - logits[:, self.no_id]
+        return score, (last if features else None)
 
     def signals(self, records: Sequence[RerankRecord], *, features: bool = False, path: str = "<data>") -> Signals:
         return self.signals_of(*self.encode(records, path), features=features)

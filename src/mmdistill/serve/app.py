@@ -420,16 +420,17 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         instruction = _field(obj, "instruction", (str,), default="Given a query, retrieve relevant documents.")
         return_docs = _field(obj, "return_documents", (bool,), default=False)
         pairs = []
-        tokens = 0
         for i, d in enumerate(docs):
             d_text, d_image = rerank_item(backend, d, f"documents.{i}")
-            p = PairIn(instruction, q_text, q_image, d_text, d_image)
-            n = backend.prompt_tokens(p)
-            if n > backend.reranker.max_length:
+            pairs.append(PairIn(instruction, q_text, q_image, d_text, d_image))
+        # the model thread counts each pair's tokens while it tokenises the batch: a pair over max_length comes back
+        # without a score (and the other requests of its batch are not held up by it)
+        got = await cached(qname(name, "rerank"), backend.score_counted, pairs, [_key(p.instruction, p.query_text, p.query_image, p.doc_text, p.doc_image) for p in pairs])
+        for i, (s, n) in enumerate(got):
+            if s is None:
                 raise ApiError(400, f"documents.{i}: the pair is {n} tokens, over the model's max_length {backend.reranker.max_length}", f"documents.{i}")
-            tokens += n
-            pairs.append(p)
-        raw = await cached(qname(name, "rerank"), backend.score, pairs, [_key(p.instruction, p.query_text, p.query_image, p.doc_text, p.doc_image) for p in pairs])
+        raw = [s for s, _ in got]
+        tokens = sum(n for _, n in got)
         scores = [_sigmoid(s) for s in raw]
         for s in scores:
             metrics.scores.observe(s)

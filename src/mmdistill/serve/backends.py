@@ -117,6 +117,7 @@ class RerankScorer:
         self.reranker.images = rm.ImageCache(max_items=256)  # served images are data URLs: keep few
         self.backend = backend
         self.takes_images = reranker.has_vision and backend == "torch"
+        self.reranker.share_prefix = True  # text pairs: the batch's common prompt prefix runs once (Reranker.forward)
         self._count_tok = copy.deepcopy(reranker.tokenizer)  # for the handlers (see Embedder)
 
     def _record(self, p: PairIn):
@@ -141,10 +142,46 @@ class RerankScorer:
 
     def score(self, pairs: list[PairIn]) -> list[float]:
         """Raw scores (logit(yes) - logit(no), or the seq-cls logit) of one-document records in one batch."""
-        records = [self._record(p) for p in pairs]
+        out = self.score_counted(pairs)
+        for i, (s, n) in enumerate(out):
+            if s is None:
+                raise ServeError(f"pair {i}: {n} tokens, over the model's max_length {self.reranker.max_length}")
+        return [s for s, _ in out]
+
+    def score_counted(self, pairs: list[PairIn]) -> list[tuple[float | None, int]]:
+        """(raw score, prompt tokens) of each pair, the pairs in one model call; a pair over max_length is not run
+        and gets (None, its tokens). Text pairs are tokenised once, here, for the count and the model (the server
+        calls this in its model thread: nothing is tokenised on the event loop)."""
+        r = self.reranker
+        if any(p.query_image is not None or p.doc_image is not None for p in pairs):
+            counts = [self.prompt_tokens(p) for p in pairs]  # an image as its placeholder span, as the handlers did
+            ok = [i for i, n in enumerate(counts) if n <= r.max_length]
+            scores = self._run(lambda: r.signals([self._record(pairs[i]) for i in ok], path="<request>")) if ok else []
+        else:
+            texts = [r.format_pair(self._record(p), 0, [], "<request>") for p in pairs]
+            ids = r.tokenizer(texts)["input_ids"]
+            counts = [len(x) for x in ids]
+            ok = [i for i, n in enumerate(counts) if n <= r.max_length]
+            scores = []
+            if ok:
+                width = max(counts[i] for i in ok)
+                pad = r.tokenizer.pad_token_id or 0
+                input_ids = torch.full((len(ok), width), pad, dtype=torch.long)
+                attention_mask = torch.zeros((len(ok), width), dtype=torch.long)
+                for row, i in enumerate(ok):  # left padding, as Reranker.encode
+                    input_ids[row, width - counts[i] :] = torch.tensor(ids[i])
+                    attention_mask[row, width - counts[i] :] = 1
+                batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+                scores = self._run(lambda: r.signals_of(batch, torch.ones(len(ok), 1, dtype=torch.bool)))
+        out: list[tuple[float | None, int]] = [(None, n) for n in counts]
+        for i, s in zip(ok, scores):
+            out[i] = (s, counts[i])
+        return out
+
+    @staticmethod
+    def _run(signals) -> list[float]:
         with torch.inference_mode():
-            sig = self.reranker.signals(records, path="<request>")  # scores [N, 1]
-        return sig.scores[:, 0].float().tolist()
+            return signals().scores[:, 0].float().tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,3 +112,57 @@ def test_yes_no_reranker_needs_single_tokens(tok):
 def test_load_reranker_missing_folder_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load reranker"):
         rm.load_reranker(str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------ shared prompt prefix (inference)
+
+
+def _text_rerankers(tmp_path, tok):
+    from mmdistill.models.tiny import build_tiny_lm, build_tiny_moe_lm, build_tiny_seq_cls
+
+    cls, _ = build_tiny_seq_cls(None, TEXTS, preset="vlm-nano", tokenizer=tok)
+    lm, _ = build_tiny_lm(None, TEXTS, preset="vlm-nano", tokenizer=tok)
+    moe, _ = build_tiny_moe_lm(None, TEXTS, preset="vlm-nano", tokenizer=tok, num_experts=4, top_k=2)
+    return [rm.Reranker(m.eval(), tok, kind=k, name=n) for m, k, n in ((cls, "seq_cls", "cls"), (lm, "yesno", "lm"), (moe, "yesno", "moe"))]
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_shared_prefix_scores_match_the_plain_forward(tmp_path, tok, folder, features):
+    """The system prompt + instruction (+ query within one record) run once and the rest of each pair on a copy of
+    their KV cache: the scores and last-token features equal the plain left-padded forward's, for a seq-cls head,
+    a causal LM and a MoE causal LM, in a batch of ragged groups and documents of very different lengths."""
+    recs = [
+        _rec(folder, {"query": {"text": "a red circle"}, "documents": [{"text": "a red circle"}, {"text": "a blue square at the top left of it all"}, {"text": "no"}]}),
+        _rec(folder, {"query": {"text": "a large green square at the top"}, "documents": [{"text": "a small green square"}]}),
+    ]
+    for r in _text_rerankers(tmp_path, tok):
+        assert r.can_share_prefix()
+        with torch.no_grad():
+            r.share_prefix = False
+            plain = r.signals(recs, features=features)
+            r.share_prefix = True
+            shared = r.signals(recs, features=features)
+            assert len(r._prefixes) == 1  # the two queries share the system prompt and the instruction
+            prefix = next(iter(r._prefixes))
+            assert len(prefix) >= rm.MIN_SHARED_PREFIX
+            one = r.signals(recs[:1], features=features)  # one record: its query is in the shared prefix too
+            assert len(r._prefixes) == 2 and len(list(r._prefixes)[-1]) > len(prefix)
+        assert torch.allclose(shared.scores, plain.scores, atol=1e-5), (r.name, shared.scores, plain.scores)
+        assert torch.allclose(one.scores[0], plain.scores[0], atol=1e-5)
+        if features:
+            assert torch.allclose(shared.features["last_token"], plain.features["last_token"], atol=1e-5)
+        with torch.no_grad():  # the cached prefix is not changed by being used: a second call gives the same scores
+            again = r.signals(recs, features=features)
+        assert torch.equal(again.scores, shared.scores)
+
+
+def test_shared_prefix_is_skipped_with_gradients_and_for_vision(tmp_path, tok, folder, yesno):
+    r = _text_rerankers(tmp_path, tok)[0]
+    r.share_prefix = True
+    rec = _rec(folder, {"query": {"text": "a red circle"}, "documents": [{"text": "a red circle"}, {"text": "a blue square"}]})
+    sig = r.signals([rec])  # gradients on: a student being trained runs the whole prompt
+    assert sig.scores.requires_grad and not r._prefixes
+    plain_text = rm.Reranker(r.model, tok, kind="seq_cls")
+    plain_text.chat_format = False  # a plain-text cross-encoder prompt: nothing to share
+    assert not plain_text.can_share_prefix()
+    assert not yesno.can_share_prefix()  # Qwen3-VL (images in the prompt): the plain forward

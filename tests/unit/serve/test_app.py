@@ -397,6 +397,9 @@ def test_a_model_call_over_the_timeout_is_a_504_and_the_server_goes_on():
                 _time.sleep(1.0)
             return [float(len(p.doc_text)) for p in pairs]
 
+        def score_counted(self, pairs):
+            return [(s, self.prompt_tokens(p)) for s, p in zip(self.score(pairs), pairs)]
+
     c = TestClient(create_app(SlowScorer(), ServeConfig(name="m", timeout_s=0.3, cache_size=0)))
     _err(c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}), 504, None, "did not answer within 0.3 s")
     _time.sleep(1.0)  # the slow call finishes in the background
