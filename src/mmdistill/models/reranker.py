@@ -41,7 +41,7 @@ VL_ASSISTANT_PREFIX = "<|im_start|>assistant\n"  # Qwen3-VL-Reranker
 
 # decoder-only text architectures whose base model takes a KV cache and whose heads read the final hidden state as
 # is (no logit soft-capping or scaling): a batch's shared prompt prefix can be run once for them (Reranker.share_prefix)
-PREFIX_SHARING_MODELS = frozenset({"qwen2", "qwen3", "qwen3_moe", "llama", "mistral"})
+PREFIX_SHARING_MODELS = frozenset({"qwen2", "qwen3", "qwen3_moe", "llama"})
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth the cache copy: the plain batched forward runs
 
 
@@ -144,9 +144,10 @@ class Reranker:
         """Scores [N] (and last-token hidden states [N, D] when asked) for a flattened batch of pairs.
 
         With ``share_prefix`` on (and no gradient, text only, a decoder of PREFIX_SHARING_MODELS), the tokens every pair
-        of the batch starts with (the system prompt and instruction; the query too when one query's documents are
-        scored together) run once, batch 1, and the pairs' remaining tokens run on a copy of that KV cache: the same
-        causal attention over the same positions as the plain forward, at a fraction of the tokens."""
+        of the batch starts with (the system prompt and instruction) run once, batch 1, then what each run of
+        consecutive pairs shares after that (one query's documents: the query), then each pair's own tokens, each
+        step on a copy of the KV cache before it: the same causal attention over the same positions as the plain
+        forward, at a fraction of the tokens (see _forward_shared_prefix)."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         if self.share_prefix and not torch.is_grad_enabled() and "pixel_values" not in batch and self.can_share_prefix():
@@ -167,47 +168,100 @@ class Reranker:
         hidden = out.hidden_states[-1][:, -1] if features else None
         return score, hidden
 
-    def _prefix_cache(self, prefix: Tensor):
-        """The KV cache of `prefix` [P] run alone (batch 1), from the few most recent ones or computed now."""
-        key = tuple(prefix.tolist())
+    def _prefix_cache(self, prefix: list[int], run) -> object:
+        """The KV cache (batch 1) of the token ids `prefix`: a kept one, or the longest kept one that `prefix` extends
+        (the system prompt and instruction, when a new query follows them) with the rest run on a copy of it. The
+        last 8 used are kept; a kept cache is never written to (callers copy it)."""
+        key = tuple(prefix)
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             return self._prefixes[key]
-        out = self.model.base_model(input_ids=prefix[None], attention_mask=torch.ones_like(prefix)[None], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers renamed it in 5.x
+        done = max((k for k in self._prefixes if len(k) < len(key) and key[: len(k)] == k), key=len, default=())
+        if done:
+            self._prefixes.move_to_end(done)
+            cache = copy.deepcopy(self._prefixes[done])
+        else:
+            cache = self._new_cache()
+        dev = next(self.model.parameters()).device
+        tokens = torch.tensor([prefix[len(done) :]], dtype=torch.long, device=dev)
+        run(tokens, torch.ones(1, len(prefix), dtype=torch.long, device=dev), torch.tensor([len(done)], device=dev), cache)
         self._prefixes[key] = cache
         while len(self._prefixes) > 8:
             self._prefixes.popitem(last=False)
         return cache
 
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     def _forward_shared_prefix(self, batch: dict[str, Tensor], *, features: bool) -> tuple[Tensor, Tensor | None] | None:
+        """forward() by shared prefixes: the batch's common prefix (cached across calls), then, in one batched call, the
+        tokens each run of consecutive pairs shares after it (one query's documents: the query), then each pair's own
+        tokens. Positions are the full prompt's; padding sits only where the attention mask hides it. None: no prefix
+        worth sharing (or not left padded), the caller runs the plain forward."""
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         n, width = ids.shape
         lengths = mask.sum(1)
-        if not bool((mask.flip(1).cumprod(1).sum(1) == lengths).all()):  # not left padded: take the plain path
+        if not bool((mask.flip(1).cumprod(1).sum(1) == lengths).all()):  # not left padded
             return None
-        shortest = int(lengths.min())
-        starts = width - lengths  # left padding: row i's tokens are ids[i, starts[i]:]
-        cols = starts[:, None] + torch.arange(shortest, device=ids.device)[None]
-        heads = ids.gather(1, cols)  # [N, shortest]: every row's first tokens, aligned
-        same = (heads == heads[:1]).all(0)
-        p = int(same.long().cumprod(0).sum())
-        p = min(p, shortest - 1)  # every pair keeps at least one token of its own to read the score at
+        rows = [ids[i, width - int(lengths[i]) :].tolist() for i in range(n)]
+
+        def common(a: list[int], b: list[int]) -> int:
+            k = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                k += 1
+            return k
+
+        p = min(len(r) for r in rows) - 1  # every pair keeps at least one token of its own to read the score at
+        for r in rows[1:]:
+            p = min(p, common(rows[0], r))
         if p < MIN_SHARED_PREFIX:
             return None
-        cache = copy.deepcopy(self._prefix_cache(heads[0, :p]))
-        cache.batch_repeat_interleave(n)
-        rest = lengths - p
-        s = int(rest.max())
-        pos = torch.arange(s, device=ids.device)[None]
-        keep = pos < rest[:, None]  # right padded: the rows' own tokens first
-        src = (starts[:, None] + p + pos).clamp(max=width - 1)
-        suffix = torch.where(keep, ids.gather(1, src), torch.zeros_like(ids[:, :1]))
-        attn = torch.cat([torch.ones(n, p, dtype=torch.long, device=ids.device), keep.long()], 1)
+        groups: list[tuple[int, int, int]] = []  # (first row, end row, tokens the run shares after the batch prefix)
+        i = 0
+        while i < n:
+            j, g = i + 1, len(rows[i]) - p - 1
+            while j < n:
+                k = min(g, common(rows[i][p:], rows[j][p:]), len(rows[j]) - p - 1)
+                if k < MIN_SHARED_PREFIX // 2:
+                    break
+                g, j = k, j + 1
+            groups.append((i, j, g if j - i > 1 else 0))
+            i = j
+        dev, long = ids.device, torch.long
         base = self.model.base_model
         cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        hidden = base(input_ids=suffix, attention_mask=attn, use_cache=True, **{cache_arg: cache}).last_hidden_state
-        last = hidden[torch.arange(n, device=ids.device), rest - 1]  # [N, D]
+
+        def run(tokens: Tensor, attn: Tensor, offsets: Tensor, cache) -> Tensor:
+            pos = offsets[:, None] + torch.arange(tokens.shape[1], device=dev)[None]
+            return base(input_ids=tokens, attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: cache}).last_hidden_state
+
+        def right_padded(parts: list[list[int]]) -> tuple[Tensor, Tensor]:
+            w = max(len(x) for x in parts)
+            out, keep = torch.zeros(len(parts), w, dtype=long), torch.zeros(len(parts), w, dtype=long)
+            for r, x in enumerate(parts):
+                out[r, : len(x)] = torch.tensor(x, dtype=long)
+                keep[r, : len(x)] = 1
+            return out.to(dev), keep.to(dev)
+
+        group_of = torch.tensor([gi for gi, (a, b, _) in enumerate(groups) for _ in range(a, b)], device=dev)
+        mid = torch.tensor([g for _, _, g in groups], device=dev)[group_of]  # [N] tokens of each row's run prefix
+        cache = copy.deepcopy(self._prefix_cache(rows[0][:p], run))
+        if any(g for _, _, g in groups):
+            tokens, keep = right_padded([rows[a][p : p + g] for a, _, g in groups])
+            cache.batch_repeat_interleave(len(groups))
+            run(tokens, torch.cat([torch.ones(len(groups), p, dtype=long, device=dev), keep], 1), torch.full((len(groups),), p, device=dev), cache)
+            cache.batch_select_indices(group_of)
+            mid_mask = keep[group_of]
+        else:
+            cache.batch_repeat_interleave(n)
+            mid_mask = torch.zeros(n, 0, dtype=long, device=dev)
+        tokens, keep = right_padded([rows[r][p + int(mid[r]) :] for r in range(n)])
+        hidden = run(tokens, torch.cat([torch.ones(n, p, dtype=long, device=dev), mid_mask, keep], 1), p + mid, cache)
+        last = hidden[torch.arange(n, device=dev), keep.sum(1) - 1]  # [N, D]: each pair's last token
         if self.kind == "seq_cls":
             logits = self.model.score(last).float()
             score = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]

@@ -130,10 +130,12 @@ def _text_rerankers(tmp_path, tok):
 def test_shared_prefix_scores_match_the_plain_forward(tmp_path, tok, folder, features):
     """The system prompt + instruction (+ query within one record) run once and the rest of each pair on a copy of
     their KV cache: the scores and last-token features equal the plain left-padded forward's, for a seq-cls head,
-    a causal LM and a MoE causal LM, in a batch of ragged groups and documents of very different lengths."""
+    a causal LM and a MoE causal LM, in a batch of ragged groups (a query's documents share its tokens too; the two
+    queries starting "a red circle" share some of theirs) and documents of very different lengths."""
     recs = [
         _rec(folder, {"query": {"text": "a red circle"}, "documents": [{"text": "a red circle"}, {"text": "a blue square at the top left of it all"}, {"text": "no"}]}),
         _rec(folder, {"query": {"text": "a large green square at the top"}, "documents": [{"text": "a small green square"}]}),
+        _rec(folder, {"query": {"text": "a red circle at the top left of a large blue square"}, "documents": [{"text": "a red"}, {"text": "a red circle at the top"}]}),
     ]
     for r in _text_rerankers(tmp_path, tok):
         assert r.can_share_prefix()
@@ -142,7 +144,7 @@ def test_shared_prefix_scores_match_the_plain_forward(tmp_path, tok, folder, fea
             plain = r.signals(recs, features=features)
             r.share_prefix = True
             shared = r.signals(recs, features=features)
-            assert len(r._prefixes) == 1  # the two queries share the system prompt and the instruction
+            assert len(r._prefixes) == 1  # the queries share the system prompt and the instruction
             prefix = next(iter(r._prefixes))
             assert len(prefix) >= rm.MIN_SHARED_PREFIX
             one = r.signals(recs[:1], features=features)  # one record: its query is in the shared prefix too
