@@ -227,6 +227,12 @@ def main() -> None:
         one = by[(r["endpoint"], "one request at a time", r["repeat"])]
         md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / one['throughput_rps']:.2f}× "
                   f"| {r['server_cpu_ms_per_request']:.2f} | {r['server_cpu_ms_per_request'] / one['server_cpu_ms_per_request']:.2f}× | {r['client_cpu_ms_per_request']:.2f} |")
+    md.append("")
+    for endpoint in workloads:
+        ratios = sorted(r["throughput_rps"] / by[(endpoint, "one request at a time", r["repeat"])]["throughput_rps"] for r in payload["runs"] if r["endpoint"] == endpoint and r["mode"] == "micro-batching")
+        if ratios:
+            payload.setdefault("median_speedup", {})[endpoint] = float(np.median(ratios))
+            md.append(f"{endpoint}: micro-batching gives **{np.median(ratios):.2f}×** the throughput of one request at a time (median of {len(ratios)} repeats; range {ratios[0]:.2f}-{ratios[-1]:.2f}×).")
     write(args.results, "serve_load", payload, "\n".join(md) + "\n")
 
 
