@@ -126,6 +126,33 @@ def sentence(rng, lo=3, hi=10) -> str:
     return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))
 
 
+def model_timing(rr_dir: Path, docs: int, rng, requests: int = 16, rounds: int = 5) -> dict:
+    """The reranker's model thread alone, in this process (1 thread): ms per request of `requests` requests scored one
+    at a time and as one batch, with the shared-prefix forward off and on (best of `rounds`; new queries every round,
+    so a request's query is never in the prefix cache, as under load)."""
+    import torch
+
+    from mmdistill.serve.backends import PairIn, load_backend
+
+    torch.set_num_threads(1)
+    scorer = load_backend(rr_dir, threads=1)
+    inst = "Given a query, retrieve relevant documents."
+    out = {}
+    for share in (False, True):
+        scorer.reranker.share_prefix = share
+        for mode in ("one request at a time", "one batch"):
+            best = float("inf")
+            for _ in range(rounds + 1):  # the first round warms up
+                reqs = [[PairIn(inst, f"{rng.integers(1 << 30)} " + sentence(rng), None, sentence(rng), None) for _ in range(docs)] for _ in range(requests)]
+                calls = reqs if mode == "one request at a time" else [[p for r in reqs for p in r]]
+                t0 = time.perf_counter()
+                for c in calls:
+                    scorer.score_counted(c)
+                best = min(best, time.perf_counter() - t0)
+            out[f"{'shared prefix' if share else 'whole prompts'}, {mode}"] = best * 1000 / requests
+    return {"requests": requests, "docs": docs, "ms_per_request": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/bench-serve"))
@@ -149,13 +176,15 @@ def main() -> None:
     if not (clip_dir / "config.json").is_file():
         cm.build_tiny_clip(clip_dir, corpus, preset="clip-student", image_size=64, patch_size=8)
 
+    payload_model = model_timing(rr_dir, args.docs, rng)
+
     workloads = {
         "/v1/rerank": (rr_dir, lambda i: {"query": f"{i} " + sentence(rng), "documents": [sentence(rng) for _ in range(args.docs)]}),
         "/v1/embeddings": (clip_dir, lambda i: {"input": f"{i} " + sentence(rng)}),
     }
     common = ["--threads", str(args.threads)]
     modes = {"micro-batching": [*common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], "one request at a time": [*common, "--no-batching"]}
-    payload: dict = {"client": args.client, "machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
+    payload: dict = {"model_timing": payload_model, "client": args.client, "machine": machine(), "commit": git_rev(), "threads": args.threads, "load_average_start": round(os.getloadavg()[0], 2), "requests": args.requests, "concurrency": args.concurrency, "docs": args.docs, "runs": []}
     for endpoint, (model_dir, make) in workloads.items():
         # both servers up at once; the load alternates between them (A B A B ...) so that the machine's other
         # load hits both modes alike
@@ -227,6 +256,12 @@ def main() -> None:
         one = by[(r["endpoint"], "one request at a time", r["repeat"])]
         md.append(f"| {r['endpoint']} | {r['mode']} | {r['repeat'] + 1} | {r['errors']} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} | {fmt(r.get('mean_batch_items'))} | {r['throughput_rps'] / one['throughput_rps']:.2f}× "
                   f"| {r['server_cpu_ms_per_request']:.2f} | {r['server_cpu_ms_per_request'] / one['server_cpu_ms_per_request']:.2f}× | {r['client_cpu_ms_per_request']:.2f} |")
+    mt = payload["model_timing"]
+    md += ["", f"The reranker's model calls alone (`score_counted` in one process, 1 thread, {mt['requests']} requests of 1 query + {mt['docs']} documents, new queries each round, best of 5; ms per request):", "",
+           "| prompt | one request at a time | one batch of all | batch vs one at a time |", "| --- | --- | --- | --- |"]
+    for kind in ("whole prompts", "shared prefix"):
+        one, batch = mt["ms_per_request"][f"{kind}, one request at a time"], mt["ms_per_request"][f"{kind}, one batch"]
+        md.append(f"| {kind} | {one:.2f} | {batch:.2f} | {one / batch:.2f}× |")
     md.append("")
     for endpoint in workloads:
         ratios = sorted(r["throughput_rps"] / by[(endpoint, "one request at a time", r["repeat"])]["throughput_rps"] for r in payload["runs"] if r["endpoint"] == endpoint and r["mode"] == "micro-batching")
