@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="ShapesWorld images to generate")
     ap.add_argument("--calibration", type=int, default=32, help="calibration records (train split), one forward pass each")
     ap.add_argument("--heldout", type=int, default=24, help="held-out records (test split) for agreement")
+    ap.add_argument("--gptq-samples", type=int, default=128, help="train chat records GPTQ calibrates on (when gptqmodel is installed)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -139,9 +140,16 @@ def main() -> None:
     dense.save_pretrained(out / "dense")
     dproc.save_pretrained(out / "dense")
     variants.append(("dense Qwen3-VL (fp32)", out / "dense", {}))
-    for method in ("int8-dynamic", "int8-weight", "bnb-int8", "bnb-nf4"):  # bnb-*: bitsandbytes (Linear layers only, so not the MoE's experts)
+    for method in ("int8-dynamic", "int8-weight", "int4-weight", "bnb-int8", "bnb-nf4"):  # bnb-*: bitsandbytes (Linear layers only, so not the MoE's experts)
         quantize_folder(out / "dense", out / f"dense-{method}", method, overwrite=True)
         variants.append((f"dense Qwen3-VL {method}", out / f"dense-{method}", {}))
+    try:  # GPTQ (GPTQModel, the `gptq` extra): the same 4 bits as int4-weight's round-to-nearest, placed by calibration
+        import gptqmodel  # noqa: F401
+
+        quantize_folder(out / "dense", out / "dense-gptq-int4", "gptq-int4", overwrite=True, calibration=data / "chat_train.jsonl", max_samples=args.gptq_samples)
+        variants.append(("dense Qwen3-VL gptq-int4", out / "dense-gptq-int4", {"device_map": "cpu"}))
+    except ImportError:
+        print("gptqmodel is not installed (pip install -e '.[gptq]'): no gptq-int4 row", flush=True)
     print(f"variants made in {time.time() - t0:.0f} s", flush=True)
     rows = []
     for name, path, kw in variants:
@@ -151,7 +159,8 @@ def main() -> None:
                 reference = [gm.forward_signals(m, b).logits for b in batches]
         row = {
             "variant": name,
-            "params": count_parameters(m),
+            # GPTQ's packed weights are buffers (int32 qweight, 8 four-bit values each): count the weights they hold
+            "params": count_parameters(m) + sum(8 * b.numel() for n, b in m.named_buffers() if n.endswith(".qweight")),
             "bytes": folder_size(path),
             "bs1_ms": latency(m, one),
             "bs4_ms": latency(m, batches[0]),
@@ -166,7 +175,7 @@ def main() -> None:
     load_note = f"1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     cmd = "python benchmarks/compress_bench.py --out runs/compress_bench"
     md = [
-        "### Compression side by side: tiny Qwen3-VL-MoE (experts, depth, int8/int4, bitsandbytes)",
+        "### Compression side by side: tiny Qwen3-VL-MoE (experts, depth, int8/int4, bitsandbytes, GPTQ)",
         "",
         f"Command: `{cmd}` — machine: {machine()} — commit {git_rev()} — {elapsed:.0f} s ({load_note})",
         "",
@@ -202,6 +211,16 @@ def main() -> None:
         f"- bnb-nf4 (bitsandbytes, 4 bits packed two a byte) on the dense model: {100 * q['dense Qwen3-VL bnb-nf4']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}% "
         f"of fp32 on disk (torchao int8-weight {100 * q['dense Qwen3-VL int8-weight']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}%); "
         "the embeddings and the vision patch convolution stay fp32 under every method.",
+        *([f"- gptq-int4 (GPTQModel, group size {json.loads((out / 'dense-gptq-int4' / 'quantize.json').read_text()).get('group_size')}, "
+           f"calibrated on {json.loads((out / 'dense-gptq-int4' / 'quantize.json').read_text()).get('calibration_samples')} train chat records) "
+           f"against torchao's round-to-nearest int4-weight on the dense model: top-1 agreement {q['dense Qwen3-VL gptq-int4']['top1_agreement']:.1f}% vs "
+           f"{q['dense Qwen3-VL int4-weight']['top1_agreement']:.1f}%, KL {q['dense Qwen3-VL gptq-int4']['kl']:.4f} vs {q['dense Qwen3-VL int4-weight']['kl']:.4f}; "
+           f"{100 * q['dense Qwen3-VL gptq-int4']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}% vs "
+           f"{100 * q['dense Qwen3-VL int4-weight']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}% of fp32 on disk. GPTQModel "
+           "packs 8 four-bit values an int32 and saves the rest of the model (embeddings, norms, vision tower) in bfloat16, which it also "
+           "computes in, with its int4 CPU kernel (TorchCpuAvx512Linear on this machine): its size, speed and agreement are of that "
+           "bf16 + int4 model, not of int4 alone."] if "dense Qwen3-VL gptq-int4" in q else
+          ["- gptq-int4: not measured in this run (gptqmodel not installed)."]),
         "- Expert pruning and depth pruning are not healed here (an untrained model); healed on a trained ShapesWorld MoE: "
         "benchmarks/moe_prune_heal.py.",
     ]

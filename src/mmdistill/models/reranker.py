@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,9 @@ class Reranker:
         self.tokenizer.padding_side = "left"
         self.has_vision = hasattr(processor, "image_processor")
         self.images = ImageCache()
-        self.share_prefix = False  # see forward(); the server turns it on
         self._prefixes: OrderedDict = OrderedDict()  # prefix ids -> its KV cache (batch 1), a few recent ones
+        self._prefix_lock = threading.Lock()
+        self.share_prefix = False  # see forward(); the server turns it on
         vocab = self.tokenizer.get_vocab()
         self.chat_format = "<|im_start|>" in vocab
         if kind == "yesno":
@@ -89,6 +91,18 @@ class Reranker:
             image_token = getattr(processor, "image_token", "<|image_pad|>")
             framed = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
             self.image_span = f"<|vision_start|>{image_token}<|vision_end|>" if framed else image_token
+
+    @property
+    def share_prefix(self) -> bool:
+        return self._share_prefix
+
+    @share_prefix.setter
+    def share_prefix(self, on: bool) -> None:
+        """Turn the shared-prefix forward on or off; either way the kept prefix caches are dropped (they hold the
+        weights' keys and values of the moment: set it again after the weights change)."""
+        with self._prefix_lock:
+            self._share_prefix = bool(on)
+            self._prefixes.clear()
 
     # ------------------------------------------------------------------ formatting
     def _item_text(self, item: RerankItem, record: RerankRecord, images: list, field: str, path: str) -> str:
@@ -172,6 +186,10 @@ class Reranker:
         """The KV cache (batch 1) of the token ids `prefix`: a kept one, or the longest kept one that `prefix` extends
         (the system prompt and instruction, when a new query follows them) with the rest run on a copy of it. The
         last 8 used are kept; a kept cache is never written to (callers copy it)."""
+        with self._prefix_lock:  # callers in several threads (a UI) share the kept caches
+            return self._prefix_cache_locked(prefix, run)
+
+    def _prefix_cache_locked(self, prefix: list[int], run) -> object:
         key = tuple(prefix)
         if key in self._prefixes:
             self._prefixes.move_to_end(key)

@@ -156,6 +156,8 @@ def test_shared_prefix_scores_match_the_plain_forward(tmp_path, tok, folder, fea
         with torch.no_grad():  # the cached prefix is not changed by being used: a second call gives the same scores
             again = r.signals(recs, features=features)
         assert torch.equal(again.scores, shared.scores)
+        r.share_prefix = True  # setting it (after the weights change, say) drops the kept caches
+        assert not r._prefixes
 
 
 def test_shared_prefix_is_skipped_with_gradients_and_for_vision(tmp_path, tok, folder, yesno):
