@@ -53,7 +53,7 @@ def main() -> None:
         for metric, task in TASK_ROWS:
             if metric in teacher["metrics"]:
                 rows.append(f"| {task} | " + " | ".join(f"{r['metrics'].get(metric, float('nan')):.2f}" for r in (teacher, base, kd)) + " |")
-        md += "\n".join(rows) + "\n\nA demo-budget run (the shipped recipes, one seed); benchmarks/omni_kd.py measures the Omni family at other budgets.\n"
+        md += "\n" + "\n".join(rows) + "\n\nA demo-budget run (the shipped recipes, one seed); benchmarks/omni_kd.py measures the Omni family at other budgets.\n"
     name = "demo" if args.family == "contrastive" else f"demo_{args.family}"
     write(args.results, name, {"seconds": seconds, "report": rep, "machine": machine(), "commit": git_rev()}, md)
 

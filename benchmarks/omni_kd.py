@@ -13,6 +13,7 @@ benchmarks/results/omni_kd<-tag>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def main() -> None:
 
     suffix = f"-{args.tag}" if args.tag else ""
     module = api._recipe_module("generative")
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     ensure_data(args.out, args.n, audio=True)
     t_data = time.time() - t0
     recipes = family_recipes(args.out, "omni", args.teacher_steps, args.student_steps, args.eval_items, args.sets)
@@ -77,8 +78,8 @@ def main() -> None:
     md = [
         f"### Qwen3-Omni thinker KD on ShapesWorld with speech (seeds {args.seeds})",
         "",
-        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()}, shared with other jobs (timings are noisy) — "
-        f"commit {git_rev()} — {time.time() - t0:.0f} s in all, {t_data:.0f} s of it generating the data",
+        f"Command: `python {' '.join(sys.argv)}` — machine: {machine()} — 1-min load average {load0:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end — commit {git_rev()} — {time.time() - t0:.0f} s in all, {t_data:.0f} s of it generating the data",
         "",
         f"Teacher: {teacher['params'] / 1e6:.2f}M parameters, {recipes['teacher'].train.max_steps} steps × {recipes['teacher'].train.batch_size}; "
         f"students: {rows[0]['kd']['params'] / 1e6:.2f}M ({100 * rows[0]['kd']['params'] / teacher['params']:.1f}% of the teacher), "
