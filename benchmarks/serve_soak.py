@@ -4,7 +4,8 @@
 
 Two real servers on loopback (tiny seq-cls reranker and tiny CLIP, API key on, cache on), --workers clients
 sending rerank and embeddings requests back to back; --bad of them are bad (malformed JSON, unknown model,
-empty documents, top_n too large, bad base64, a non-image, a decompression bomb, an oversized body, no API key),
+empty documents, top_n too large, a document over max_length, bad base64, a non-image, a decompression bomb, an
+oversized body, no API key),
 each with the status it must get. Records every answer whose status is not the expected one, and the servers'
 resident memory (VmRSS) every few seconds. Writes benchmarks/results/serve_soak.{json,md}.
 """
@@ -77,6 +78,7 @@ def main() -> None:
         ("rerank", dict(json={"query": "a", "documents": []}, headers=auth), 400),
         ("rerank", dict(json={"query": "a", "documents": ["b", "c"], "top_n": 5}, headers=auth), 400),
         ("rerank", dict(json={"query": "a", "documents": ["b"]}), 401),
+        ("rerank", dict(json={"query": "a", "documents": ["b", "word " * 2000]}, headers=auth), 400),  # a pair over max_length
         ("embeddings", dict(json={"input": ["data:image/png;base64,@@not-base64@@"]}, headers=auth), 400),
         ("embeddings", dict(json={"input": [not_image]}, headers=auth), 400),
         ("embeddings", dict(json={"input": [bomb]}, headers=auth), 400),
@@ -153,7 +155,7 @@ def main() -> None:
         "",
         f"{args.workers} clients send rerank (1 query + 4 documents) and embeddings (1 text) requests back to back to two servers "
         f"(tiny seq-cls reranker and CLIP, API key on, result cache on); {len(bad_cases)} kinds of bad request (malformed JSON, unknown model, "
-        "empty documents, top_n too large, no API key, bad base64, a non-image, a decompression bomb, a 2 MB body over a 1 MB limit, a remote URL).",
+        "empty documents, top_n too large, no API key, a document over max_length, bad base64, a non-image, a decompression bomb, a 2 MB body over a 1 MB limit, a remote URL).",
         "",
         f"- Requests: {total} ({total / load_s:.1f}/s), {stats['bad']} bad; good requests that failed: **{stats['good_failed']}**; "
         f"bad requests answered with another status than expected: **{stats['bad_wrong_status']}**; both servers alive and healthy at the end: "
