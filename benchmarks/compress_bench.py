@@ -151,6 +151,7 @@ def main() -> None:
     except ImportError:
         print("gptqmodel is not installed (pip install -e '.[gptq]'): no gptq-int4 row", flush=True)
     print(f"variants made in {time.time() - t0:.0f} s", flush=True)
+    gptq_info = json.loads((out / "dense-gptq-int4" / "quantize.json").read_text()) if any(n == "dense Qwen3-VL gptq-int4" for n, _, _ in variants) else {}
     rows = []
     for name, path, kw in variants:
         m = load(path, **kw)
@@ -211,8 +212,8 @@ def main() -> None:
         f"- bnb-nf4 (bitsandbytes, 4 bits packed two a byte) on the dense model: {100 * q['dense Qwen3-VL bnb-nf4']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}% "
         f"of fp32 on disk (torchao int8-weight {100 * q['dense Qwen3-VL int8-weight']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}%); "
         "the embeddings and the vision patch convolution stay fp32 under every method.",
-        *([f"- gptq-int4 (GPTQModel, group size {json.loads((out / 'dense-gptq-int4' / 'quantize.json').read_text()).get('group_size')}, "
-           f"calibrated on {json.loads((out / 'dense-gptq-int4' / 'quantize.json').read_text()).get('calibration_samples')} train chat records) "
+        *([f"- gptq-int4 (GPTQModel, group size {gptq_info.get('group_size')}, "
+           f"calibrated on {gptq_info.get('calibration_samples')} train chat records) "
            f"against torchao's round-to-nearest int4-weight on the dense model: top-1 agreement {q['dense Qwen3-VL gptq-int4']['top1_agreement']:.1f}% vs "
            f"{q['dense Qwen3-VL int4-weight']['top1_agreement']:.1f}%, KL {q['dense Qwen3-VL gptq-int4']['kl']:.4f} vs {q['dense Qwen3-VL int4-weight']['kl']:.4f}; "
            f"{100 * q['dense Qwen3-VL gptq-int4']['bytes'] / q['dense Qwen3-VL (fp32)']['bytes']:.0f}% vs "

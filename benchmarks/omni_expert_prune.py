@@ -44,18 +44,19 @@ def main() -> None:
         raise SystemExit(f"{teacher_dir}: no trained teacher; run benchmarks/omni_kd.py --out {args.out} first")
     teacher = json.loads((teacher_dir / "eval.json").read_text())
     data = args.out / "data"
-    pruned = args.out / f"teacher-experts-{args.method}-{int(100 * args.fraction)}"
+    tag = f"{args.method}-{int(100 * args.fraction)}"
+    pruned = args.out / f"teacher-experts-{tag}"
     if not (pruned / "config.json").is_file():
         api.prune(teacher_dir / "model", pruned, experts=args.fraction, method=args.method, calibration=data / "omni_train.jsonl", max_samples=64, overwrite=True)
     kd = recipes["student-kd"]
-    unhealed = args.out / f"pruned-{args.method}-{int(100 * args.fraction)}-unhealed-eval.json"
+    unhealed = args.out / f"pruned-{tag}-unhealed-eval.json"
     if unhealed.is_file():
         as_pruned = json.loads(unhealed.read_text())
     else:
         as_pruned = api.evaluate(pruned, kd.data.val, out=unhealed, max_items=kd.eval.max_items, latency=False, max_new_tokens=kd.eval.max_new_tokens)
     rows = []
     for seed in args.seeds:
-        r = variant(kd, f"pruned-{args.method}-{int(100 * args.fraction)}-healed-s{seed}", seed=seed, **{"student.init": "pretrained", "student.model": str(pruned), "student.preset": None})
+        r = variant(kd, f"pruned-{tag}-healed-s{seed}", seed=seed, **{"student.init": "pretrained", "student.model": str(pruned), "student.preset": None})
         rows.append(module.run(r, overwrite=True)["eval"] if not api.is_finished(r) else eval_of(module, r))
     params = {"teacher": teacher.get("params"), "pruned": as_pruned.get("params")}
 

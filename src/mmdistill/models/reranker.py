@@ -208,6 +208,12 @@ class Reranker:
             self._prefixes.popitem(last=False)
         return cache
 
+    def _cache_arg(self) -> str:
+        """The base model's KV-cache keyword (transformers renamed `past_key_values` to `cache` in 5.x), read once."""
+        if getattr(self, "_cache_kw", None) is None:
+            self._cache_kw = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        return self._cache_kw
+
     def _new_cache(self):
         from transformers import DynamicCache
 
@@ -251,7 +257,7 @@ class Reranker:
             i = j
         dev, long = ids.device, torch.long
         base = self.model.base_model
-        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        cache_arg = self._cache_arg()
 
         def run(tokens: Tensor, attn: Tensor, offsets: Tensor, cache) -> Tensor:
             pos = offsets[:, None] + torch.arange(tokens.shape[1], device=dev)[None]

@@ -163,15 +163,8 @@ class RerankScorer:
             counts = [len(x) for x in ids]
             ok = [i for i, n in enumerate(counts) if n <= r.max_length]
             scores = []
-            if ok:
-                width = max(counts[i] for i in ok)
-                pad = r.tokenizer.pad_token_id or 0
-                input_ids = torch.full((len(ok), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(ok), width), dtype=torch.long)
-                for row, i in enumerate(ok):  # left padding, as Reranker.encode
-                    input_ids[row, width - counts[i] :] = torch.tensor(ids[i])
-                    attention_mask[row, width - counts[i] :] = 1
-                batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if ok:  # the tokenizer pads on the left, as in Reranker.encode
+                batch = dict(r.tokenizer.pad({"input_ids": [ids[i] for i in ok]}, return_tensors="pt"))
                 scores = self._run(lambda: r.signals_of(batch, torch.ones(len(ok), 1, dtype=torch.bool)))
         out: list[tuple[float | None, int]] = [(None, n) for n in counts]
         for i, s in zip(ok, scores):
