@@ -528,9 +528,10 @@ def demo_pipeline(out: Path, *, n: int = 10000, quick: bool = False, seed: int =
     return run_pipeline(cfg, log=log)
 
 
-def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False, calibration: str | Path | None = None, max_samples: int = 128) -> dict[str, Any]:
+def quantize(model_dir: str | Path, out: str | Path, *, method: str, overwrite: bool = False, calibration: str | Path | None = None, max_samples: int = 128,
+             store_dtype: str = "float32") -> dict[str, Any]:
     """Quantize a model folder with torchao (int8-dynamic | int8-weight | int4-weight), bitsandbytes (bnb-int8 | bnb-nf4) or
     GPTQModel (gptq-int4 | awq-int4, calibrated on `calibration`); see compress/quantize.py."""
     from .compress.quantize import quantize_folder
 
-    return quantize_folder(model_dir, out, method, overwrite=overwrite, calibration=calibration, max_samples=max_samples)
+    return quantize_folder(model_dir, out, method, overwrite=overwrite, calibration=calibration, max_samples=max_samples, store_dtype=store_dtype)

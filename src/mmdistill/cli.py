@@ -438,12 +438,14 @@ def quantize(
     method: str = typer.Option(..., "--method", help="int8-dynamic | int8-weight | int4-weight (torchao) | bnb-int8 | bnb-nf4 (bitsandbytes) | gptq-int4 | awq-int4 (GPTQModel, calibrated)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="gptq-int4 / awq-int4: a chat or rerank JSONL, or a text file with a sample a line."),
     max_samples: int = typer.Option(128, "--max-samples", help="Calibration samples read (gptq-int4 / awq-int4)."),
+    store_dtype: str = typer.Option("float32", "--store-dtype", help="torchao methods: float32 | bfloat16, the dtype on disk of the matrices left unquantized "
+                                    "(embeddings, patch convolution); bfloat16 halves them, and they load back as fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
 ):
     """Quantize a model folder with torchao (CPU serving), bitsandbytes (the formats BitsAndBytesConfig loads) or GPTQ / AWQ."""
     from . import api
 
-    res = _guard(api.quantize, model, out, method=method, overwrite=overwrite, calibration=calibration, max_samples=max_samples)
+    res = _guard(api.quantize, model, out, method=method, overwrite=overwrite, calibration=calibration, max_samples=max_samples, store_dtype=store_dtype)
     typer.echo(f"{method} model written to {out}: {res['size_bytes']:,} -> {res['quantized_size_bytes']:,} bytes of weights")
 
 

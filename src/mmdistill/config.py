@@ -453,6 +453,9 @@ class QuantizeStage(Strict):
     method: Literal["int8-dynamic", "int8-weight", "int4-weight", "bnb-int8", "bnb-nf4", "gptq-int4", "awq-int4"] = Field(
         description="torchao method, bitsandbytes (bnb-*, the `bnb` extra) or GPTQ / AWQ (the `gptq` extra) (compress/quantize.py).")
     calibration: str | None = Field(None, description="gptq-int4 / awq-int4: calibration data (chat / rerank JSONL or a text file); default the pipeline's data.train.")
+    store_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="torchao methods: the on-disk dtype of the matrices left unquantized (embeddings, patch convolution); bfloat16 halves "
+        "them, and mmdistill's loaders upcast them to fp32 as they load.")
 
 
 class PipelineStage(Strict):

@@ -201,7 +201,8 @@ def run_quantize(cfg: PipelineConfig, stage: PipelineStage, src: Path, stage_dir
     from .compress.quantize import quantize_folder
 
     tmp = stage_dir / "model.tmp"
-    summary = quantize_folder(src, tmp, stage.quantize.method, overwrite=True, calibration=stage.quantize.calibration or cfg.data.train)
+    summary = quantize_folder(src, tmp, stage.quantize.method, overwrite=True, calibration=stage.quantize.calibration or cfg.data.train,
+                              store_dtype=stage.quantize.store_dtype)
     _replace(tmp, stage_dir / "model")
     log(f"{stage.name}: {stage.quantize.method}, {summary['size_bytes']:,} -> {summary['quantized_size_bytes']:,} bytes of weights")
     return summary

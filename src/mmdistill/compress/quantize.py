@@ -284,10 +284,28 @@ def load_quantized(model_dir: str | Path, method: str, *, trust_remote_code: boo
     return cls.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
 
 
+def store_rest_as_bf16(model) -> list[str]:
+    """Cast the weights a torchao method left in fp32 and that are matrices or kernels (token embeddings and a head
+    tied to them, the vision patch convolution, position embeddings) to bf16, in place, so they take half the bytes on
+    disk. Norm weights and biases (1-D) stay fp32. Returns the cast parameters' names."""
+    from torchao.utils import TorchAOBaseTensor
+
+    cast = []
+    for name, p in model.named_parameters():  # a tied head shares its Parameter with the embeddings: cast once
+        if isinstance(p.data, TorchAOBaseTensor) or isinstance(p, TorchAOBaseTensor) or p.dtype != torch.float32 or p.dim() < 2:
+            continue
+        p.data = p.data.to(torch.bfloat16)
+        cast.append(name)
+    return cast
+
+
 def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, overwrite: bool = False, calibration: str | Path | None = None,
-                    max_samples: int = 128) -> dict[str, Any]:
+                    max_samples: int = 128, store_dtype: str = "float32") -> dict[str, Any]:
     """Quantize the model folder `model_dir` by `method` into the folder `out` (safetensors + the processor files).
-    GPTQ / AWQ calibrate on `calibration` (its first `max_samples` texts).
+    GPTQ / AWQ calibrate on `calibration` (its first `max_samples` texts). With `store_dtype="bfloat16"` (torchao
+    methods), the fp32 matrices the method leaves unquantized are stored in bf16 (`store_rest_as_bf16`); the
+    folder's config stays float32, and mmdistill's loaders (or ``from_pretrained(folder, dtype=torch.float32)``)
+    upcast them as they load, so compute stays fp32.
 
     The input folder is never written. Returns a summary: method, sizes, what was quantized.
     """
@@ -295,6 +313,10 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
     if method not in METHODS:
         raise QuantizeError(f"quantization method {method!r} is unknown; use one of {list(METHODS)}")
     gptq = method in GPTQ_METHODS
+    if store_dtype not in ("float32", "bfloat16"):
+        raise QuantizeError(f"store dtype {store_dtype!r} is unknown; use float32 or bfloat16")
+    if store_dtype == "bfloat16" and method not in TORCHAO_METHODS:
+        raise QuantizeError(f"--store-dtype bfloat16 is for the torchao methods {list(TORCHAO_METHODS)}; {method} keeps its backend's own storage")
     if gptq and calibration is None:
         raise QuantizeError(f"{method} calibrates on data: pass --calibration DATA (a chat or rerank JSONL, or a text file with a sample a line)")
     _gptqmodel() if gptq else _bitsandbytes() if method in BNB_METHODS else _torchao()
@@ -324,14 +346,18 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
         quantized = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if isinstance(p.data, TorchAOBaseTensor) or isinstance(p, TorchAOBaseTensor)})
     if not quantized:
         raise QuantizeError(f"{src}: no Linear layer or MoE expert was quantized")
+    stored_bf16 = store_rest_as_bf16(model) if store_dtype == "bfloat16" else []
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     model.save_pretrained(dst)
     moe = _has_fused_experts(model.config)
-    if moe and not bnb:  # torchao's 3-D expert tensors run only through the eager experts loop; plain from_pretrained reads this key
+    if (moe and not bnb) or stored_bf16:
         cfg = json.loads((dst / "config.json").read_text())
-        cfg["experts_implementation"] = "eager"
+        if moe and not bnb:  # torchao's 3-D expert tensors run only through the eager experts loop; plain from_pretrained reads this key
+            cfg["experts_implementation"] = "eager"
+        if stored_bf16:  # save_pretrained wrote the first weight's dtype (bf16 embeddings); the model computes in fp32
+            cfg["dtype"] = "float32"
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     summary = {
         "method": method,
@@ -340,7 +366,10 @@ def quantize_folder(model_dir: str | Path, out: str | Path, method: str, *, over
         "size_bytes": folder_size(src),
         "quantized_modules": len(quantized),
         "moe_experts_quantized": moe and not bnb,
+        "store_dtype": store_dtype,
     }
+    if stored_bf16:
+        summary["stored_bf16"] = stored_bf16
     if bnb and moe:
         summary["note"] = "bitsandbytes quantizes Linear layers only: the MoE experts' fused tensors stay full precision"
     if method == "int4-weight":

@@ -165,10 +165,13 @@ def apply_overrides(config, overrides: dict[str, Any]):
 
 def load_model(name_or_path: str, *, trust_remote_code: bool = False):
     """Load a dual encoder and its processor through the real `from_pretrained` path."""
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    from . import load_dtype
 
     try:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(name_or_path, dtype=load_dtype(config), trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # missing folder / hub id, or a config transformers can't map
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -81,13 +81,15 @@ def load_vlm(name_or_path: str, *, trust_remote_code: bool = False):
     """
     from transformers import AutoConfig, AutoProcessor
 
+    from . import load_dtype
+
     name = str(name_or_path)
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"cannot load model {name!r}: no such folder")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         cls = _model_class(config)
-        model = cls.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(name, dtype=load_dtype(config), trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:  # missing folder / hub id, unmappable config
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

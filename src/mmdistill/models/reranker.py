@@ -339,6 +339,7 @@ def detect_kind(config) -> str:
 
 def load_reranker(name_or_path: str, *, kind: str = "auto", trust_remote_code: bool = False, max_length: int = 512) -> Reranker:
     """Load a reranker by hub id or folder through the real `from_pretrained` path."""
+    from . import load_dtype
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer
 
     try:
@@ -346,13 +347,13 @@ def load_reranker(name_or_path: str, *, kind: str = "auto", trust_remote_code: b
         if kind == "auto":
             kind = detect_kind(config)
         if kind == "seq_cls":
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=load_dtype(config), trust_remote_code=trust_remote_code)
             processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         elif hasattr(config, "vision_config"):
-            model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=load_dtype(config), trust_remote_code=trust_remote_code)
             processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=load_dtype(config), trust_remote_code=trust_remote_code)
             processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

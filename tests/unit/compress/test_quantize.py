@@ -96,6 +96,43 @@ def test_vlm_quantized_reloads_with_auto_image_text_to_text(tok, kind, tmp_path)
     assert (tmp_path / "q" / "preprocessor_config.json").is_file() or (tmp_path / "q" / "processor_config.json").is_file()
 
 
+def test_store_dtype_bf16_halves_the_unquantized_matrices_and_loads_back_fp32(tok, tmp_path):
+    from safetensors import safe_open
+
+    from mmdistill.models.generative import load_vlm
+
+    model, _ = build_tiny_vlm(tmp_path / "fp32", [], kind="qwen3_vl", preset="vlm-teacher", tokenizer=tok, seed=3)
+    ids = torch.randint(0, len(tok) - 20, (2, 12), generator=torch.Generator().manual_seed(2))
+    kw = {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}
+    full = quantize_folder(tmp_path / "fp32", tmp_path / "q32", "int8-weight")
+    half = quantize_folder(tmp_path / "fp32", tmp_path / "q16", "int8-weight", store_dtype="bfloat16")
+    assert full["store_dtype"] == "float32" and "stored_bf16" not in full
+    assert "model.language_model.embed_tokens.weight" in half["stored_bf16"] and "model.visual.patch_embed.proj.weight" in half["stored_bf16"]
+    with safe_open(str(tmp_path / "q16" / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored["model.language_model.embed_tokens.weight"] == "BF16" and stored["model.visual.patch_embed.proj.weight"] == "BF16"
+    assert stored["model.language_model.norm.weight"] == "F32"  # 1-D weights stay fp32
+    emb = model.model.language_model.embed_tokens.weight
+    saved = emb.numel() * 2 + model.model.visual.patch_embed.proj.weight.numel() * 2
+    assert half["quantized_size_bytes"] <= full["quantized_size_bytes"] - 0.9 * saved
+
+    again, _ = load_vlm(str(tmp_path / "q16"))  # mmdistill's loader: the config's float32, by name
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "q16", dtype=torch.float32)
+    ref32 = AutoModelForImageTextToText.from_pretrained(tmp_path / "q32").eval()
+    for m in (again, plain):
+        assert {p.dtype for p in m.parameters()} == {torch.float32}, (m is again, {n for n, p in m.named_parameters() if p.dtype != torch.float32})
+        assert m.lm_head.weight is m.model.language_model.embed_tokens.weight  # still tied
+        assert "Int8" in type(m.model.language_model.layers[0].self_attn.q_proj.weight).__name__
+    with torch.no_grad():
+        a, b = again.eval()(**kw).logits, ref32(**kw).logits
+    assert a.dtype == torch.float32
+    assert 0 < _rel(a, b) < 0.02  # bf16 rounding of the embeddings only
+    with pytest.raises(QuantizeError, match="torchao methods"):
+        quantize_folder(tmp_path / "fp32", tmp_path / "qb", "bnb-int8", store_dtype="bfloat16")
+    with pytest.raises(QuantizeError, match="store dtype"):
+        quantize_folder(tmp_path / "fp32", tmp_path / "qb", "int8-weight", store_dtype="fp8")
+
+
 def test_bad_quantize_requests(moe_lm, tmp_path, monkeypatch):
     src, _, _ = moe_lm
     with pytest.raises(QuantizeError, match="unknown"):
