@@ -11,7 +11,8 @@ What exports (``export_onnx``):
   [B, L], left padded as ``Reranker`` pads) -> score [B], computed by ``Reranker.forward`` itself,
   so the score is exactly the eager one: the single logit (seq_cls) or logit(yes) − logit(no) at
   the last position (yesno).
-- **generate** (the chat path of a Qwen3-VL (+ MoE) / Qwen2.5-VL model or a text-only causal LM; see ``onnx_generative``):
+- **generate** (the chat path of a Qwen3-VL (+ MoE) / Qwen2.5-VL model, a Qwen3-Omni thinker or a text-only causal LM;
+  see ``onnx_generative``):
   ``vision_encoder.onnx`` (VL: packed patches of any number of images + the grid-dependent
   position / interpolation / window / boundary tensors, computed in Python by transformers' own helpers ->
   image features and deepstack features) and ``decoder.onnx`` (input ids, the image features placed
@@ -20,7 +21,9 @@ What exports (``export_onnx``):
   logits and the present key/values: one graph for the prefill and each cached step).
   ``OnnxChatModel`` decodes greedily with the KV cache; the parity check compares its tokens and
   logits with eager ``generate``, and the manifest records ms per generated token both ways.
-  The Omni thinker, Qwen2-VL and sliding-window decoders give an ExportError.
+  The Omni thinker adds ``audio_encoder.onnx`` (its clips' log-mel chunks -> audio features, placed at the
+  audio tokens as image features are at the image tokens; its own rope index over audio). A full Omni model
+  (thinker + talker), Qwen2-VL and sliding-window decoders give an ExportError.
 
 Not exported: the yes/no reranker's image inputs, video inputs of the chat path.
 
@@ -446,7 +449,7 @@ def export_onnx(
 
         model, processor = load_vlm(str(src))
         model.eval()
-        log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind != "causal_lm" else "") + "decoder.onnx")
+        log(f"exporting {src} ({kind}, chat path): " + ("vision_encoder.onnx, " if kind != "causal_lm" else "") + ("audio_encoder.onnx, " if kind == "qwen3_omni" else "") + "decoder.onnx")
         paths, fields = og.export_generative(model, kind, out, log=log)
         for name, path in paths.items():
             graphs[name] = _graph_entry(path)
@@ -485,16 +488,23 @@ def export_onnx(
         manifest["parity"] = _clip_parity(model, processor, runners, data_path, max_items, seed)
     elif task == "generate":
         runners = {v: load_onnx(out, int8=(v == "int8"))[0] for v in variants}
+        fe = getattr(processor, "feature_extractor", None) if kind == "qwen3_omni" else None
+        rate = int(fe.sampling_rate) if fe is not None else None
         if data_path is not None:
-            items, images, source = og.read_items(data_path, max_items)
+            items, images, audios, source = og.read_items(data_path, max_items, sampling_rate=rate)
         else:
             side = 64
             ip = getattr(processor, "image_processor", None)
             if ip is not None:
                 side = int(round((ip.size.get("longest_edge") or 4096) ** 0.5))
-            items, images = og.generated_chat(8, seed, side)
-            source = f"generated ({len(items)} ShapesWorld questions about freshly rendered scenes)"
-        manifest["parity"], manifest["latency"] = og.chat_parity(model, runners, items, images, steps=gen_steps, source=source, log=log)
+            if rate is not None:
+                items, images, audios = og.generated_omni_chat(9, seed, side, rate)
+                source = f"generated ({len(items)} ShapesWorld questions about freshly rendered scenes, with the image and a tone clip, the clip only, the image only)"
+            else:
+                items, images = og.generated_chat(8, seed, side)
+                audios = None
+                source = f"generated ({len(items)} ShapesWorld questions about freshly rendered scenes)"
+        manifest["parity"], manifest["latency"] = og.chat_parity(model, runners, items, images, steps=gen_steps, source=source, log=log, audios=audios)
     else:
         runners = {v: load_onnx(out, int8=(v == "int8"), max_length=reranker.max_length)[0] for v in variants}
         manifest["parity"] = _rerank_parity(reranker, runners, data_path, max_items, seed)

@@ -37,9 +37,20 @@ What exports (``task="generate"``):
   experts implementation (``grouped_mm``, a custom op with no ONNX lowering) is switched to its ``batched_mm`` one
   for the export (each token through its top-k experts by gathered weights: static shapes).
 
-Not exported (``ExportError`` naming the architecture, before anything is written): the Qwen3-Omni thinker (its
-audio tower and its own rope index over audio: not tried), Qwen2-VL (not tried), decoders with sliding-window or other
-non-full cache layers; video inputs (the runner takes images).
+- **The Qwen3-Omni thinker** (``Qwen3OmniMoeThinkerForConditionalGeneration``): three graphs. ``vision_encoder.onnx``
+  and ``decoder.onnx`` as Qwen3-VL's (its vision tower and MoE text model have the same shape: deepstack, four
+  position rows, experts through ``batched_mm``); ``decoder.onnx``'s vision_embeds / vision_mask carry the audio
+  features at the audio-token positions too. ``audio_encoder.onnx``: padded_feature [chunks, mel bins, frames] (each
+  clip's log-mel frames cut in chunks of 2·n_window, right-padded), valid_indices [audio tokens] and cu_seqlens
+  [windows + 1] -> audio_embeds [audio tokens, D]. The three index inputs are what transformers' own
+  ``chunk_and_pad_features`` / ``get_valid_indices`` / ``get_audio_cu_seqlens`` compute with ``.tolist()`` and Python
+  loops; the windowed attention runs as the vision tower's, one attention with a block-diagonal mask, and the
+  convolutions over all chunks in one pass. Positions come from the thinker's own ``get_rope_index`` (text, images
+  and audio), run without the weights.
+
+Not exported (``ExportError`` naming the architecture, before anything is written): a full Qwen3-Omni model (thinker
++ talker: save and export its thinker), Qwen2-VL (not tried), decoders with sliding-window or other non-full cache
+layers; video inputs (the runner takes images, and audio for the Omni thinker).
 
 The weights live once, in the decoder (the embedding matrix is read by the graph's Gather and, tied, by the lm_head).
 """
@@ -70,7 +81,7 @@ class GenerativeExportError(ValueError):
 
 
 def generative_kind(config) -> str:
-    """qwen3_vl | qwen2_5_vl | causal_lm for the architectures the export covers; GenerativeExportError otherwise."""
+    """qwen3_vl | qwen2_5_vl | qwen3_omni | causal_lm for the architectures the export covers; GenerativeExportError otherwise."""
     mt = str(getattr(config, "model_type", ""))
     arch = (getattr(config, "architectures", None) or [mt])[0]
     if mt in ("qwen3_vl", "qwen2_5_vl"):
@@ -78,9 +89,11 @@ def generative_kind(config) -> str:
     if mt == "qwen3_vl_moe":
         return "qwen3_vl"  # the same graphs; the experts export through transformers' batched_mm implementation
     if mt == "qwen2_vl":
-        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL (+ MoE), Qwen2.5-VL and text-only causal LMs; Qwen2-VL is not exported (not tried)")
-    if mt in ("qwen3_omni_moe", "qwen3_omni_moe_thinker") or "Omni" in arch:
-        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL (+ MoE), Qwen2.5-VL and text-only causal LMs; the Omni thinker (audio tower, its own rope index over audio) is not exported")
+        raise GenerativeExportError(f"{arch}: the generative ONNX export covers Qwen3-VL (+ MoE), Qwen2.5-VL, the Qwen3-Omni thinker and text-only causal LMs; Qwen2-VL is not exported (not tried)")
+    if mt == "qwen3_omni_moe_thinker":
+        return "qwen3_omni"
+    if mt == "qwen3_omni_moe":
+        raise GenerativeExportError(f"{arch}: a full Qwen3-Omni model (thinker + talker) is not exported; save its thinker alone (model.thinker.save_pretrained(DIR) with the processor) and export that: the chat path is the thinker's")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(config, "num_hidden_layers"):
@@ -91,7 +104,7 @@ def generative_kind(config) -> str:
         if odd:
             raise GenerativeExportError(f"{arch}: {', '.join(odd)} cache layers are not exported (the decoder graph carries a full-attention KV cache per layer)")
         return "causal_lm"
-    raise GenerativeExportError(f"{arch}: not a Qwen3-VL / Qwen2.5-VL model or a text-only causal LM; the generative ONNX export does not cover it")
+    raise GenerativeExportError(f"{arch}: not a Qwen3-VL / Qwen2.5-VL / Qwen3-Omni thinker model or a text-only causal LM; the generative ONNX export does not cover it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +223,57 @@ class Qwen25VLVision(nn.Module):
         return out.pooler_output
 
 
+class OmniAudio(nn.Module):
+    """padded_feature [chunks, mel bins, chunk frames] (each clip's log-mel frames cut in chunks of 2·n_window and
+    right-padded), valid_indices [audio tokens] (the unpadded positions of the flattened [chunks · frames after the
+    convolutions] grid), cu_seqlens [windows + 1] (the attention windows over those tokens) -> audio_embeds
+    [audio tokens, D]: the Qwen3-Omni audio tower, whose forward takes these precomputed tensors (its ``kwargs``)."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, padded_feature: Tensor, valid_indices: Tensor, cu_seqlens: Tensor):
+        # chunk_lengths is only read to compute the other three when they are not given; any tensor stands in for it
+        out = self.tower(
+            None, None, padded_feature=padded_feature, chunk_lengths=cu_seqlens, valid_indices=valid_indices,
+            cu_seqlens=cu_seqlens, max_seqlen=0, return_dict=True,
+        )
+        return out.last_hidden_state
+
+
+class _one_conv_pass:
+    """Within the block: the audio tower runs its three convolutions over all chunks at once. Eager splits them in
+    groups of ``conv_chunksize`` chunks to bound memory; a split by a data-dependent count has no static graph."""
+
+    def __init__(self, tower):
+        self.tower = tower
+
+    def __enter__(self):
+        self.old = self.tower.conv_chunksize
+        self.tower.conv_chunksize = 2**30
+
+    def __exit__(self, *exc):
+        self.tower.conv_chunksize = self.old
+
+
+def audio_inputs(config, input_features: Tensor, feature_attention_mask: Tensor) -> dict[str, Tensor]:
+    """The audio graph's inputs for a batch of clips as the processor gives them (input_features [B, mel, frames],
+    feature_attention_mask [B, frames]), computed in Python by transformers' own Qwen3-Omni helpers (what the tower
+    computes from the features and their lengths when it is not given them)."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as om
+
+    ac = config.audio_config
+    lens = feature_attention_mask.sum(-1)
+    feats = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)  # [mel, all frames]
+    padded, chunk_lengths = om.chunk_and_pad_features(feats, lens, int(ac.n_window))
+    return {
+        "padded_feature": padded.float(),
+        "valid_indices": om.get_valid_indices(chunk_lengths, int(ac.n_window)),
+        "cu_seqlens": om.get_audio_cu_seqlens(chunk_lengths, lens, int(ac.n_window_infer), int(ac.n_window)),
+    }
+
+
 class _packed_attention_on:
     """Within the block: the vision tower's attention is `packed_attention` (registered under ATTN_NAME)."""
 
@@ -256,6 +320,8 @@ def vision_inputs(config, image_grid_thw: Tensor) -> dict[str, Tensor]:
 def rope_index(config, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor | None, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(position_ids [3, B, T], rope_deltas [B, 1]): the model's own ``get_rope_index`` (Qwen3-VL / Qwen2.5-VL), run without the model's weights
     (it reads only the config and the grids)."""
+    if config.model_type == "qwen3_omni_moe_thinker":
+        raise ValueError("the Qwen3-Omni thinker's positions come from omni_rope_index")
     if config.model_type == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel as cls
     else:
@@ -264,6 +330,23 @@ def rope_index(config, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_
     holder = types.SimpleNamespace(config=config)
     holder.get_vision_position_ids = lambda *a, **k: cls.get_vision_position_ids(holder, *a, **k)
     return cls.get_rope_index(holder, input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
+def omni_rope_index(config, input_ids: Tensor, image_grid_thw: Tensor | None, attention_mask: Tensor, audio_seqlens: Tensor | None) -> Tensor:
+    """position_ids [3, B, T] of a Qwen3-Omni thinker prompt (text, images and audio): the thinker's own
+    ``get_rope_index``, run without the model's weights (it reads the config, the grids and the clips' frame counts)."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoePreTrainedModelForConditionalGeneration as cls
+
+    holder = types.SimpleNamespace(config=config, spatial_merge_size=int(config.vision_config.spatial_merge_size))
+    holder.get_llm_pos_ids_for_vision = lambda *a, **k: cls.get_llm_pos_ids_for_vision(holder, *a, **k)
+    holder.get_chunked_index = lambda *a, **k: cls.get_chunked_index(holder, *a, **k)
+    pos, _ = cls.get_rope_index(holder, input_ids, image_grid_thw, None, attention_mask, False, audio_seqlens, None)
+    return pos
+
+
+def _thinker_config(config):
+    """The thinker's config of a full Qwen3-Omni model's config; any other config as it is."""
+    return getattr(config, "thinker_config", None) or config
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dims: list) -> None:
@@ -329,10 +412,10 @@ def _export_generative(model, kind: str, out: Path, log: Callable = print) -> tu
         fields["position_ids"] = "[B, T]: attention_mask.cumsum(-1) - 1 (0 at padding)"
         return paths, fields
 
-    # Qwen3-VL / Qwen2.5-VL
+    # Qwen3-VL / Qwen2.5-VL / the Qwen3-Omni thinker
     cfg = model.config
     vc = cfg.vision_config
-    n_ds = len(vc.deepstack_visual_indexes) if kind == "qwen3_vl" else 0
+    n_ds = len(vc.deepstack_visual_indexes) if kind in ("qwen3_vl", "qwen3_omni") else 0
     unit = int(vc.spatial_merge_size)
     if kind == "qwen2_5_vl":  # grids big enough for several attention windows, and one image alone
         w = int(vc.window_size) // int(vc.patch_size)  # a window's side in patches
@@ -345,11 +428,18 @@ def _export_generative(model, kind: str, out: Path, log: Callable = print) -> tu
     v_names = ["pixel_values", *vis_in]
     patches, merged, bounds, windows = Dim("patches"), Dim("merged_tokens"), Dim("images_plus_1"), Dim("windows_plus_1")
     axis = {"interp_indices": {0: patches}, "interp_weights": {0: patches}, "rotary_pos_ids": {0: patches}, "cu_seqlens": {0: bounds}, "window_index": {0: merged}, "cu_window_seqlens": {0: windows}}
-    wrapper, v_outs = (Qwen3VLVision(model.model.visual), ["image_embeds", "deepstack_embeds"]) if kind == "qwen3_vl" else (Qwen25VLVision(model.model.visual), ["image_embeds"])
+    wrapper, v_outs = (Qwen3VLVision(model.model.visual), ["image_embeds", "deepstack_embeds"]) if n_ds else (Qwen25VLVision(model.model.visual), ["image_embeds"])
     log(f"exporting vision_encoder.onnx ({type(model.model.visual).__name__}, {vc.depth} blocks, packed images)")
     with _packed_attention_on(model.model.visual):
         _export(wrapper, (pv, *vis_in.values()), out / "vision_encoder.onnx", v_names, v_outs, [{0: patches}] + [axis[k] for k in vis_in])
     paths["vision_encoder"] = out / "vision_encoder.onnx"
+    if kind == "qwen3_omni":
+        paths["audio_encoder"] = _export_audio(model, out, gen, log)
+        fields.update(
+            audio_token_id=int(cfg.audio_token_id), audio_start_token_id=int(cfg.audio_start_token_id),
+            audio_inputs="transformers.models.qwen3_omni_moe on the processor's input_features and feature_attention_mask: chunk_and_pad_features, get_valid_indices, get_audio_cu_seqlens",
+            multimodal_embeds="vision_embeds / vision_mask carry the audio features at the audio-token positions too (deepstack_embeds: image positions only)",
+        )
 
     vmask = torch.zeros(B, T, dtype=torch.bool)
     vmask[:, 1:3] = True
@@ -373,6 +463,26 @@ def _export_generative(model, kind: str, out: Path, log: Callable = print) -> tu
     return paths, fields
 
 
+def _export_audio(model, out: Path, gen: torch.Generator, log: Callable) -> Path:
+    """audio_encoder.onnx of a Qwen3-Omni thinker: two clips of different lengths as the example (several chunks,
+    a short last chunk, several attention windows); chunks, frames, tokens and windows are dynamic dimensions."""
+    Dim = torch.export.Dim
+    tower = model.model.audio_tower
+    ac = tower.config
+    n2 = 2 * int(ac.n_window)  # frames per chunk
+    lens = torch.tensor([2 * n2 + n2 // 3, n2 // 2])
+    feats = torch.randn(2, int(ac.num_mel_bins), int(lens.max()), generator=gen)
+    fmask = (torch.arange(int(lens.max()))[None] < lens[:, None]).long()
+    example = audio_inputs(model.config, feats, fmask)
+    # the bounds are what export's guards ask: the three stride-2 convolutions need >= 9 frames to give more than one
+    # step, a chunk has at most 2·n_window frames; 1 chunk and 1 window run too (checked in the tests)
+    dims = [{0: Dim("chunks", min=2, max=2**30), 2: Dim("chunk_frames", min=9, max=n2)}, {0: Dim("audio_tokens")}, {0: Dim("windows_plus_1", min=3)}]
+    log(f"exporting audio_encoder.onnx ({type(tower).__name__}, {ac.encoder_layers} layers, packed clips)")
+    with _packed_attention_on(tower), _one_conv_pass(tower):
+        _export(OmniAudio(tower), tuple(example.values()), out / "audio_encoder.onnx", list(example), ["audio_embeds"], dims)
+    return out / "audio_encoder.onnx"
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the graphs: greedy generation with the KV cache
 
@@ -389,18 +499,30 @@ class OnnxChatModel:
         self.sessions = sessions
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.config = AutoConfig.from_pretrained(str(folder))
+        self.config = _thinker_config(AutoConfig.from_pretrained(str(folder)))
         self.n_layers = int(manifest["num_layers"])
         self.eos_ids = list(manifest.get("eos_token_ids", []))
 
     # inputs as the eager ChatModel builds them
-    def encode(self, messages: list[dict], images: list) -> dict[str, Tensor]:
+    def encode(self, messages: list[dict], images: list, audios: list | None = None) -> dict[str, Tensor]:
+        """The processor's tensors for one chat prompt; `audios`: clips (float arrays at the feature extractor's
+        sampling rate), for the Omni thinker."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if self.kind == "causal_lm":
             enc = self.processor(text=[text], return_tensors="pt")
+        elif audios:
+            if self.kind != "qwen3_omni":
+                raise ValueError(f"{self.folder}: audio given to a {self.kind} export, which has no audio graph")
+            rate = int(self.processor.feature_extractor.sampling_rate)
+            enc = self.processor(text=[text], images=images or None, audio=list(audios), sampling_rate=rate, return_tensors="pt")
         else:
             enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+
+    def audio_features(self, input_features: Tensor, feature_attention_mask: Tensor) -> np.ndarray:
+        """audio_embeds [audio tokens, D] of the batch's clips, in order."""
+        feeds = {k: v.numpy() for k, v in audio_inputs(self.config, input_features, feature_attention_mask).items()}
+        return self.sessions["audio_encoder"].run(None, feeds)[0]
 
     def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(image_embeds [N / merge², D], deepstack_embeds [layers, N / merge², D] or None) of the packed images."""
@@ -423,7 +545,8 @@ class OnnxChatModel:
         deep = np.zeros((n_ds, B, T, D), np.float32)
         vmask = np.zeros((B, T), bool)
         grid = inputs.get("image_grid_thw")
-        if grid is not None and "pixel_values" in inputs:
+        images = grid is not None and "pixel_values" in inputs
+        if images:
             emb, ds = self.image_features(inputs["pixel_values"], grid)
             vmask = (ids == int(self.manifest["image_token_id"])).numpy()
             if int(vmask.sum()) != emb.shape[0]:
@@ -431,6 +554,19 @@ class OnnxChatModel:
             vision[vmask] = emb  # row-major over (batch, position): the order of eager's masked_scatter
             if n_ds:
                 deep[:, vmask] = ds
+        fam = inputs.get("feature_attention_mask")
+        if "input_features" in inputs and fam is not None:
+            if "audio_encoder" not in self.sessions:
+                raise ValueError(f"{self.folder}: audio inputs but the export has no audio graph")
+            aemb = self.audio_features(inputs["input_features"], fam)
+            amask = (ids == int(self.manifest["audio_token_id"])).numpy()
+            if int(amask.sum()) != aemb.shape[0]:
+                raise ValueError(f"{int(amask.sum())} audio tokens in the prompt but the audio graph gave {aemb.shape[0]} features")
+            vision[amask] = aemb
+            vmask = vmask | amask
+        if self.kind == "qwen3_omni":  # its own rope index over text, images and audio
+            rope = omni_rope_index(self.config, ids, grid if images else None, am, fam.sum(-1) if "input_features" in inputs and fam is not None else None)
+        elif images:
             mm = inputs.get("mm_token_type_ids")
             if mm is None:
                 raise ValueError("Qwen3-VL inputs with images need mm_token_type_ids (the processor makes it)")
@@ -544,13 +680,32 @@ def generated_chat(n: int, seed: int, image_size: int) -> tuple[list[dict], list
     return items, images
 
 
-def _messages(prompt: str, n_images: int) -> list[dict]:
-    if not n_images:
-        return [{"role": "user", "content": prompt}]
-    return [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
+def generated_omni_chat(n: int, seed: int, image_size: int, sampling_rate: int) -> tuple[list[dict], list[list], list[list]]:
+    """n held-out items for a Qwen3-Omni thinker: ShapesWorld questions about fresh scenes, in turn with the image and
+    a clip, with a clip only, and with the image only. The clips are tone mixtures with a little noise, 0.3 to 3.3 s
+    (one to four of the audio tower's chunks): what the parity check needs is the audio path exercised at several
+    lengths, not words (a spoken ShapesWorld JSONL given as --data has those)."""
+    items, images = generated_chat(n, seed, image_size)
+    rng = np.random.default_rng(seed + 17)
+    audios: list[list] = []
+    for i in range(n):
+        t = np.arange(int(sampling_rate * rng.uniform(0.3, 3.3))) / sampling_rate
+        clip = sum(np.sin(2 * np.pi * f * t) for f in rng.uniform(150, 2500, size=3)) / 3 * 0.3 + rng.normal(0, 0.01, t.shape)
+        mode = i % 3  # 0: image + clip, 1: clip only, 2: image only
+        audios.append([clip.astype(np.float32)] if mode < 2 else [])
+        if mode == 1:
+            images[i] = []
+    return items, images, audios
 
 
-def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], images: list[list], *, steps: int, source: str, log: Callable = print) -> tuple[dict[str, Any], dict[str, Any]]:
+def _messages(prompt: str, n_images: int, n_audio: int = 0) -> list[dict]:
+    from ..models.generative import _messages as chat_messages
+
+    return chat_messages(prompt, n_images, None, n_audio)
+
+
+def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], images: list[list], *, steps: int, source: str, log: Callable = print,
+                audios: list[list] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per variant: tokens identical to eager generate over `steps` greedy steps (no stop token), logits max abs diff at
     the prefill and at the cached steps (while both decode the same prefix), and the family metric (VQA accuracy / exact match on the answers, eos on);
     then latency per generated token, ORT vs eager, on the same prompts. Returns (parity, latency)."""
@@ -561,7 +716,8 @@ def chat_parity(model, runners: dict[str, OnnxChatModel], items: list[dict], ima
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = first.eos_ids
     text_only = first.kind == "causal_lm"
-    encoded = [first.encode(_messages(it["prompt"], 0 if text_only else len(im)), [] if text_only else im) for it, im in zip(items, images)]
+    audios = audios or [[] for _ in items]
+    encoded = [first.encode(_messages(it["prompt"], 0 if text_only else len(im), len(au)), [] if text_only else im, au) for it, im, au in zip(items, images, audios)]
     # eager: fixed-length greedy (no stop) for the token / logit check, then answers with the stop tokens
     ref = [eager_generate(model, enc, steps, [], pad) for enc in encoded]
     ref_answers = [eager_generate(model, enc, 32, eos, pad)[0] for enc in encoded]
@@ -620,11 +776,18 @@ def chat_latency(model, runners: dict[str, OnnxChatModel], encoded: list[dict[st
     return out
 
 
-def read_items(path: Path, max_items: int, log: Callable = print) -> tuple[list[dict], list[list], str]:
-    """Chat records of a JSONL file (prompt, response, images) for the parity check."""
-    from ..data.loaders import ImageCache, load_chat
+def read_items(path: Path, max_items: int, log: Callable = print, sampling_rate: int | None = None) -> tuple[list[dict], list[list], list[list], str]:
+    """Chat records of a JSONL file (prompt, response, images, audio) for the parity check: (items, images, audio
+    clips at `sampling_rate`, source). Records with audio need a `sampling_rate` (a model that takes audio)."""
+    from ..data.loaders import ImageCache, RecordError, load_chat
 
     cache = ImageCache()
     records, _ = load_chat(Path(path), "response", "fail", max_items, cache, log=lambda *_: None)
     items = [{"prompt": r.prompt, "response": r.response, "skills": list(getattr(r, "skills", None) or []) or None} for r in records]
-    return items, [cache.all(r) for r in records], f"{path} ({len(records)} records)"
+    audios = []
+    for r in records:
+        refs = r.audio_refs() if hasattr(r, "audio_refs") else []
+        if refs and sampling_rate is None:
+            raise RecordError(str(path), getattr(r, "line", 0), "audio", "the record carries audio but the exported model takes none (no audio graph)")
+        audios.append(r.load_audio(sampling_rate=sampling_rate) if refs else [])
+    return items, [cache.all(r) for r in records], audios, f"{path} ({len(records)} records)"

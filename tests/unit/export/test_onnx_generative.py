@@ -1,5 +1,5 @@
 """ONNX export of the generative chat path: tiny Qwen3-VL, Qwen3-VL-MoE and Qwen2.5-VL (vision encoder + decoder with
-KV cache) and a tiny text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
+KV cache), a tiny Qwen3-Omni thinker (+ audio encoder) and a tiny text-only Qwen3 causal LM exported with torch.onnx (dynamo), run by the greedy ORT runner and compared with eager
 `generate` on prompts the export never saw (other lengths, several images in one prompt, a left-padded batch);
 and the one-line errors for architectures the export does not cover."""
 
@@ -207,15 +207,125 @@ def test_moe_vlm_exports_through_batched_experts(tmp_path):
     assert model.config._experts_implementation == "grouped_mm"
 
 
-def test_architectures_it_cannot_export_give_one_line_errors(tmp_path, tok):
-    build_tiny_vlm(tmp_path / "omni", TEXTS, kind="qwen3_omni_thinker", preset="vlm-nano", tokenizer=tok)
-    with pytest.raises(ox.ExportError, match=r"Qwen3OmniMoeThinkerForConditionalGeneration.*Omni thinker.*not exported") as e:
-        ox.export_onnx(tmp_path / "omni", tmp_path / "o1", log=lambda *_: None)
-    assert "\n" not in str(e.value) and str(tmp_path / "omni") in str(e.value)
-    assert not (tmp_path / "o1").exists()  # refused before anything is written
-    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "omni"), "--out", str(tmp_path / "o3")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Omni thinker" in p.stderr and "Traceback" not in p.stderr
+def test_architectures_it_cannot_export_give_one_line_errors(tmp_path):
+    from transformers import Qwen2VLConfig, Qwen3OmniMoeConfig
+
+    Qwen3OmniMoeConfig(architectures=["Qwen3OmniMoeForConditionalGeneration"]).save_pretrained(tmp_path / "full_omni")  # thinker + talker
+    Qwen2VLConfig(architectures=["Qwen2VLForConditionalGeneration"]).save_pretrained(tmp_path / "q2vl")
+    for name, why in (("full_omni", r"full Qwen3-Omni model.*save its thinker alone"), ("q2vl", r"Qwen2-VL is not exported")):
+        with pytest.raises(ox.ExportError, match=why) as e:
+            ox.export_onnx(tmp_path / name, tmp_path / f"{name}.onnx", task="generate", log=lambda *_: None)
+        assert "\n" not in str(e.value) and str(tmp_path / name) in str(e.value)
+        assert not (tmp_path / f"{name}.onnx").exists()  # refused before anything is written
+    p = subprocess.run([sys.executable, "-m", "mmdistill.cli", "export", str(tmp_path / "full_omni"), "--task", "generate", "--out", str(tmp_path / "o3")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "thinker" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The Qwen3-Omni thinker: audio graph beside the vision graph and the decoder
+
+
+def _tone(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    return (sum(np.sin(2 * np.pi * f * t) for f in rng.uniform(200, 3000, 3)) * 0.1 + rng.normal(0, 0.01, t.shape)).astype(np.float32)
+
+
+def _omni_chat_file(d):
+    """Held-out chat records with audio on disk: a clip alone, a clip with an image, an image alone."""
+    import wave
+
+    (d / "clips").mkdir()
+    lines = []
+    for i, (secs, with_image, with_audio) in enumerate([(1.3, False, True), (2.6, True, True), (0.0, True, False)]):
+        scene = synth.scene_for_index(6, 600 + i)
+        q = synth.questions(scene)[0]
+        rec = {"prompt": q["prompt"], "response": q["response"], "skills": [q["skill"]]}
+        if with_audio:
+            with wave.open(str(d / "clips" / f"{i}.wav"), "wb") as w:
+                w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+                w.writeframes((_tone(secs, i) * 32767).astype(np.int16).tobytes())
+            rec["audio"] = f"clips/{i}.wav"
+        if with_image:
+            synth.render(scene, size=64).save(d / f"{i}.png")
+            rec["image"] = f"{i}.png"
+        lines.append(json.dumps(rec))
+    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "chat.jsonl"
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("omni")
+    build_tiny_vlm(d / "model", TEXTS, kind="qwen3_omni_thinker", preset="vlm-nano", tokenizer=tok, overrides=WIDE | {"audio_config.initializer_range": 0.2})
+    manifest = ox.export_onnx(d / "model", d / "onnx", data=_omni_chat_file(d), gen_steps=6, log=lambda *_: None)
+    model, proc = load_vlm(str(d / "model"))
+    runner, _, _ = ox.load_onnx(d / "onnx")
+    return d, model.eval(), proc, manifest, runner
+
+
+def test_omni_thinker_exports_three_graphs_and_its_parity_covers_audio_records(omni):
+    d, _, _, manifest, _ = omni
+    assert manifest["kind"] == "qwen3_omni" and set(manifest["graphs"]) == {"vision_encoder", "audio_encoder", "decoder"}
+    assert (d / "onnx" / "audio_encoder.onnx").is_file() and manifest["audio_token_id"] > 0
+    assert manifest["experts"].startswith("batched_mm")  # the thinker's text model is a MoE
+    fp = manifest["parity"]["fp32"]
+    assert "chat.jsonl (3 records)" in manifest["parity"]["inputs"]
+    assert fp["tokens_identical"] == "3/3" and fp["prefill_logits_max_abs_diff"] <= 1e-4 and fp["step_logits_max_abs_diff"] <= 1e-4
+    assert manifest["latency"]["fp32_ms_per_token"] > 0
+
+
+def test_omni_onnx_greedy_matches_eager_on_new_clips_images_and_a_padded_batch(omni):
+    _, model, proc, _, runner = omni
+    pad = proc.tokenizer.pad_token_id
+    img = synth.render(synth.scene_for_index(9, 3), size=64)
+    # two clips and an image in one prompt; a 4-chunk clip; a clip shorter than one chunk
+    for images, clips in (([img], [_tone(0.7, 1), _tone(1.9, 2)]), ([], [_tone(3.4, 3)]), ([img], [_tone(0.25, 4)])):
+        enc = runner.encode(og._messages("What do you hear?", len(images), len(clips)), images, clips)
+        _check(runner, model, enc, 5, pad)
+    # a left-padded batch of two prompts, clips of different lengths (what the Omni processor pads)
+    texts = [proc.apply_chat_template(og._messages(p, 0, 1), add_generation_prompt=True, tokenize=False) for p in ("Transcribe the audio.", "What is said?")]
+    enc = proc(text=texts, audio=[_tone(0.5, 5), _tone(2.2, 6)], sampling_rate=16000, return_tensors="pt", padding=True, padding_side="left")
+    enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    assert int(enc["attention_mask"].eq(0).sum()) > 0
+    _check(runner, model, enc, 4, pad)
+
+
+def test_omni_audio_graph_matches_the_tower_and_the_audio_reaches_the_logits(omni):
+    _, model, proc, _, runner = omni
+    fe = proc.feature_extractor
+    for clips in ([_tone(0.4, 7)], [_tone(3.1, 8), _tone(1.0, 9)]):  # one chunk and one window; several of both, packed
+        f = fe(clips, sampling_rate=16000, return_attention_mask=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            want = model.model.get_audio_features(f["input_features"], f["attention_mask"]).last_hidden_state
+        got = runner.audio_features(f["input_features"], f["attention_mask"])
+        assert got.shape == tuple(want.shape) and np.abs(got - want.numpy()).max() <= 1e-5
+    # another clip of the same length changes the prefill logits, in eager and in the graphs alike
+    logits = []
+    for seed in (10, 11):
+        enc = runner.encode(og._messages("Transcribe the audio.", 0, 1), [], [_tone(1.2, seed)])
+        _, got = runner.generate(enc, 1, eos_ids=[], return_logits=True)
+        _, want = og.eager_generate(model, enc, 1, [], proc.tokenizer.pad_token_id)
+        assert np.abs(got[0] - want[0].numpy()).max() <= 1e-4
+        logits.append(got[0])
+    assert np.abs(logits[0] - logits[1]).max() > 1e-3
+
+
+def test_omni_generated_parity_items_and_audio_refused_by_a_model_without_an_audio_graph(omni, vlm, tmp_path):
+    d, model, _, _, runner = omni
+    items, images, audios = og.generated_omni_chat(3, 0, 64, 16000)
+    assert [len(a) for a in audios] == [1, 1, 0] and [len(i) for i in images] == [1, 0, 1]
+    parity, _ = og.chat_parity(model, {"fp32": runner}, items, images, steps=3, source="generated", log=lambda *_: None, audios=audios)
+    assert parity["fp32"]["tokens_identical"] == "3/3"
+    vd = vlm[0]
+    vl_runner, _, _ = ox.load_onnx(vd / "onnx")
+    with pytest.raises(ValueError, match="no audio graph"):
+        vl_runner.encode(og._messages("hi", 0, 1), [], [_tone(0.5, 1)])
+    from mmdistill.data.records import RecordError
+
+    with pytest.raises(RecordError, match=r"chat.jsonl.*audio.*takes none"):
+        og.read_items(d / "chat.jsonl", 3)
 
 
 def test_serve_backend_answers_from_the_onnx_export_as_the_torch_backend_does(vlm):
