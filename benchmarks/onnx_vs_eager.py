@@ -156,7 +156,7 @@ def main() -> None:
         f"Generative students (chat path: ORT greedy runner with the KV cache against eager `generate`, batch 1, {GEN_PROMPTS} held-out ShapesWorld "
         f"questions, {GEN_STEPS} new tokens each, no stop token). Prefill: the vision graph (VL) and the first decoder call over the prompt "
         f"({', '.join(str(n) for n in gen_rows[0][1]['prompt_tokens'])} tokens for the Qwen3-VL student with its 4 image tokens); step: one cached decoder call (eager: (generate of "
-        f"{GEN_STEPS} tokens − generate of 1) / {GEN_STEPS - 1}). Parity from the export's own check (`mmdistill export` on 8 other generated ShapesWorld questions, {GEN_STEPS} greedy steps each): tokens identical = prompts whose {GEN_STEPS} tokens all equal eager's; logits diff = max over the prefill and the cached steps while both sides decode the same prefix (up to the first differing token). "
+        f"{GEN_STEPS} tokens − generate of 1) / {GEN_STEPS - 1}). Parity from the export's own check (`mmdistill export` on 8 other generated ShapesWorld questions, {GEN_STEPS} greedy steps each; the Omni thinker's on 9, in turn with the image and a tone clip, the clip only, the image only): tokens identical = prompts whose {GEN_STEPS} tokens all equal eager's; logits diff = max over the prefill and the cached steps while both sides decode the same prefix (up to the first differing token). "
         "The int8 graphs (ORT dynamic quantization of every MatMul) often leave eager's greedy path within the 16 tokens on these random-weight students (init std 0.2; see the int8 tokens-identical column): timed here, not recommended for them.",
         "",
         "| model | eager prefill ms | ORT fp32 prefill ms | eager ms / step | ORT fp32 ms / step | speed-up / step | ORT int8 ms / step | fp32 tokens identical | fp32 logits max abs diff | int8 tokens identical | int8 logits max abs diff |",
@@ -187,14 +187,19 @@ def generative(args, corpus: list[str], payload: dict) -> list:
         ("qwen3_vl_moe", "Qwen3-VL-MoE student (4 experts, top 2; batched_mm in the graph)"),
         ("qwen2_5_vl", "Qwen2.5-VL student (vision + decoder, KV cache)"),
         ("causal_lm", "Qwen3 causal LM student (decoder, KV cache)"),
+        ("qwen3_omni_thinker", "Qwen3-Omni thinker student (vision + audio + MoE decoder, KV cache; image + 2 s clip per prompt)"),
     )
+    rate = 16000
+    t = np.arange(2 * rate) / rate
+    clip = (0.1 * (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 1320 * t))).astype(np.float32)  # 2 s: two audio chunks
     for kind, label in kinds:
         d = args.out / f"gen-{kind}"
         if not (d / "config.json").is_file():
             qa = [f"{q['prompt']} {q['response']}" for i in range(200) for q in synth.questions(synth.scene_for_index(0, i))]
             tok = train_qwen_tokenizer(corpus + qa, vocab_size=1000)
             if kind != "causal_lm":
-                build_tiny_vlm(d, corpus, kind=kind, preset="vlm-student", tokenizer=tok, overrides={"text_config.initializer_range": 0.2})
+                wide = {"text_config.initializer_range": 0.2} | ({"audio_config.initializer_range": 0.2} if kind == "qwen3_omni_thinker" else {})
+                build_tiny_vlm(d, corpus, kind=kind, preset="vlm-student", tokenizer=tok, overrides=wide)
             else:
                 build_tiny_lm(d, corpus, preset="vlm-student", tokenizer=tok, overrides={"initializer_range": 0.2})
         manifest = ox.export_onnx(d, args.out / f"gen-{kind}-onnx", int8=True, overwrite=True, gen_steps=GEN_STEPS, log=lambda *_: None)
@@ -203,7 +208,8 @@ def generative(args, corpus: list[str], payload: dict) -> list:
         runners = {v: ox.load_onnx(args.out / f"gen-{kind}-onnx", int8=(v == "int8"), threads=args.threads)[0] for v in ("fp32", "int8")}
         first = runners["fp32"]
         pad = first.tokenizer.pad_token_id
-        encoded = [first.encode(og._messages(it["prompt"], 0 if kind == "causal_lm" else 1), [] if kind == "causal_lm" else im) for it, im in zip(items, images)]
+        clips = [clip] if kind == "qwen3_omni_thinker" else []
+        encoded = [first.encode(og._messages(it["prompt"], 0 if kind == "causal_lm" else 1, len(clips)), [] if kind == "causal_lm" else im, clips) for it, im in zip(items, images)]
 
         def eager(n):
             return lambda: [og.eager_generate(model, enc, n, [], pad) for enc in encoded]
