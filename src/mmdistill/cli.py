@@ -379,6 +379,7 @@ def serve(
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413 above)."),
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width x height) accepted."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Chat: most tokens one request may generate."),
+    max_audio_seconds: float = typer.Option(600.0, "--max-audio-seconds", help="Chat (Omni thinker): the longest audio clip accepted."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Rerankers: scores.jsonl (or eval.json) written by `mmdistill eval`; live scores are compared with it (PSI, KS) at /v1/monitor."),
     webhook: Optional[str] = typer.Option(None, "--webhook", help="URL that receives a JSON POST when score drift is flagged or cleared."),
@@ -390,7 +391,8 @@ def serve(
     from .serve.app import ServeConfig
 
     cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
-                      cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens)
+                      cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens,
+                      max_audio_seconds=max_audio_seconds)
     _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook, teacher=teacher, teacher_name=teacher_name)
 
 

@@ -54,6 +54,7 @@ class ServeConfig:
     batching: bool = True
     cache_size: int = 4096  # LRU entries (embeddings / pair scores); 0 turns the cache off
     timeout_s: float = 60.0
+    max_audio_seconds: float = 600.0  # chat: the longest clip accepted (Omni thinker)
 
 
 class ApiError(Exception):
@@ -446,9 +447,27 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         return JSONResponse({"id": f"rerank-{uuid.uuid4().hex[:16]}", "model": name, "results": results, "usage": {"total_tokens": tokens}})
 
     # ------------------------------------------------------------------ chat
-    def chat_messages(raw: list) -> tuple[list[dict], list]:
-        """OpenAI messages -> the processor's messages (text / image parts) and the decoded images in order."""
-        out, images = [], []
+    def _audio(part: Any, field: str, rate: int | None):
+        """An OpenAI ``input_audio`` part ({"data": base64 WAV, "format": "wav"}) -> mono float32 samples at `rate`."""
+        from ..data.audio import AudioError, load_audio
+
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict) or not isinstance(spec.get("data"), str) or not spec["data"]:
+            raise ApiError(400, f"{field}.input_audio.data: expected base64 WAV bytes ({{\"data\": ..., \"format\": \"wav\"}})", f"{field}.input_audio.data")
+        fmt = spec.get("format", "wav")
+        if fmt != "wav":
+            raise ApiError(400, f"{field}.input_audio.format: only wav is taken (got {fmt!r}); convert it, e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav", f"{field}.input_audio.format")
+        if rate is None:
+            raise ApiError(400, f"{field}: this model takes no audio (no audio tower); send audio to a Qwen3-Omni thinker", field)
+        try:
+            return load_audio("data:audio/wav;base64," + spec["data"], ".", sampling_rate=rate, max_seconds=cfg.max_audio_seconds)
+        except AudioError as e:
+            raise ApiError(400, f"{field}.input_audio.data: {e.reason}", f"{field}.input_audio.data") from None
+
+    def chat_messages(raw: list, audio_rate: int | None = None) -> tuple[list[dict], list, list]:
+        """OpenAI messages -> the processor's messages (text / image / audio parts), the decoded images and audio clips
+        in order."""
+        out, images, audios = [], [], []
         for i, m in enumerate(raw):
             f = f"messages.{i}"
             if not isinstance(m, dict):
@@ -473,10 +492,13 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
                     url = url.get("url") if isinstance(url, dict) else url
                     images.append(_image(url, f"{pf}.image_url.url", cfg))
                     parts.append({"type": "image"})
+                elif kind == "input_audio":
+                    audios.append(_audio(part, pf, audio_rate))
+                    parts.append({"type": "audio"})
                 else:
-                    raise ApiError(400, f"{pf}: expected {{\"type\": \"text\", \"text\"}} or {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:...\"}}}}", pf)
+                    raise ApiError(400, f"{pf}: expected {{\"type\": \"text\", \"text\"}}, {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:...\"}}}} or {{\"type\": \"input_audio\", \"input_audio\": {{\"data\", \"format\": \"wav\"}}}}", pf)
             out.append({"role": role, "content": parts})
-        return out, images
+        return out, images, audios
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -496,10 +518,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         if _field(obj, "n", (int,), default=1) != 1:
             raise ApiError(400, "n: only 1 is supported", "n")
         stream = _field(obj, "stream", (bool,), default=False)
-        messages, images = chat_messages(raw)
+        messages, images, audios = chat_messages(raw, getattr(backend, "audio_rate", None))
         loop = asyncio.get_running_loop()
         try:
-            inputs = await loop.run_in_executor(None, backend.encode, messages, images)
+            inputs = await loop.run_in_executor(None, *((backend.encode, messages, images, audios) if audios else (backend.encode, messages, images)))
         except ValueError as e:
             raise ApiError(400, f"messages: {str(e).splitlines()[0]}", "messages") from None
         prompt = int(inputs["input_ids"].shape[1])

@@ -181,6 +181,13 @@ class RerankScorer:
 # Chat
 
 
+def _audio_rate(processor) -> int | None:
+    """The sampling rate the processor's audio feature extractor takes; None for a model that takes no audio."""
+    from ..models.generative import audio_sampling_rate
+
+    return audio_sampling_rate(processor)
+
+
 class ChatModel:
     """A generative VLM answering OpenAI-style messages (greedy at temperature 0)."""
 
@@ -196,6 +203,7 @@ class ChatModel:
         self.lock = threading.Lock()  # generate() calls never overlap
         self._encode_lock = threading.Lock()  # nor do processor calls (the tokenizer's settings are shared state)
         self._eos = self._eos_ids()
+        self.audio_rate = _audio_rate(processor)
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -206,11 +214,15 @@ class ChatModel:
                 ids.add(self.tokenizer.convert_tokens_to_ids(t))
         return sorted(ids)
 
-    def encode(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
-        """messages: [{"role", "content": str | [{"type": "text", "text"} | {"type": "image"}]}]."""
+    def encode(self, messages: list[dict], images: list, audios: list | None = None) -> dict[str, torch.Tensor]:
+        """messages: [{"role", "content": str | [{"type": "text", "text"} | {"type": "image"} | {"type": "audio"}]}];
+        audios: clips (float arrays at ``audio_rate``), for a model with an audio tower (the Omni thinker)."""
+        if audios and self.audio_rate is None:
+            raise ValueError("this model takes no audio (no audio tower)")
         with self._encode_lock:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+            extra = {"audio": list(audios), "sampling_rate": self.audio_rate} if audios else {}
+            enc = self.processor(text=[text], images=images or None, return_tensors="pt", **extra)
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
     def _gen_kwargs(self, max_tokens: int, temperature: float) -> dict[str, Any]:
@@ -271,10 +283,11 @@ class OnnxChat(ChatModel):
         self.lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._eos = list(runner.eos_ids)
+        self.audio_rate = _audio_rate(processor) if "audio_encoder" in runner.sessions else None
 
-    def encode(self, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
+    def encode(self, messages: list[dict], images: list, audios: list | None = None) -> dict[str, torch.Tensor]:
         with self._encode_lock:
-            return self.runner.encode(messages, images)
+            return self.runner.encode(messages, images, audios)
 
     def generate(self, inputs: dict[str, torch.Tensor], max_tokens: int, temperature: float = 0.0) -> tuple[str, int, str]:
         with self.lock:

@@ -349,3 +349,19 @@ def test_serve_backend_answers_from_the_onnx_export_as_the_torch_backend_does(vl
     # sampling runs too (temperature > 0): tokens from the vocabulary, no more than asked
     text, n, _ = onnx_chat.generate(inputs, 5, temperature=1.0)
     assert isinstance(text, str) and 1 <= n <= 5
+
+
+def test_serve_backend_hears_audio_from_the_omni_export_as_the_torch_backend_does(omni):
+    from mmdistill.serve.backends import ChatModel, OnnxChat, load_backend
+
+    d, _, _, _, _ = omni
+    onnx_chat, torch_chat = load_backend(d / "onnx"), load_backend(d / "model")
+    assert isinstance(onnx_chat, OnnxChat) and isinstance(torch_chat, ChatModel)
+    assert onnx_chat.audio_rate == torch_chat.audio_rate == 16000
+    img = synth.render(synth.scene_for_index(21, 4), size=64)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "What is said?"}]}]
+    clips = [_tone(1.6, 12)]
+    inputs = onnx_chat.encode(messages, [img], clips)
+    ref = torch_chat.encode(messages, [img], clips)
+    assert torch.equal(inputs["input_ids"], ref["input_ids"]) and torch.allclose(inputs["input_features"], ref["input_features"])
+    assert onnx_chat.generate(inputs, 8) == torch_chat.generate(ref, 8)

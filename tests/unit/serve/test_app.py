@@ -318,6 +318,67 @@ def test_chat_completion_is_the_greedy_generation(chat, folders):
     assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
 
+def _wav_b64(seconds: float, rate: int = 16000, freq: float = 440.0) -> str:
+    import base64
+    import wave
+
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16).tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_hears_input_audio_parts_on_an_omni_thinker(tmp_path, qwen_tok, chat):
+    """OpenAI `input_audio` parts (base64 WAV) reach the Omni thinker's audio tower; the answer is plain transformers'
+    greedy generation on the processor's own inputs; bad clips and audio to a model without an audio tower are 400s."""
+    from mmdistill.data.audio import load_audio
+    from mmdistill.models.generative import _messages, load_vlm
+    from mmdistill.models.tiny import build_tiny_vlm
+
+    build_tiny_vlm(tmp_path / "omni", [], kind="qwen3_omni_thinker", preset="vlm-nano", tokenizer=qwen_tok, seed=4,
+                   overrides={"text_config.initializer_range": 0.2, "audio_config.initializer_range": 0.2})
+    backend = load_backend(tmp_path / "omni")
+    assert backend.audio_rate == 16000
+    c = TestClient(create_app(backend, ServeConfig(name="omni", max_tokens=16, max_audio_seconds=4)))
+    b64 = _wav_b64(1.3)
+    part = {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
+    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "what shape is it?"}]}]
+    r = c.post("/v1/chat/completions", json={"model": "omni", "messages": msgs, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model, proc = load_vlm(str(tmp_path / "omni"))
+    clip = load_audio("data:audio/wav;base64," + b64, ".", sampling_rate=16000)
+    text = proc.apply_chat_template(_messages("what shape is it?", 0, None, 1), add_generation_prompt=True, tokenize=False)
+    enc = proc(text=[text], audio=[clip], sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**enc, max_new_tokens=6, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    new = new[: new.index(eos) + 1] if eos in new else new
+    assert body["choices"][0]["message"]["content"] == proc.tokenizer.decode(new, skip_special_tokens=True)
+    assert body["usage"]["prompt_tokens"] == enc["input_ids"].shape[1]
+    text_only = c.post("/v1/chat/completions", json={"model": "omni", "messages": [{"role": "user", "content": "what shape is it?"}], "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"] + 10  # the clip's audio tokens
+    # another clip, another prompt length: the audio is really read
+    r2 = c.post("/v1/chat/completions", json={"model": "omni", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": _wav_b64(3.0, freq=880.0), "format": "wav"}}]}], "max_tokens": 1})
+    assert r2.status_code == 200 and r2.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
+
+    def bad(p, field, words):
+        m = [{"role": "user", "content": [p, {"type": "text", "text": "x"}]}]
+        _err(c.post("/v1/chat/completions", json={"model": "omni", "messages": m, "max_tokens": 2}), 400, field, words)
+
+    f = "messages.0.content.0.input_audio"
+    bad({"type": "input_audio", "input_audio": {"data": b64, "format": "mp3"}}, f + ".format", "only wav")
+    bad({"type": "input_audio", "input_audio": {"data": "%%%not base64", "format": "wav"}}, f + ".data", "base64")
+    bad({"type": "input_audio", "input_audio": {"data": _wav_b64(5.0), "format": "wav"}}, f + ".data", "too long")
+    bad({"type": "input_audio", "input_audio": {"data": data_url(Image.new("RGB", (8, 8))).split(",", 1)[1], "format": "wav"}}, f + ".data", "not a PCM WAV")
+    bad({"type": "input_audio", "input_audio": "x"}, f + ".data", "base64 WAV")
+    _err(chat.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}), 400, "messages.0.content.0", "takes no audio")
+    assert c.post("/v1/chat/completions", json={"model": "omni", "messages": msgs, "max_tokens": 2}).status_code == 200  # still serving
+
+
 def test_chat_bad_input(chat):
     m = [{"role": "user", "content": "hi"}]
     _err(chat.post("/v1/chat/completions", json={"messages": m}), 400, "model", "required")
