@@ -380,6 +380,9 @@ def serve(
     max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width x height) accepted."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Chat: most tokens one request may generate."),
     max_audio_seconds: float = typer.Option(600.0, "--max-audio-seconds", help="Chat (Omni thinker): the longest audio clip accepted."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Accept image paths, read under this folder only (default: paths refused)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Download http(s) image URLs (default: refused); for trusted hosts."),
+    fetch_timeout: float = typer.Option(5.0, "--fetch-timeout", help="Seconds a remote image download may take."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime (default: theirs)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Rerankers: scores.jsonl (or eval.json) written by `mmdistill eval`; live scores are compared with it (PSI, KS) at /v1/monitor."),
     webhook: Optional[str] = typer.Option(None, "--webhook", help="URL that receives a JSON POST when score drift is flagged or cleared."),
@@ -392,7 +395,11 @@ def serve(
 
     cfg = ServeConfig(name=name or model.name, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=not no_batching,
                       cache_size=cache_size, max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_tokens=max_tokens,
-                      max_audio_seconds=max_audio_seconds)
+                      max_audio_seconds=max_audio_seconds, image_root=str(image_root) if image_root else None,
+                      allow_remote_images=allow_remote_images, fetch_timeout_s=fetch_timeout)
+    if image_root is not None and not image_root.is_dir():
+        typer.echo(f"error: --image-root {image_root}: not a folder", err=True)
+        raise typer.Exit(2)
     _guard(api.serve, model, host=host, port=port, backend=backend, task=task, int8=int8, threads=threads, config=cfg, reference=reference, webhook=webhook, teacher=teacher, teacher_name=teacher_name)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "load_image", "resolve_image_path", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "load_image", "decode_image_bytes", "resolve_image_path", "DEFAULT_MAX_PIXELS"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -115,6 +115,12 @@ def load_image(ref: str, base_dir: str | Path, *, max_pixels: int = DEFAULT_MAX_
             return _decode(f, ref, max_pixels)
     except OSError as e:  # permission denied, I/O error
         raise ImageError(ref, f"cannot read file ({e.strerror or e})") from None
+
+
+def decode_image_bytes(data: bytes, ref: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes from elsewhere (a download) with the same checks as ``load_image``; ``ref`` names them in
+    the error."""
+    return _decode(io.BytesIO(data), ref, max_pixels)
 
 
 def _decode(fp, ref: str, max_pixels: int) -> Image.Image:

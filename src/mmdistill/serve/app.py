@@ -14,7 +14,9 @@ Endpoints (``create_app(backend, ServeConfig)``):
 
 Bad input is answered with the right 4xx and an OpenAI-style ``{"error": {"message", "type", "param",
 "code"}}`` whose message names the field; the server keeps serving. Only data URLs are accepted as
-images: remote URLs and local paths are refused (the server reads nothing from disk or network).
+images: remote URLs and local paths are refused (the server reads nothing from disk or network) unless the server is
+started with ``--allow-remote-images`` (http(s) URLs downloaded off the event loop, at most --max-body-mb each, within
+--fetch-timeout) or ``--image-root DIR`` (paths read under DIR only, with the data loaders' checks).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +59,9 @@ class ServeConfig:
     cache_size: int = 4096  # LRU entries (embeddings / pair scores); 0 turns the cache off
     timeout_s: float = 60.0
     max_audio_seconds: float = 600.0  # chat: the longest clip accepted (Omni thinker)
+    image_root: str | None = None  # local image paths are read under this folder only; None: refused
+    allow_remote_images: bool = False  # http(s) image URLs are downloaded (at most max_body_bytes, fetch_timeout_s)
+    fetch_timeout_s: float = 5.0
 
 
 class ApiError(Exception):
@@ -133,18 +140,76 @@ def _field(obj: dict, name: str, types: tuple, *, required: bool = False, defaul
     return value
 
 
-def _image(ref: Any, field: str, cfg: ServeConfig):
-    """A data-URL image, fully decoded and checked (pixels, bombs, corrupt data) -> PIL image."""
-    from ..data.images import ImageError, load_image
+_REMOTE = re.compile(r"^https?://", re.IGNORECASE)
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def _image(ref: Any, field: str, cfg: ServeConfig, fetched: dict[str, bytes | str] | None = None):
+    """An image reference, fully decoded and checked (pixels, bombs, corrupt data) -> PIL image.
+
+    A data:image/...;base64 URL always; an http(s) URL when the server allows remote images (its bytes downloaded
+    beforehand by `_fetch_all` into `fetched`: bytes, or the reason it failed); a path under ``cfg.image_root`` when
+    one is set (the data loaders' checks: no escape from the folder, no symlink out). Anything else is a 400."""
+    from ..data.images import ImageError, decode_image_bytes, load_image
 
     if not isinstance(ref, str) or not ref:
         raise ApiError(400, f"{field}: expected a data:image/...;base64 URL string", field)
-    if not ref[:5].lower() == "data:":
-        raise ApiError(400, f"{field}: only data:image/<type>;base64 URLs are accepted; remote URLs and local paths are refused", field)
     try:
-        return load_image(ref, ".", max_pixels=cfg.max_image_pixels)
+        if ref[:5].lower() == "data:":
+            return load_image(ref, ".", max_pixels=cfg.max_image_pixels)
+        if _REMOTE.match(ref):
+            if not cfg.allow_remote_images:
+                raise ApiError(400, f"{field}: remote URLs are refused (start the server with --allow-remote-images to fetch them); send a data:image/<type>;base64 URL", field)
+            got = (fetched or {}).get(ref)
+            if not isinstance(got, bytes):
+                raise ApiError(400, f"{field}: cannot fetch the image: {got or 'not fetched'}", field)
+            return decode_image_bytes(got, ref, max_pixels=cfg.max_image_pixels)
+        if _SCHEME.match(ref) and not re.match(r"^[a-z]:[\\/]", ref, re.IGNORECASE):
+            raise ApiError(400, f"{field}: only data:image/<type>;base64 URLs, http(s) URLs (--allow-remote-images) and paths under --image-root are accepted", field)
+        if cfg.image_root is None:
+            raise ApiError(400, f"{field}: local paths are refused (start the server with --image-root DIR to read images under DIR)", field)
+        return load_image(ref, cfg.image_root, max_pixels=cfg.max_image_pixels)
     except ImageError as e:
         raise ApiError(400, f"{field}: {e.reason}", field) from None
+
+
+def _fetch(url: str, cfg: ServeConfig) -> bytes | str:
+    """The bytes at `url` (status 200, at most max_body_bytes, within fetch_timeout_s, up to 3 redirects), or why not."""
+    import httpx
+
+    try:
+        with httpx.Client(timeout=cfg.fetch_timeout_s, follow_redirects=True, max_redirects=3) as client, client.stream("GET", url) as r:
+            if r.status_code != 200:
+                return f"HTTP {r.status_code}"
+            size = r.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+                return f"{int(size):,} bytes, over the limit of {cfg.max_body_bytes:,}"
+            data = bytearray()
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > cfg.max_body_bytes:
+                    return f"over the limit of {cfg.max_body_bytes:,} bytes"
+            return bytes(data)
+    except httpx.TimeoutException:
+        return f"timed out after {cfg.fetch_timeout_s:g} s"
+    except (httpx.HTTPError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+async def _fetch_all(refs: list[Any], cfg: ServeConfig) -> dict[str, bytes | str]:
+    """Download the http(s) image URLs among `refs` concurrently, off the event loop (only when remote images are on)."""
+    urls = sorted({r for r in refs if isinstance(r, str) and _REMOTE.match(r)}) if cfg.allow_remote_images else []
+    if not urls:
+        return {}
+    loop = asyncio.get_running_loop()
+    got = await asyncio.gather(*(loop.run_in_executor(None, _fetch, u, cfg) for u in urls))
+    return dict(zip(urls, got))
+
+
+def _png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _check_model(obj: dict, models: dict[str, Any], *, required: bool) -> tuple[str, Any]:
@@ -348,6 +413,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         texts: list[tuple[int, str]] = []
         images: list[tuple[int, Any, str]] = []
         tokens = 0
+        fetched = await _fetch_all([x.get("image") for x in inputs if isinstance(x, dict)], cfg)
         for i, x in enumerate(inputs):
             field = "input" if isinstance(raw, str) else f"input.{i}"
             if isinstance(x, dict):
@@ -356,7 +422,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
                 kind, x = next(iter(x.items()))
                 field = f"{field}.{kind}"
                 if kind == "image":
-                    images.append((i, _image(x, field, cfg), hashlib.sha256(str(x).encode()).hexdigest()))
+                    images.append((i, _image(x, field, cfg, fetched), hashlib.sha256(str(x).encode()).hexdigest()))
                     continue
             elif isinstance(x, str) and x[:11].lower() == "data:image/":
                 images.append((i, _image(x, field, cfg), hashlib.sha256(x.encode()).hexdigest()))
@@ -386,7 +452,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         return JSONResponse({"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ------------------------------------------------------------------ rerank
-    def rerank_item(backend, x: Any, field: str) -> tuple[str | None, str | None]:
+    def rerank_item(backend, x: Any, field: str, fetched: dict[str, bytes | str]) -> tuple[str | None, str | None]:
         if isinstance(x, str):
             if not x.strip():
                 raise ApiError(400, f"{field}: empty string", field)
@@ -398,7 +464,9 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
             if image is not None:
                 if not backend.takes_images:
                     raise ApiError(400, f"{field}.image: this reranker ({backend.backend} backend) reads text only", f"{field}.image")
-                _image(image, f"{field}.image", cfg)
+                decoded = _image(image, f"{field}.image", cfg, fetched)
+                if isinstance(image, str) and image[:5].lower() != "data:":  # a URL or a path: the reranker reads data URLs
+                    image = _png_data_url(decoded)
             if text is None and image is None:
                 raise ApiError(400, f"{field}: needs text or image", field)
             return text, image
@@ -409,8 +477,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         obj = await _read_json(request, cfg)
         name, backend = _check_model(obj, served, required=False)
         need(name, backend, "reranker", "/v1/rerank")
-        q_text, q_image = rerank_item(backend, _field(obj, "query", (str, dict), required=True), "query")
+        query = _field(obj, "query", (str, dict), required=True)
         docs = _field(obj, "documents", (list,), required=True)
+        fetched = await _fetch_all([x.get("image") for x in [query, *docs] if isinstance(x, dict)], cfg)
+        q_text, q_image = rerank_item(backend, query, "query", fetched)
         if not docs:
             raise ApiError(400, "documents: empty list; give at least one document", "documents")
         if len(docs) > cfg.max_inputs:
@@ -422,7 +492,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         return_docs = _field(obj, "return_documents", (bool,), default=False)
         pairs = []
         for i, d in enumerate(docs):
-            d_text, d_image = rerank_item(backend, d, f"documents.{i}")
+            d_text, d_image = rerank_item(backend, d, f"documents.{i}", fetched)
             pairs.append(PairIn(instruction, q_text, q_image, d_text, d_image))
         # the model thread counts each pair's tokens while it tokenises the batch: a pair over max_length comes back
         # without a score (and the other requests of its batch are not held up by it)
@@ -464,7 +534,16 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         except AudioError as e:
             raise ApiError(400, f"{field}.input_audio.data: {e.reason}", f"{field}.input_audio.data") from None
 
-    def chat_messages(raw: list, audio_rate: int | None = None) -> tuple[list[dict], list, list]:
+    def image_urls(raw: list) -> list:
+        """The image_url.url values of OpenAI messages (whatever their shape; checked later)."""
+        urls = []
+        for m in raw:
+            for part in (m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
+                url = part.get("image_url") if isinstance(part, dict) else None
+                urls.append(url.get("url") if isinstance(url, dict) else url)
+        return urls
+
+    def chat_messages(raw: list, audio_rate: int | None = None, fetched: dict[str, bytes | str] | None = None) -> tuple[list[dict], list, list]:
         """OpenAI messages -> the processor's messages (text / image / audio parts), the decoded images and audio clips
         in order."""
         out, images, audios = [], [], []
@@ -490,7 +569,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
                 elif kind == "image_url":
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
-                    images.append(_image(url, f"{pf}.image_url.url", cfg))
+                    images.append(_image(url, f"{pf}.image_url.url", cfg, fetched))
                     parts.append({"type": "image"})
                 elif kind == "input_audio":
                     audios.append(_audio(part, pf, audio_rate))
@@ -518,7 +597,7 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
         if _field(obj, "n", (int,), default=1) != 1:
             raise ApiError(400, "n: only 1 is supported", "n")
         stream = _field(obj, "stream", (bool,), default=False)
-        messages, images, audios = chat_messages(raw, getattr(backend, "audio_rate", None))
+        messages, images, audios = chat_messages(raw, getattr(backend, "audio_rate", None), await _fetch_all(image_urls(raw), cfg))
         loop = asyncio.get_running_loop()
         try:
             inputs = await loop.run_in_executor(None, *((backend.encode, messages, images, audios) if audios else (backend.encode, messages, images)))

@@ -507,3 +507,77 @@ def test_teacher_beside_the_student_picked_by_model(folders):
     _err(c.post("/v1/rerank", json={**img_doc, "model": "student"}), 400, "documents.0.image", "text only")
     with pytest.raises(ValueError, match="different names"):
         create_app(student, ServeConfig(name="x"), teacher=teacher, teacher_name="x")
+
+
+# ------------------------------------------------------------------ images by URL or path (opt-in)
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory):
+    """A loopback HTTP server: /img.png (an image), /text.txt (not an image), /big (over 1 MB), /slow (2 s), 404 else;
+    and the same image on disk under a folder."""
+    import http.server
+    import threading
+    import time as _time
+
+    root = tmp_path_factory.mktemp("images")
+    img = Image.new("RGB", (64, 64), (30, 60, 220))
+    img.save(root / "img.png")
+    png = (root / "img.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, status = {"/img.png": (png, 200), "/text.txt": (b"hello", 200), "/big": (b"\0" * (1_500_000), 200)}.get(self.path, (b"no", 404))
+            if self.path == "/slow":
+                _time.sleep(2)
+                body, status = png, 200
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the server under test stopped reading (over its limit)
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", root, img
+    srv.shutdown()
+
+
+def test_images_by_url_or_path_only_when_enabled_and_as_the_data_url_would(folders, image_host, chat, clip, yesno):
+    base, root, img = image_host
+    opts = dict(allow_remote_images=True, fetch_timeout_s=0.5, max_body_bytes=1024 * 1024, image_root=str(root))
+
+    def ask(c, url):
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what shape is it?"}]}]
+        return c.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 6})
+
+    want = ask(chat, data_url(img)).json()["choices"][0]["message"]["content"]
+    # refused by default, with the switch to turn on named
+    _err(ask(chat, f"{base}/img.png"), 400, "messages.0.content.0.image_url.url", "--allow-remote-images")
+    _err(ask(chat, "img.png"), 400, "messages.0.content.0.image_url.url", "--image-root")
+    open_chat = client(folders, "chat", max_tokens=64, **opts)
+    for url in (f"{base}/img.png", "img.png", str(root / "img.png")):
+        r = ask(open_chat, url)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+    f = "messages.0.content.0.image_url.url"
+    for url, words in ((f"{base}/missing.png", "HTTP 404"), (f"{base}/text.txt", "not an image"), (f"{base}/big", "over the limit"), (f"{base}/slow", "timed out"),
+                       ("../outside.png", "escapes"), ("/etc/hostname", "escapes"), ("nothere.png", "not found"), ("file:///etc/hostname", "only data:image")):
+        _err(ask(open_chat, url), 400, f, words)
+    assert ask(open_chat, data_url(img)).status_code == 200  # still serving
+    # embeddings and rerank read them too, as their data URLs
+    open_clip = client(folders, "clip", **opts)
+    a = clip.post("/v1/embeddings", json={"input": [{"image": data_url(img)}]}).json()["data"][0]["embedding"]
+    b = open_clip.post("/v1/embeddings", json={"input": [{"image": f"{base}/img.png"}, {"image": "img.png"}]}).json()["data"]
+    assert np.allclose(a, b[0]["embedding"], atol=1e-6) and np.allclose(a, b[1]["embedding"], atol=1e-6)
+    _err(clip.post("/v1/embeddings", json={"input": [{"image": f"{base}/img.png"}]}), 400, "input.0.image", "--allow-remote-images")
+    open_yesno = client(folders, "yesno", **opts)
+    s = yesno.post("/v1/rerank", json={"query": "a blue square", "documents": [{"image": data_url(img)}]}).json()["results"][0]["relevance_score"]
+    t = open_yesno.post("/v1/rerank", json={"query": "a blue square", "documents": [{"image": f"{base}/img.png"}, {"image": "img.png"}]}).json()["results"]
+    assert all(abs(x["relevance_score"] - s) <= 1e-5 for x in t)
+    _err(open_yesno.post("/v1/rerank", json={"query": {"image": f"{base}/missing.png"}, "documents": ["a"]}), 400, "query.image", "HTTP 404")
