@@ -86,3 +86,33 @@ def test_httpx_rerank_on_a_real_server(folders):
         assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]["message"]
         assert httpx.get(url + "/health").json()["family"] == "reranker"
         assert "mmdistill_batch_size_bucket" in httpx.get(url + "/metrics").text
+
+
+def test_openai_client_sends_input_audio_to_an_omni_thinker(tmp_path, qwen_tok):
+    """The openai client's own input_audio content part (base64 WAV) reaches a Qwen3-Omni thinker on a real server;
+    the same request to a model without an audio tower is the client's BadRequestError."""
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+    import openai
+
+    from mmdistill.models.tiny import build_tiny_vlm
+
+    build_tiny_vlm(tmp_path / "omni", [], kind="qwen3_omni_thinker", preset="vlm-nano", tokenizer=qwen_tok, seed=5)
+    t = np.arange(16000) / 16000
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16).tobytes())
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
+    app = create_app(load_backend(tmp_path / "omni"), ServeConfig(name="omni", max_tokens=8))
+    with LoopbackServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        res = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": [audio, {"type": "text", "text": "Transcribe the audio."}]}], max_tokens=4)
+        text_only = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Transcribe the audio."}], max_tokens=1)
+        assert res.usage.prompt_tokens > text_only.usage.prompt_tokens + 10  # one second of audio: 13 audio tokens
+        assert res.choices[0].message.role == "assistant" and 1 <= res.usage.completion_tokens <= 4
+        with pytest.raises(openai.BadRequestError, match="input_audio.format"):
+            client.chat.completions.create(model="omni", messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio["input_audio"]["data"], "format": "mp3"}}]}], max_tokens=2)
