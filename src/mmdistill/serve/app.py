@@ -422,7 +422,10 @@ def create_app(backend, cfg: ServeConfig | None = None, monitor=None, *, teacher
                 kind, x = next(iter(x.items()))
                 field = f"{field}.{kind}"
                 if kind == "image":
-                    images.append((i, _image(x, field, cfg, fetched), hashlib.sha256(str(x).encode()).hexdigest()))
+                    im = _image(x, field, cfg, fetched)
+                    # a data URL carries its content; a URL or a path may change behind the same string: key on the pixels
+                    key = str(x) if isinstance(x, str) and x[:5].lower() == "data:" else f"{im.mode}{im.size}".encode() + im.tobytes()
+                    images.append((i, im, hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()))
                     continue
             elif isinstance(x, str) and x[:11].lower() == "data:image/":
                 images.append((i, _image(x, field, cfg), hashlib.sha256(x.encode()).hexdigest()))

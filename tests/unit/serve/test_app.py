@@ -576,6 +576,14 @@ def test_images_by_url_or_path_only_when_enabled_and_as_the_data_url_would(folde
     b = open_clip.post("/v1/embeddings", json={"input": [{"image": f"{base}/img.png"}, {"image": "img.png"}]}).json()["data"]
     assert np.allclose(a, b[0]["embedding"], atol=1e-6) and np.allclose(a, b[1]["embedding"], atol=1e-6)
     _err(clip.post("/v1/embeddings", json={"input": [{"image": f"{base}/img.png"}]}), 400, "input.0.image", "--allow-remote-images")
+    # the result cache keys a path (or URL) on the pixels read, not on the string: a changed file is embedded afresh
+    seen = []
+    for colour in ((250, 10, 10), (10, 250, 10)):
+        Image.new("RGB", (64, 64), colour).save(root / "changing.png")
+        seen.append(open_clip.post("/v1/embeddings", json={"input": [{"image": "changing.png"}]}).json()["data"][0]["embedding"])
+        direct = clip.post("/v1/embeddings", json={"input": [{"image": data_url(Image.new("RGB", (64, 64), colour))}]}).json()["data"][0]["embedding"]
+        assert np.allclose(seen[-1], direct, atol=1e-6)
+    assert not np.allclose(seen[0], seen[1], atol=1e-3)
     open_yesno = client(folders, "yesno", **opts)
     s = yesno.post("/v1/rerank", json={"query": "a blue square", "documents": [{"image": data_url(img)}]}).json()["results"][0]["relevance_score"]
     t = open_yesno.post("/v1/rerank", json={"query": "a blue square", "documents": [{"image": f"{base}/img.png"}, {"image": "img.png"}]}).json()["results"]
