@@ -424,13 +424,14 @@ class FeatureDistillTerm(nn.Module):
         kind: str = "mse",
         normalize: bool = False,
         sample_mask: str | None = None,
+        center: bool = False,
     ) -> None:
         super().__init__()
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature term {feature!r}: kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
         self.feature = feature
         self.sample_mask = sample_mask
-        self.loss = FeatureLoss(kind, student_dim=student_dim, teacher_dim=teacher_dim, normalize=normalize)
+        self.loss = FeatureLoss(kind, student_dim=student_dim, teacher_dim=teacher_dim, normalize=normalize, center=center)
 
     def forward(self, student: Signals, teacher: Signals | None, batch: dict, progress: float) -> Tensor:
         who = f"feature distillation ({self.feature})"

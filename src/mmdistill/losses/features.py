@@ -9,6 +9,12 @@ positions (count clamped to at least 1: an all-masked batch gives 0, not NaN):
 - ``feature_mse``:    mean_d (s_d − t_d)²          (``[B, D]`` without mask == ``F.mse_loss``)
 - ``feature_cosine``: 1 − cos(s, t)                 (in [0, 2])
 
+``center_features`` subtracts, from student and teacher each, their mean over the counted rows of the batch
+first: what is left is how each sample differs from the others. Pooled features of a tower are often almost
+parallel for every input (a large shared component), so a plain cosine between them is ~0 from the first steps
+and carries no signal; the centred cosine asks the student to reproduce the teacher's differences between inputs.
+With fewer than two counted rows there is nothing to compare and the centred loss is 0.
+
 Widths must match; put a ``FeatureProjector`` (or use ``FeatureLoss``) in front of the student when
 they differ.
 """
@@ -60,6 +66,24 @@ def feature_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None)
     return _masked_mean(per_position, mask)
 
 
+def center_features(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Subtract from each its mean over the counted rows ([B, D]: samples; [B, T, D]: positions).
+
+    Returns (student, teacher, mask) with ``mask`` all False when fewer than two rows count (the losses then
+    give 0). Computed in float32.
+    """
+    _check(student, teacher, mask)
+    s, t = student.float(), teacher.float()
+    counted = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device) if mask is None else mask.to(device=s.device, dtype=torch.bool)
+    n = int(counted.sum())
+    if n < 2:
+        return s, t, torch.zeros_like(counted)
+    w = counted.unsqueeze(-1).to(s.dtype)
+    s = s - (s * w).sum(dim=tuple(range(s.dim() - 1)), keepdim=True) / n
+    t = t - (t * w).sum(dim=tuple(range(t.dim() - 1)), keepdim=True) / n
+    return s, t, counted
+
+
 class FeatureProjector(nn.Module):
     """Linear map from the student's width to the teacher's: [..., D_s] -> [..., D_t].
 
@@ -90,7 +114,8 @@ class FeatureLoss(nn.Module):
     """Feature distillation loss with an optional learned projection of the student.
 
     ``kind``: "mse" | "cosine". ``normalize=True`` L2-normalises both (after projection) before
-    the MSE (CLIP-KD's FD style; cosine is scale-free anyway). A ``FeatureProjector`` is created when
+    the MSE (CLIP-KD's FD style; cosine is scale-free anyway). ``center=True`` subtracts each side's
+    mean over the batch's counted rows first (after projection; see ``center_features``). A ``FeatureProjector`` is created when
     ``student_dim != teacher_dim`` (or ``force_projector=True``); register this module with the
     optimizer so the projector trains.
 
@@ -105,12 +130,14 @@ class FeatureLoss(nn.Module):
         teacher_dim: int | None = None,
         normalize: bool = False,
         force_projector: bool = False,
+        center: bool = False,
     ) -> None:
         super().__init__()
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature loss kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
         self.kind = kind
         self.normalize = normalize
+        self.center = center
         self.projector: FeatureProjector | None = None
         if student_dim is not None and teacher_dim is not None:
             self.projector = FeatureProjector(student_dim, teacher_dim, force=force_projector)
@@ -120,6 +147,8 @@ class FeatureLoss(nn.Module):
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.projector is not None:
             student_feat = self.projector(student_feat)
+        if self.center:
+            student_feat, teacher_feat, mask = center_features(student_feat, teacher_feat, mask)
         if self.normalize:
             student_feat = F.normalize(student_feat.float(), dim=-1)
             teacher_feat = F.normalize(teacher_feat.float(), dim=-1)

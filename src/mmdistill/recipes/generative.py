@@ -13,9 +13,10 @@ Loss terms (``loss.terms``):
   forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd; ``temperature`` number or schedule;
   ``scale_t2``; ``chunk_size`` positions per chunk; ``beta`` / ``alpha``).
 - ``vision``: MSE between the pooled merged visual tokens of student and teacher (learned
-  projection when widths differ); only samples with an image count.
-- ``audio``: the same for the audio tower's output tokens (Qwen3-Omni thinker; options ``kind``,
-  ``normalize``); only samples with an audio clip count.
+  projection when widths differ); only samples with an image count. Options ``kind`` (mse | cosine),
+  ``normalize``, ``center`` (subtract each side's mean over the batch's counted samples first).
+- ``audio``: the same for the audio tower's output tokens (Qwen3-Omni thinker; the same options);
+  only samples with an audio clip count.
 - ``text``: cosine between hidden states at response tokens, for each pair of a layer map
   (``layers: [[student_layer, teacher_layer], ...]``, default ``[[-2, -2]]``, the penultimate).
 """
@@ -145,13 +146,13 @@ def build_generative_loss(terms: dict[str, dict[str, Any]], *, student_dims: dic
                 divergence = spec.pop("divergence", "forward_kl")
                 fn = LogitDistillTerm(divergence, **spec)
             elif name in _POOLED:
-                unknown = sorted(set(spec) - {"kind", "normalize"})
+                unknown = sorted(set(spec) - {"kind", "normalize", "center"})
                 if unknown:
-                    raise ValueError(f"unknown option(s) {unknown}; valid: kind, normalize")
+                    raise ValueError(f"unknown option(s) {unknown}; valid: kind, normalize, center")
                 feature, present = _POOLED[name]
                 if name not in student_dims or name not in teacher_dims:
                     raise ValueError(f"the {'student' if name not in student_dims else 'teacher'} has no {name} tower")
-                fn = FeatureDistillTerm(feature, student_dims[name], teacher_dims[name], kind=spec.get("kind", "mse"), normalize=spec.get("normalize", False), sample_mask=present)
+                fn = FeatureDistillTerm(feature, student_dims[name], teacher_dims[name], kind=spec.get("kind", "mse"), normalize=spec.get("normalize", False), sample_mask=present, center=bool(spec.get("center", False)))
             else:
                 unknown = sorted(set(spec) - {"layers", "kind"})
                 if unknown:

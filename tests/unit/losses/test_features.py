@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdistill.losses.features import FeatureLoss, FeatureProjector, feature_cosine, feature_mse
+from mmdistill.losses.features import FeatureLoss, FeatureProjector, center_features, feature_cosine, feature_mse
 
 
 def _feats(seed, *shape):
@@ -96,3 +96,38 @@ def test_feature_loss_cosine_and_bad_kind():
     assert torch.allclose(FeatureLoss("cosine")(s, t), feature_cosine(s, t))
     with pytest.raises(ValueError, match="kind"):
         FeatureLoss("l1")
+
+
+def test_centred_cosine_is_the_cosine_of_the_batch_centred_rows_and_ignores_a_shared_component():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 8), torch.randn(6, 8)
+    mask = torch.tensor([True, True, False, True, True, False])
+    loss = FeatureLoss("cosine", center=True)(s, t, mask)
+    rows = mask.nonzero().squeeze(1)
+    sc, tc = s[rows] - s[rows].mean(0), t[rows] - t[rows].mean(0)
+    by_hand = (1 - F.cosine_similarity(sc, tc, dim=-1)).mean()
+    torch.testing.assert_close(loss, by_hand)
+    # a vector added to every teacher row (the shared part of pooled features) moves the plain cosine, not the centred
+    shared = 50 * torch.randn(8)
+    plain = FeatureLoss("cosine")
+    assert abs(float(plain(s, t + shared, mask)) - float(plain(s, t, mask))) > 0.1
+    torch.testing.assert_close(FeatureLoss("cosine", center=True)(s, t + shared, mask), loss)
+    # the rows left out by the mask neither count nor move the mean
+    s2 = s.clone()
+    s2[~mask] = 1e3
+    torch.testing.assert_close(FeatureLoss("cosine", center=True)(s2, t, mask), loss)
+
+
+def test_centring_needs_two_counted_rows_and_keeps_per_position_features():
+    s, t = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5)
+    one = torch.tensor([False, True, False])
+    loss = FeatureLoss("mse", center=True)(s, t, one)
+    assert float(loss) == 0.0
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    s3, t3 = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    m3 = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    cs, ct, cm = center_features(s3, t3, m3)
+    assert torch.equal(cm, m3)
+    torch.testing.assert_close(cs[m3].mean(0), torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ct[m3].mean(0), torch.zeros(6), atol=1e-6, rtol=0)
