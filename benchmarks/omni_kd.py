@@ -67,10 +67,12 @@ def main() -> None:
     api.train_stages(recipes)
     teacher = eval_of(module, recipes["teacher"])
     rows = []
+    # the student alone does not depend on a --set aimed at the KD student: runs of one --out share it
+    base_suffix = suffix if any(s.split(":", 1)[0] in ("student-base", "students") for s in args.sets) else ""
     for seed in args.seeds:
         res = {}
         for role in ("student-base", "student-kd"):
-            r = variant(recipes[role], f"{role}-s{seed}{suffix}", seed=seed)
+            r = variant(recipes[role], f"{role}-s{seed}{suffix if role == 'student-kd' else base_suffix}", seed=seed)
             res[role] = module.run(r, overwrite=True)["eval"] if not api.is_finished(r) else eval_of(module, r)
         rows.append({"seed": seed, "baseline": res["student-base"], "kd": res["student-kd"]})
 

@@ -92,8 +92,10 @@ class UI:
     def wait_for(self, cond, timeout: float = 120):
         return WebDriverWait(self.driver, timeout, poll_frequency=0.25).until(cond)
 
-    def el(self, css: str):
-        return self.driver.find_element(By.CSS_SELECTOR, css)
+    def el(self, css: str, timeout: float = 60):
+        """The first element matching `css`, waited for: Gradio renders a tab's components after its tab buttons, and
+        on a loaded machine a lookup right after the page came up found no #query box yet (a CI failure)."""
+        return self.wait_for(lambda d: d.find_elements(By.CSS_SELECTOR, css), timeout)[0]
 
     def type(self, elem_id: str, text: str) -> None:
         box = self.el(f"#{elem_id} textarea, #{elem_id} input")
