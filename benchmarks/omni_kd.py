@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from common import ensure_data, eval_of, git_rev, machine, mean_std, variant, write
-from family_kd import family_recipes
+from family_kd import family_recipes, parse_sets
 
 from mmdistill import api
 from mmdistill.evaluate.report import LOWER_IS_BETTER
@@ -68,7 +68,7 @@ def main() -> None:
     teacher = eval_of(module, recipes["teacher"])
     rows = []
     # the student alone does not depend on a --set aimed at the KD student: runs of one --out share it
-    base_suffix = suffix if any(s.split(":", 1)[0] in ("student-base", "students") for s in args.sets) else ""
+    base_suffix = suffix if "student-base" in parse_sets(args.sets) else ""
     for seed in args.seeds:
         res = {}
         for role in ("student-base", "student-kd"):

@@ -78,10 +78,12 @@ def center_features(student: Tensor, teacher: Tensor, mask: Tensor | None = None
     n = int(counted.sum())
     if n < 2:
         return s, t, torch.zeros_like(counted)
-    w = counted.unsqueeze(-1).to(s.dtype)
-    s = s - (s * w).sum(dim=tuple(range(s.dim() - 1)), keepdim=True) / n
-    t = t - (t * w).sum(dim=tuple(range(t.dim() - 1)), keepdim=True) / n
-    return s, t, counted
+    w, rows = counted.unsqueeze(-1).to(s.dtype), tuple(range(s.dim() - 1))
+
+    def centred(x: Tensor) -> Tensor:
+        return x - (x * w).sum(dim=rows, keepdim=True) / n
+
+    return centred(s), centred(t), counted
 
 
 class FeatureProjector(nn.Module):
